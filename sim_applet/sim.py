@@ -1,0 +1,174 @@
+"""The RFID-SIM: a card hosting several applications, selected by AID.
+
+``transmit(command) -> response`` is the one door. Nothing raises out of it: a malformed
+command answers a status word, and a power cut inside a command (armed by a test with
+``cut_power_after``) answers nothing, leaving the card unpowered as a real one is when the
+phone leaves the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from sim_applet.apdu import SW, ApduError, CommandApdu, parse_command, response
+from sim_applet.nvm import Power, PowerLost
+from sim_applet.purse import CardContext, Response
+from sim_applet.structures import MF_FID
+
+RandomSource = Callable[[int], bytes]
+
+
+def _default_atr(historical: bytes = b"RFID-SIM") -> bytes:
+    """ATR offering T=1 (ISO 7816-3 §8): TS 3B, T0, TD1 `80` (T=0, TD2 follows),
+    TD2 `01` (T=1), historical bytes, TCK = XOR of T0 … last historical byte."""
+    body = bytes((0x80 | len(historical), 0x80, 0x01)) + historical
+    tck = 0
+    for byte in body:
+        tck ^= byte
+    return b"\x3b" + body + bytes((tck,))
+
+
+DEFAULT_ATR = _default_atr()
+
+
+class Application(Protocol):
+    aid: bytes
+    fid: int | None
+    kind: str
+
+    def reset(self) -> None: ...
+
+    def select(self) -> Response: ...
+
+    def process(self, apdu: CommandApdu, context: CardContext) -> Response: ...
+
+
+class Sim:
+    def __init__(
+        self,
+        iccid: str,
+        applications: Sequence[Application],
+        *,
+        random_source: RandomSource = os.urandom,
+        atr: bytes = DEFAULT_ATR,
+    ) -> None:
+        self.iccid = iccid
+        self.applications = list(applications)
+        self.atr = atr
+        self.power = Power()
+        self._context = CardContext(self.power, random_source)
+        self._powered = True
+        self.selected: Application | None = None
+        self.commands_processed = 0
+
+    # --- power ---------------------------------------------------------------------------
+
+    @property
+    def powered(self) -> bool:
+        return self._powered
+
+    def power_on(self) -> bytes:
+        self._forget_volatile()
+        self._powered = True
+        return self.atr
+
+    def power_off(self) -> None:
+        self._forget_volatile()
+        self._powered = False
+
+    def reset(self) -> bytes:
+        return self.power_on()
+
+    def cut_power_after(self, steps: int) -> None:
+        """Arm a power cut right after the ``steps``-th internal step of the next command."""
+        assert steps >= 1
+        self.power.cut_after_steps = steps
+
+    @property
+    def last_command_steps(self) -> int:
+        return self.power.steps_taken
+
+    def _forget_volatile(self) -> None:
+        self.selected = None
+        for application in self.applications:
+            application.reset()
+
+    # --- the door ------------------------------------------------------------------------
+
+    def transmit(self, command: bytes) -> bytes:
+        """One C-APDU in, response data ‖ SW out; b"" when the power was cut mid-command."""
+        if not self._powered:
+            return b""
+        self.power.begin_command()
+        self.commands_processed += 1
+        try:
+            apdu = parse_command(command)
+            data, sw = self._dispatch(apdu)
+        except ApduError as error:
+            data, sw = b"", error.sw
+        except PowerLost:
+            self.power_off()
+            return b""
+        finally:
+            self.power.cut_after_steps = None  # an armed cut lasts one command
+        return response(data, sw)
+
+    def _dispatch(self, apdu: CommandApdu) -> Response:
+        if (apdu.cla, apdu.ins) == (0x00, 0xA4):
+            return self._select(apdu)
+        if self.selected is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no application selected")
+        return self.selected.process(apdu, self._context)
+
+    def _select(self, apdu: CommandApdu) -> Response:
+        """SELECT by DF name (P1 04) or by FID (P1 00); P2 00 returns the FCI, 0C nothing."""
+        if apdu.p2 not in (0x00, 0x0C):
+            raise ApduError(SW.WRONG_P1_P2)
+        if apdu.p1 == 0x04:
+            found = self._find(lambda app: app.aid == apdu.data)
+        elif apdu.p1 == 0x00:
+            if len(apdu.data) != 2:
+                raise ApduError(SW.WRONG_LENGTH)
+            fid = int.from_bytes(apdu.data, "big")
+            if fid == MF_FID:
+                self._deselect()
+                return b"", SW.OK
+            found = self._find(lambda app: app.fid == fid)
+        else:
+            raise ApduError(SW.WRONG_P1_P2)
+        if found is None:
+            raise ApduError(SW.FILE_NOT_FOUND)
+        self._deselect()
+        self.selected = found
+        fci, sw = found.select()
+        return (b"" if apdu.p2 == 0x0C else fci), sw
+
+    def _deselect(self) -> None:
+        if self.selected is not None:
+            self.selected.reset()
+        self.selected = None
+
+    def _find(self, matches: Callable[[Application], bool]) -> Application | None:
+        return next((app for app in self.applications if matches(app)), None)
+
+    def application(self, kind: str) -> Application:
+        found = self._find(lambda app: app.kind == kind)
+        if found is None:
+            raise LookupError(f"this SIM has no {kind} application")
+        return found
+
+    # --- the SIM as a file ---------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from sim_applet.image import write_image
+
+        write_image(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], random_source: RandomSource = os.urandom) -> Sim:
+        from sim_applet.image import read_image
+
+        return read_image(Path(path), random_source)
