@@ -124,7 +124,8 @@ def _application_to_dict(app: object) -> dict[str, Any]:
     if isinstance(app, TransitPurse):
         return {"kind": app.kind, **_purse_to_dict(app.state)}
     if isinstance(app, DriverCard):
-        return {"kind": app.kind, "data": app.state.data.hex(), "auth_key": app.state.auth_key.hex()}
+        state = app.state
+        return {"kind": app.kind, "data": state.data.hex(), "auth_key": state.auth_key.hex()}
     raise TypeError(f"no image layout for {type(app).__name__}")
 
 

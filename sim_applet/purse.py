@@ -12,6 +12,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import ClassVar
 
 from sim_applet import crypto
 from sim_applet.apdu import SW, ApduError, CommandApdu
@@ -568,7 +569,7 @@ class TransitPurse:
         transaction.commit()
         return b"", SW.OK
 
-    _handlers: dict[Command, Callable[[TransitPurse, CommandApdu, CardContext], Response]] = {
+    _handlers: ClassVar[dict[Command, Callable[[TransitPurse, CommandApdu, CardContext], Response]]] = {
         Command.GET_BALANCE: _get_balance,
         Command.READ_BINARY: _read_binary,
         Command.READ_RECORD: _read_record,
