@@ -196,6 +196,7 @@ class CardContext:
 
 
 Response = tuple[bytes, int]
+Handler = Callable[["TransitPurse", CommandApdu, CardContext], Response]
 
 
 class TransitPurse:
@@ -569,7 +570,7 @@ class TransitPurse:
         transaction.commit()
         return b"", SW.OK
 
-    _handlers: ClassVar[dict[Command, Callable[[TransitPurse, CommandApdu, CardContext], Response]]] = {
+    _handlers: ClassVar[dict[Command, Handler]] = {
         Command.GET_BALANCE: _get_balance,
         Command.READ_BINARY: _read_binary,
         Command.READ_RECORD: _read_record,
