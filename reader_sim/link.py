@@ -7,7 +7,10 @@ readers (``reader_sim.pcsc_link``).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sim_applet.apdu import CommandApdu
 
 
 class CardRemoved(Exception):
@@ -50,7 +53,11 @@ class InMemoryLink:
     def transmit(self, command: bytes) -> bytes:
         if not self.card_present or not self.card.powered:
             raise CardRemoved("no card in the field")
-        return self.card.transmit(command)
+        answer = self.card.transmit(command)
+        if not answer:  # the card lost power mid-command: the phone left the field
+            self.card_present = False
+            raise CardRemoved("the card stopped answering")
+        return answer
 
     def remove_card(self) -> None:
         self.card_present = False
@@ -59,3 +66,13 @@ class InMemoryLink:
     def present_card(self) -> None:
         self.card_present = True
         self.card.power_on()
+
+
+def exchange(link: Link, command: CommandApdu) -> tuple[bytes, int]:
+    """Send a command, return (response data, SW); CardRemoved when nothing usable came."""
+    from sim_applet.apdu import split_response
+
+    raw = link.transmit(command.encode())
+    if len(raw) < 2:
+        raise CardRemoved("no answer")
+    return split_response(raw)
