@@ -137,7 +137,8 @@ class BusPos:
         self.clock = clock
         self.random = random_source
         psam.terminal_seq = store.next_terminal_seq(psam.terminal_seq)
-        self.driver: _Driver | None = None
+        signed_in = store.signed_in_driver()  # a restart does not sign the driver out
+        self.driver: _Driver | None = _Driver(*signed_in) if signed_in else None
 
     @property
     def terminal_id(self) -> bytes:

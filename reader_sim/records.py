@@ -236,6 +236,13 @@ class RecordStore:
                  occurred_at.isoformat()),
             )
 
+    def signed_in_driver(self) -> tuple[str, bytes] | None:
+        """The driver still signed in after a restart: (driver id, card serial), or None."""
+        row = self._db.execute(
+            "SELECT driver, card_serial, event FROM sign_ins ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None or row[2] != "sign_in" else (row[0], row[1])
+
     def sign_ins(self) -> list[tuple[str, str, datetime]]:
         rows = self._db.execute("SELECT driver, event, occurred_at FROM sign_ins ORDER BY id")
         return [(driver, event, datetime.fromisoformat(at)) for driver, event, at in rows]

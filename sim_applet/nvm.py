@@ -22,6 +22,7 @@ class PowerLost(Exception):
 class Power:
     steps_taken: int = 0
     cut_after_steps: int | None = None
+    commits: int = 0  # how many times persistent state changed: tells a saver when to save
 
     def begin_command(self) -> None:
         self.steps_taken = 0
@@ -51,4 +52,5 @@ class Transaction:
         for name, value in self.writes.items():
             setattr(self.target, name, value)
         self.writes = {}
+        self.power.commits += 1
         self.power.step()  # power lost here: all written, the answer never leaves

@@ -63,6 +63,7 @@ class Sim:
         self._powered = True
         self.selected: Application | None = None
         self.commands_processed = 0
+        self._power_cut_plan: tuple[int, int | None] | None = None
 
     # --- power ---------------------------------------------------------------------------
 
@@ -82,10 +83,12 @@ class Sim:
     def reset(self) -> bytes:
         return self.power_on()
 
-    def cut_power_after(self, steps: int) -> None:
-        """Arm a power cut right after the ``steps``-th internal step of the next command."""
+    def cut_power_after(self, steps: int, *, during_ins: int | None = None) -> None:
+        """Arm a power cut right after the ``steps``-th internal step of the next command
+        (or of the next command with INS ``during_ins``). A command with fewer steps
+        completes and disarms it."""
         assert steps >= 1
-        self.power.cut_after_steps = steps
+        self._power_cut_plan = (steps, during_ins)
 
     @property
     def last_command_steps(self) -> int:
@@ -106,6 +109,7 @@ class Sim:
         self.commands_processed += 1
         try:
             apdu = parse_command(command)
+            self._arm_power_cut(apdu)
             data, sw = self._dispatch(apdu)
         except ApduError as error:
             data, sw = b"", error.sw
@@ -115,6 +119,12 @@ class Sim:
         finally:
             self.power.cut_after_steps = None  # an armed cut lasts one command
         return response(data, sw)
+
+    def _arm_power_cut(self, apdu: CommandApdu) -> None:
+        plan = self._power_cut_plan
+        if plan is not None and plan[1] in (None, apdu.ins):
+            self.power.cut_after_steps = plan[0]
+            self._power_cut_plan = None
 
     def _dispatch(self, apdu: CommandApdu) -> Response:
         if (apdu.cla, apdu.ins) == (0x00, 0xA4):
