@@ -41,6 +41,7 @@ from sim_applet.structures import (
     bcd_time,
     get_transaction_prove,
     initialize_for_purchase,
+    log_records_max,
     read_binary,
     read_record,
     select_by_aid,
@@ -170,8 +171,7 @@ class BusPos:
         if public.serial in self.config.blacklist:
             self._block(link, public.serial)
             return _refused(Refusal.BLACKLISTED)
-        pending = self.store.pending_for(public.serial)
-        if pending is not None:
+        for pending in self.store.pending_for(public.serial):
             recovered = self._recover(link, pending)
             if recovered is not None:
                 return recovered
@@ -221,7 +221,7 @@ class BusPos:
         debit = DebitForPurchaseRequest(terminal_seq, date_bcd, time_bcd, mac1).command()
         data, sw = exchange(link, debit)  # CardRemoved here leaves the pending for §5
         if sw != SW.OK:
-            self.store.abandon_debit(serial)  # the card refused: nothing was debited
+            self.store.abandon_debit(pending)  # the card refused: nothing was debited
             raise _CardAnswered(sw)
         answer = DebitForPurchaseResponse.decode(data)
         mac2_ok = self.psam.transmit(verify_mac2(answer.mac2).encode())[-2:] == b"\x90\x00"
@@ -259,35 +259,45 @@ class BusPos:
         )
 
     def _recover(self, link: Link, pending: PendingDebit) -> TapOutcome | None:
-        """The card is back after a torn DEBIT (card-application.md §5). Find the
-        transaction in the card's log by its CTC: if it is ours, fetch its MAC2 and TAC
-        and complete the record; if the card never debited, forget the pending.
-        Returns None when the tap should go on as a new fare."""
-        ours = None
-        oldest_seen = None
-        for number in range(1, 11):
-            data, sw = exchange(link, read_record(SFI_LOG, number, 23))
-            if sw != SW.OK:
-                break
-            entry = LogRecord.decode(data)
-            oldest_seen = entry.ctc
-            if entry.ctc == pending.ctc and entry.transaction_type == pending.transaction_type:
-                ours = entry
-                break
-        if ours is None:
-            if oldest_seen is None or oldest_seen <= pending.ctc:
-                self.store.abandon_debit(pending.card_serial)
-            # else: the card has moved on more than its log shows; keep the pending for
-            # clearing to resolve, and let this tap proceed as a new fare.
+        """The card is back after a torn DEBIT (card-application.md §5). Compare its offline
+        CTC with the one the DEBIT used: unchanged means it never debited; moved on means
+        the log entry with that CTC tells whether the debit was ours — if so, fetch its
+        MAC2 and TAC and complete the record. Returns None when the tap should go on as
+        a new fare."""
+        ctc_now = self._probe(link).offline_ctc
+        if ctc_now == pending.ctc:
+            self.store.abandon_debit(pending)
             return None
-        if not self._is_ours(ours, pending):
-            self.store.abandon_debit(pending.card_serial)
+        entry = self._log_entry(link, pending) if ctc_now > pending.ctc else None
+        if entry is None:
+            # The card moved on further than its 10-record log shows (or went back, an
+            # anomaly): keep the pending for clearing to resolve from the uploads.
+            return None
+        if not self._is_ours(entry, pending):
+            self.store.abandon_debit(pending)
             return None
         data = _ok(link, get_transaction_prove(pending.transaction_type, pending.ctc + 1))
         proof = TransactionProof.decode(data)
         record = self._record(pending, proof.tac, proof.mac2, False, recovered=True)
         self.store.complete_debit(record)
         return TapOutcome(Outcome.RECOVERED, record=record, balance=record.balance_after)
+
+    def _probe(self, link: Link) -> InitializeForPurchaseResponse:
+        """A zero-amount INITIALIZE FOR PURCHASE: balance, CTC and algorithm, nothing changed
+        (the next command cancels it)."""
+        probe = InitializeRequest(PURCHASE_KEY_INDEX, 0, self.terminal_id)
+        return InitializeForPurchaseResponse.decode(_ok(link, initialize_for_purchase(probe)))
+
+    @staticmethod
+    def _log_entry(link: Link, pending: PendingDebit) -> LogRecord | None:
+        for number in range(1, log_records_max + 1):
+            data, sw = exchange(link, read_record(SFI_LOG, number, 23))
+            if sw != SW.OK:
+                return None
+            entry = LogRecord.decode(data)
+            if entry.transaction_type == pending.transaction_type and entry.ctc == pending.ctc:
+                return entry
+        return None
 
     def _is_ours(self, entry: LogRecord, pending: PendingDebit) -> bool:
         return (
@@ -297,13 +307,9 @@ class BusPos:
         )
 
     def _block(self, link: Link, serial: bytes) -> None:
-        """APPLICATION BLOCK a blacklisted card, its MAC from the PSAM. A zero-amount
-        INITIALIZE (which changes nothing) tells the card's algorithm; GET CHALLENGE then
-        cancels it and gives the challenge the MAC covers."""
-        probe = InitializeRequest(PURCHASE_KEY_INDEX, 0, self.terminal_id)
-        algorithm = InitializeForPurchaseResponse.decode(
-            _ok(link, initialize_for_purchase(probe))
-        ).algorithm
+        """APPLICATION BLOCK a blacklisted card, its MAC from the PSAM. The probe tells the
+        card's algorithm; GET CHALLENGE then gives the challenge the MAC covers."""
+        algorithm = self._probe(link).algorithm
         challenge = _ok(link, GET_CHALLENGE)
         mac = _psam_ok(self.psam, block_mac_request(serial, algorithm, challenge))
         _ok(link, CommandApdu(0x84, 0x1E, 0x00, 0x00, mac))

@@ -35,11 +35,13 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_by_card ON records (card_serial, occurred_at);
 CREATE TABLE IF NOT EXISTS pending (
-    card_serial BLOB PRIMARY KEY, ctc INTEGER NOT NULL, amount INTEGER NOT NULL,
+    card_serial BLOB NOT NULL, ctc INTEGER NOT NULL, amount INTEGER NOT NULL,
     balance_before INTEGER NOT NULL, transaction_type INTEGER NOT NULL,
     terminal_id BLOB NOT NULL, terminal_seq INTEGER NOT NULL, occurred_at TEXT NOT NULL,
-    key_version INTEGER NOT NULL, algorithm INTEGER NOT NULL, driver TEXT NOT NULL
+    key_version INTEGER NOT NULL, algorithm INTEGER NOT NULL, driver TEXT NOT NULL,
+    PRIMARY KEY (terminal_id, terminal_seq)
 );
+CREATE INDEX IF NOT EXISTS pending_by_card ON pending (card_serial);
 CREATE TABLE IF NOT EXISTS sign_ins (
     id INTEGER PRIMARY KEY AUTOINCREMENT, terminal_id BLOB NOT NULL,
     driver TEXT NOT NULL, card_serial BLOB NOT NULL, operator TEXT NOT NULL,
@@ -154,7 +156,7 @@ class RecordStore:
         with self._transaction():
             self._save_seq(next_terminal_seq)
             self._db.execute(
-                "INSERT OR REPLACE INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO pending VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 _row(pending),
             )
 
@@ -165,19 +167,27 @@ class RecordStore:
                 "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
                 _row(record),
             )
-            self._db.execute("DELETE FROM pending WHERE card_serial = ?", (record.card_serial,))
+            self._delete_pending(record.terminal_id, record.terminal_seq)
         self._unacknowledged += 1
 
-    def abandon_debit(self, card_serial: bytes) -> None:
+    def abandon_debit(self, pending: PendingDebit) -> None:
         """The card proved the DEBIT never happened."""
         with self._transaction():
-            self._db.execute("DELETE FROM pending WHERE card_serial = ?", (card_serial,))
+            self._delete_pending(pending.terminal_id, pending.terminal_seq)
 
-    def pending_for(self, card_serial: bytes) -> PendingDebit | None:
-        row = self._db.execute(
-            "SELECT * FROM pending WHERE card_serial = ?", (card_serial,)
-        ).fetchone()
-        return None if row is None else _from_row(PendingDebit, row)
+    def _delete_pending(self, terminal_id: bytes, terminal_seq: int) -> None:
+        self._db.execute(
+            "DELETE FROM pending WHERE terminal_id = ? AND terminal_seq = ?",
+            (terminal_id, terminal_seq),
+        )
+
+    def pending_for(self, card_serial: bytes) -> list[PendingDebit]:
+        """Oldest first. Usually none or one; more only when a card moved on further than
+        its log shows before coming back (those wait for clearing to resolve)."""
+        rows = self._db.execute(
+            "SELECT * FROM pending WHERE card_serial = ? ORDER BY terminal_seq", (card_serial,)
+        ).fetchall()
+        return [_from_row(PendingDebit, row) for row in rows]
 
     def pending(self) -> list[PendingDebit]:
         rows = self._db.execute("SELECT * FROM pending ORDER BY terminal_seq").fetchall()
