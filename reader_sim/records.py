@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -282,9 +282,9 @@ class _Transaction:
 
 
 def _row(item: object) -> tuple[object, ...]:
-    return tuple(
-        value.isoformat() if isinstance(value, datetime) else value for value in astuple(item)
-    )
+    # Not dataclasses.astuple: it deep-copies every field, a third of a tap's time.
+    values = (getattr(item, column.name) for column in fields(item))  # type: ignore[arg-type]
+    return tuple(value.isoformat() if isinstance(value, datetime) else value for value in values)
 
 
 def _from_row(cls, row):  # type: ignore[no-untyped-def]

@@ -13,13 +13,13 @@ Project-defined (the seed names driver cards, no standard defines them):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 
 from sim_applet import crypto
 from sim_applet.apdu import SW, ApduError, CommandApdu
 from sim_applet.crypto import Algorithm
 from sim_applet.purse import CardContext, Response, _slice_for_le, _tlv
-from sim_applet.structures import SFI_PUBLIC, bcd_date, bcd_decode
+from sim_applet.structures import SFI_PUBLIC, bcd_date, parse_bcd_date
 
 DRIVER_AID = bytes.fromhex("F042555344525601")
 driver_data_bytes = 64
@@ -63,7 +63,7 @@ class DriverData:
             operator_id=data[20:28].decode().rstrip(" "),
             fleet_id=data[28:36].decode().rstrip(" "),
             name=data[36:60].rstrip(b"\x00").decode(),
-            expiry_date=datetime.strptime(bcd_decode(data[60:64]), "%Y%m%d").date(),
+            expiry_date=parse_bcd_date(data[60:64]),
         )
 
 

@@ -62,8 +62,21 @@ def bcd_time(value: datetime) -> bytes:
     return bcd_encode(value.strftime("%H%M%S"))
 
 
+def parse_bcd_date(date_bcd: bytes) -> date:
+    """YYYYMMDD BCD → date; ValueError when not BCD or not a calendar date."""
+    digits = bcd_decode(date_bcd)
+    if len(digits) != 8:
+        raise ValueError(f"a BCD date is 4 bytes: {digits}")
+    return date(int(digits[0:4]), int(digits[4:6]), int(digits[6:8]))
+
+
 def parse_bcd_datetime(date_bcd: bytes, time_bcd: bytes) -> datetime:
-    return datetime.strptime(bcd_decode(date_bcd) + bcd_decode(time_bcd), "%Y%m%d%H%M%S")
+    day = parse_bcd_date(date_bcd)
+    digits = bcd_decode(time_bcd)
+    if len(digits) != 6:
+        raise ValueError(f"a BCD time is 3 bytes: {digits}")
+    return datetime(day.year, day.month, day.day, int(digits[0:2]), int(digits[2:4]),
+                    int(digits[4:6]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +111,8 @@ class PublicData:
             app_type=data[8],
             app_version=data[9],
             serial=data[10:20],
-            start_date=datetime.strptime(bcd_decode(data[20:24]), "%Y%m%d").date(),
-            expiry_date=datetime.strptime(bcd_decode(data[24:28]), "%Y%m%d").date(),
+            start_date=parse_bcd_date(data[20:24]),
+            expiry_date=parse_bcd_date(data[24:28]),
             reserved=data[28:30],
         )
 

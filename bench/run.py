@@ -1,0 +1,76 @@
+"""``make bench``: one ``name: value unit`` line per figure, medians over rounds.
+
+- taps_per_s: a whole tap in memory on one core — SELECT, READ 0x15, INITIALIZE, PSAM
+  MAC1, pending stored, DEBIT, PSAM MAC2, record stored (SQLite in memory).
+- taps_per_s_durable: the same with the record store on disk (WAL, synchronous=FULL:
+  two fsyncs a tap, as a POS that never loses a fare must do).
+- pcsc_*: GET BALANCE through pyscard → pcscd → vpcd → TCP → the card model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from reader_sim.link import InMemoryLink
+from reader_sim.pos import Outcome
+from reader_sim.records import RecordStore
+from tests.helpers import Clock, new_card, new_pos
+
+rounds = 5
+taps_per_round = 2_000
+durable_taps_per_round = 300
+cards_in_rotation = 10
+
+
+def taps_per_second(store: RecordStore, taps: int) -> float:
+    clock = Clock()
+    pos = new_pos(store, clock=clock, repeat_tap_window_s=0)
+    links = [
+        InMemoryLink(new_card(i + 1, balance_fen=100_000, seed=i))
+        for i in range(cards_in_rotation)
+    ]
+    started = time.perf_counter()
+    for i in range(taps):
+        clock.advance(seconds=1)
+        outcome = pos.present(links[i % cards_in_rotation])
+        assert outcome.outcome is Outcome.PAID, outcome
+    return taps / (time.perf_counter() - started)
+
+
+def median_of_rounds(measure) -> float:  # type: ignore[no-untyped-def]
+    return statistics.median(measure() for _ in range(rounds))
+
+
+def main() -> None:
+    def in_memory() -> float:
+        with RecordStore(":memory:") as store:
+            return taps_per_second(store, taps_per_round)
+
+    print(f"taps_per_s: {median_of_rounds(in_memory):.0f} taps/s", flush=True)
+
+    def durable() -> float:
+        with (
+            tempfile.TemporaryDirectory() as directory,
+            RecordStore(Path(directory) / "pos.sqlite") as store,
+        ):
+            return taps_per_second(store, durable_taps_per_round)
+
+    print(f"taps_per_s_durable: {median_of_rounds(durable):.0f} taps/s", flush=True)
+
+    try:
+        from bench.pcsc import pcsc_figures
+    except ImportError as error:
+        print(f"pcsc figures skipped: {error}", file=sys.stderr)
+        return
+    units = {"_us": "µs", "_ms": "ms"}
+    for name, value in pcsc_figures().items():
+        unit = next((u for suffix, u in units.items() if name.endswith(suffix)), "")
+        print(f"{name}: {value:.1f} {unit}".rstrip(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
