@@ -115,8 +115,12 @@ class RecordStore:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a fare is on disk before "paid"
-        self._db.executescript(_SCHEMA)
-        self._check_schema_version()
+        try:
+            self._db.executescript(_SCHEMA)
+            self._check_schema_version()
+        except (sqlite3.Error, ValueError):
+            self._db.close()
+            raise
         self._unacknowledged = self._db.execute(
             "SELECT count(*) FROM records WHERE acknowledged = 0"
         ).fetchone()[0]
