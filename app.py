@@ -1,7 +1,7 @@
 """Entry point: ``python app.py --help``.
 
-Testers drive the card and the POS (``card …``, ``pos …``); ``demo`` is what ``make run``
-shows until the wallet service exists.
+Testers drive the card and the POS (``card …``, ``pos …``); operators run the wallet
+service (``serve``, ``db upgrade``, ``admin create-token``); ``demo`` shows a card's day.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from reader_sim.cli import card, pos
+from wallet_service.cli import admin, db, serve
 
 
 @click.group()
@@ -26,6 +27,9 @@ def demo() -> None:
 
 cli.add_command(card)
 cli.add_command(pos)
+cli.add_command(serve)
+cli.add_command(db)
+cli.add_command(admin)
 
 if __name__ == "__main__":
     cli()

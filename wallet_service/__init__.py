@@ -1,2 +1,62 @@
-"""The wallet service (the mobile bus card business management platform); built by the
-wallet-service issue."""
+"""The wallet service: the mobile bus card business management platform.
+
+``create_app(config)`` builds the Flask app; nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify
+
+INSTANCE_DIR = Path(__file__).resolve().parent.parent / "instance"
+
+
+def default_config() -> dict[str, Any]:
+    instance = Path(os.environ.get("WALLET_INSTANCE_DIR", INSTANCE_DIR))
+    return {
+        "DATABASE_URL": os.environ.get("DATABASE_URL", f"sqlite:///{instance / 'wallet.sqlite'}"),
+        "PERSONALIZATION_DIR": os.environ.get(
+            "WALLET_PERSONALIZATION_DIR", str(instance / "personalization")
+        ),
+        "KEY_FILE": os.environ.get("WALLET_KEY_FILE"),
+    }
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    from wallet_service.api.framework import (
+        install_error_handlers,
+        openapi_document,
+        utc_now,
+    )
+    from wallet_service.api.routes import BLUEPRINTS
+    from wallet_service.db import Database
+    from wallet_service.keystore import key_store_from
+
+    app = Flask(__name__)
+    app.config.update(default_config())
+    app.config.update(config or {})
+    app.config.setdefault("CLOCK", utc_now)
+    if "KEY_STORE" not in app.config:
+        app.config["KEY_STORE"] = key_store_from(app.config["KEY_FILE"])
+    Path(app.config["PERSONALIZATION_DIR"]).mkdir(parents=True, exist_ok=True)
+    database_url = app.config["DATABASE_URL"]
+    if database_url.startswith("sqlite:///"):
+        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    Database().init_app(app)
+    install_error_handlers(app)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    document = openapi_document("Mobile bus card platform", "1")
+
+    @app.get("/openapi.json")
+    def openapi():  # type: ignore[no-untyped-def]
+        return jsonify(document)
+
+    @app.get("/health")
+    def health():  # type: ignore[no-untyped-def]
+        return jsonify({"status": "ok"})
+
+    return app

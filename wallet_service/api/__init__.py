@@ -1,0 +1,1 @@
+"""The HTTP edge: thin blueprints over the service functions."""

@@ -1,0 +1,255 @@
+"""One place for what every endpoint does: authenticate, validate, run the service call in
+one transaction, shape the answer, turn errors into one JSON shape — and describe itself in
+the OpenAPI document, from the same pydantic models that validate it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import HTTPException
+
+from wallet_service.auth import authenticate
+from wallet_service.errors import DomainError, InvalidInput
+from wallet_service.services.registry import Context
+
+log = logging.getLogger(__name__)
+request_body_bytes_max = 2_000_000
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+@dataclass
+class Operation:
+    rule: str
+    method: str
+    summary: str
+    roles: tuple[str, ...]
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int
+    tag: str
+    idempotent: bool
+
+
+OPERATIONS: list[Operation] = []
+
+
+def endpoint(
+    blueprint: Blueprint,
+    rule: str,
+    method: str,
+    *,
+    summary: str,
+    roles: tuple[str, ...],
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    response: type[BaseModel] | None = None,
+    status: int = 200,
+    idempotent: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``view(ctx, body=..., query=..., **path) -> pydantic model or (status, JSON)``."""
+
+    def register(view: Callable[..., Any]) -> Callable[..., Any]:
+        full_rule = (blueprint.url_prefix or "") + rule
+        OPERATIONS.append(
+            Operation(
+                full_rule,
+                method,
+                summary,
+                roles,
+                body,
+                query,
+                response,
+                status,
+                blueprint.name,
+                idempotent,
+            )
+        )
+
+        def handle(**path: Any) -> Response:
+            parsed_body = _parse_body(body) if body else None
+            parsed_query = _parse_query(query) if query else None
+            database = current_app.extensions["database"]
+
+            def work(session):  # type: ignore[no-untyped-def]
+                principal = authenticate(session, request.headers.get("Authorization"))
+                principal.require(*roles)
+                ctx = Context(
+                    session=session,
+                    principal=principal,
+                    now=current_app.config["CLOCK"](),
+                    keys=current_app.config["KEY_STORE"],
+                    output_dir=Path(current_app.config["PERSONALIZATION_DIR"]),
+                )
+                kwargs: dict[str, Any] = dict(path)
+                if body:
+                    kwargs["body"] = parsed_body
+                if query:
+                    kwargs["query"] = parsed_query
+                return view(ctx, **kwargs)
+
+            answer = database.run(work)
+            if isinstance(answer, tuple):
+                code, payload = answer
+                return _json(payload, code)
+            return _json(answer.model_dump(mode="json"), status)
+
+        handle.__name__ = view.__name__
+        blueprint.add_url_rule(rule, view.__name__, handle, methods=[method])
+        return view
+
+    return register
+
+
+def _json(payload: Any, status: int) -> Response:
+    response = jsonify(payload)
+    response.status_code = status
+    return response
+
+
+def _parse_body(model: type[BaseModel]) -> BaseModel:
+    raw = request.get_data(cache=False)
+    if len(raw) > request_body_bytes_max:
+        raise InvalidInput(f"body larger than {request_body_bytes_max} bytes")
+    try:
+        return model.model_validate_json(raw or b"null")
+    except ValidationError as error:
+        raise InvalidInput("the body does not match the schema", errors=_errors(error)) from None
+
+
+def _parse_query(model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as error:
+        raise InvalidInput("the query does not match the schema", errors=_errors(error)) from None
+
+
+def _errors(error: ValidationError) -> list[dict[str, Any]]:
+    # Location and message only: never echo the input (it may hold an id number or a key).
+    return [
+        {"loc": ".".join(str(part) for part in item["loc"]), "msg": item["msg"]}
+        for item in error.errors(include_url=False, include_input=False)
+    ]
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(DomainError)
+    def domain_error(error: DomainError) -> Response:
+        return _json(error.to_json(), error.status)
+
+    @app.errorhandler(IntegrityError)
+    def integrity_error(error: IntegrityError) -> Response:
+        return _json({"error": {"code": "conflict", "message": "conflicts with stored data"}}, 409)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        code = (error.name or "error").lower().replace(" ", "_")
+        return _json(
+            {"error": {"code": code, "message": error.description or ""}}, error.code or 500
+        )
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Response:
+        log.exception("unexpected error")
+        return _json({"error": {"code": "internal", "message": "internal error"}}, 500)
+
+
+def openapi_document(title: str, version: str) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+
+    def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in schema.pop("$defs", {}).items():
+            components[name] = definition
+        components[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    error_ref = schema_of(ErrorResponse)
+    paths: dict[str, Any] = {}
+    for op in OPERATIONS:
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", op.rule)
+        parameters = [
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer"} if f"<int:{name}>" in op.rule else {"type": "string"},
+            }
+            for name in re.findall(r"\{(\w+)\}", path)
+        ]
+        if op.query:
+            for name, prop in op.query.model_json_schema().get("properties", {}).items():
+                required = name in op.query.model_json_schema().get("required", [])
+                parameters.append(
+                    {"name": name, "in": "query", "required": required, "schema": prop}
+                )
+        if op.idempotent:
+            parameters.append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 100},
+                }
+            )
+        responses: dict[str, Any] = {
+            str(op.status): {
+                "description": "OK",
+                "content": {
+                    "application/json": {
+                        "schema": schema_of(op.response) if op.response else {"type": "object"}
+                    }
+                },
+            }
+        }
+        for code in ("401", "403", "404", "409", "422"):
+            responses[code] = {
+                "description": "error",
+                "content": {"application/json": {"schema": error_ref}},
+            }
+        operation: dict[str, Any] = {
+            "summary": op.summary,
+            "tags": [op.tag],
+            "parameters": parameters,
+            "responses": responses,
+            "security": [{"bearer": []}],
+            "description": f"Roles: {', '.join(op.roles)}.",
+        }
+        if op.body:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema_of(op.body)}},
+            }
+        paths.setdefault(path, {})[op.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def utc_now() -> datetime:
+    return datetime.now().replace(microsecond=0)

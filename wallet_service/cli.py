@@ -1,0 +1,100 @@
+"""Operators' commands: ``python app.py serve``, ``db upgrade``, ``admin create-token``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from wallet_service import default_config
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--no-migrate", is_flag=True, help="do not apply migrations first")
+def serve(host: str, port: int, workers: int, no_migrate: bool) -> None:
+    """Run the wallet service (gunicorn; migrations applied first)."""
+    if not no_migrate:
+        _upgrade()
+    from gunicorn.app.base import BaseApplication
+
+    from wallet_service import create_app
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("accesslog", "-")
+
+        def load(self):  # type: ignore[no-untyped-def]
+            return create_app()
+
+    click.echo(f"wallet service on http://{host}:{port} (OpenAPI: /openapi.json)")
+    Server().run()
+
+
+def _upgrade() -> None:
+    from wallet_service.migrate import upgrade
+
+    url = default_config()["DATABASE_URL"]
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+
+
+@click.group()
+def db() -> None:
+    """The database schema (Alembic)."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every migration to DATABASE_URL (default: SQLite under instance/)."""
+    _upgrade()
+    click.echo("database is at the newest schema")
+
+
+@click.group()
+def admin() -> None:
+    """Platform administration."""
+
+
+@admin.command("create-token")
+@click.option("--role", type=click.Choice(["admin", "counter", "staff", "pos"]), required=True)
+@click.option("--operator", help="staff: the bus company's code")
+@click.option("--hall", help="counter: the business hall's or agent's code")
+@click.option("--terminal-id", help="pos: the device's terminal id")
+@click.option("--label", default="", help="a note to recognize the token by")
+def create_token(
+    role: str, operator: str | None, hall: str | None, terminal_id: str | None, label: str
+) -> None:
+    """Print a new API token (shown once; only its hash is stored)."""
+    from wallet_service import create_app
+    from wallet_service.auth import create_token as make
+    from wallet_service.errors import DomainError
+
+    _upgrade()
+    app = create_app()
+    database = app.extensions["database"]
+    try:
+        token = database.run(
+            lambda session: make(
+                session,
+                role,
+                label=label,
+                operator_code=operator,
+                hall_code=hall,
+                terminal_id=terminal_id.upper() if terminal_id else None,
+                at=app.config["CLOCK"](),
+            )
+        )
+    except DomainError as error:
+        click.echo(f"Error: {error.message}", err=True)
+        sys.exit(2)
+    finally:
+        database.dispose()
+    click.echo(token)

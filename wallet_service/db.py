@@ -1,0 +1,86 @@
+"""The database: one engine per app, sessions for service functions.
+
+Created unbound and ``init_app``-ed (nothing at import time). Service functions receive a
+``Session`` and run inside ``transaction()``; the edges never touch SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+T = TypeVar("T")
+serialization_retries_max = 5
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record):  # type: ignore[no-untyped-def]
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin_immediate(connection):  # type: ignore[no-untyped-def]
+            # SQLite's default deferred transactions fail with "database is locked" when two
+            # writers upgrade at once; taking the write lock up front serializes them.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+class Database:
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+
+    def init_app(self, app) -> None:  # type: ignore[no-untyped-def]
+        self.bind(make_engine(app.config["DATABASE_URL"]))
+        app.extensions["database"] = self
+
+    def bind(self, engine: Engine) -> None:
+        if engine.url.get_backend_name() == "sqlite":
+            # pysqlite's own transaction handling would defeat BEGIN IMMEDIATE above.
+            @event.listens_for(engine, "connect")
+            def _no_pysqlite_begin(connection, _record):  # type: ignore[no-untyped-def]
+                connection.isolation_level = None
+
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        assert self._sessions is not None, "Database not bound"
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one transaction, retrying when PostgreSQL reports a
+        serialization failure or deadlock (the work is all-or-nothing, so a retry is safe)."""
+        for attempt in range(serialization_retries_max):
+            try:
+                with self.transaction() as session:
+                    return work(session)
+            except OperationalError as error:
+                code = getattr(error.orig, "sqlstate", None)
+                if code not in ("40001", "40P01") or attempt == serialization_retries_max - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def dispose(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()

@@ -1,0 +1,90 @@
+"""Double-entry ledger in integer fen (TigerBeetle's Account/Transfer model).
+
+A transfer debits one account and credits another by the same positive amount; transfers
+are never changed, a mistake is fixed by a reversing transfer. Each account keeps its
+posted debits and credits, updated under a row lock in the transfer's own transaction, so
+concurrent postings on one account serialize. ``reference`` is unique: the same business
+event can post only once, whatever retries happen.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from wallet_service.models import Account, Transfer
+
+# Account kinds (the chart of accounts)
+BANK_SETTLEMENT = "bank_settlement"  # money at the bank, from bank-card top-ups
+HALL_CASH = "hall_cash"  # cash a business hall or agent collected
+CARD_FLOAT = "card_float"  # what the platform owes a card holder
+OPERATOR_PAYABLE = "operator_payable"  # what the platform owes a bus company
+FEES = "fees"  # the platform's income
+
+
+def account_code(kind: str, owner: str) -> str:
+    return f"{kind}:{owner}"
+
+
+def open_account(session: Session, kind: str, owner: str) -> Account:
+    code = account_code(kind, owner)
+    account = session.scalar(select(Account).where(Account.code == code))
+    if account is None:
+        account = Account(code=code, kind=kind, debits_fen=0, credits_fen=0)
+        session.add(account)
+        session.flush()
+    return account
+
+
+def post(
+    session: Session,
+    *,
+    debit: Account,
+    credit: Account,
+    amount_fen: int,
+    kind: str,
+    reference: str,
+    at: datetime,
+) -> Transfer:
+    assert amount_fen > 0, "a transfer moves a positive amount"
+    assert debit.id != credit.id, "a transfer moves money between two accounts"
+    # Lock both rows in id order so two transfers on the same pair never deadlock.
+    for account_id in sorted((debit.id, credit.id)):
+        session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    session.refresh(debit)
+    session.refresh(credit)
+    debit.debits_fen += amount_fen
+    credit.credits_fen += amount_fen
+    transfer = Transfer(
+        debit_account_id=debit.id,
+        credit_account_id=credit.id,
+        amount_fen=amount_fen,
+        kind=kind,
+        reference=reference,
+        created_at=at,
+    )
+    session.add(transfer)
+    session.flush()
+    return transfer
+
+
+def balance(account: Account) -> int:
+    """Credit-normal balance (liabilities: card float, payables): credits minus debits."""
+    return account.credits_fen - account.debits_fen
+
+
+def check_balanced(session: Session) -> None:
+    """Sum of debits = sum of credits, in the accounts and in the transfers behind them."""
+    debits, credits = session.execute(
+        select(
+            func.coalesce(func.sum(Account.debits_fen), 0),
+            func.coalesce(func.sum(Account.credits_fen), 0),
+        )
+    ).one()
+    moved = session.scalar(select(func.coalesce(func.sum(Transfer.amount_fen), 0)))
+    if not debits == credits == moved:
+        raise AssertionError(
+            f"ledger out of balance: debits {debits}, credits {credits}, transfers {moved}"
+        )

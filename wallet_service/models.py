@@ -1,0 +1,275 @@
+"""The platform's tables (SQLAlchemy 2.0 typed models). Money is integer fen.
+
+Ledger: ``Account`` keeps its posted debits and credits; ``Transfer`` rows are immutable,
+each one debit and one credit of the same amount, so the books balance by construction and
+``ledger.check_balanced`` verifies it. Everything else is the bus company's registry, the
+cards, the POS records and the audit trail.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from wallet_service.db import Base
+
+Fen = BigInteger
+
+
+class Operator(Base):
+    """A bus company."""
+
+    __tablename__ = "operators"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(16), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
+    fee_rate_bp: Mapped[int] = mapped_column(Integer, default=0)  # platform fee, basis points
+
+
+class Fleet(Base):
+    __tablename__ = "fleets"
+    __table_args__ = (UniqueConstraint("operator_id", "code"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    code: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(100))
+
+
+class Route(Base):
+    __tablename__ = "routes"
+    __table_args__ = (UniqueConstraint("operator_id", "code"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    code: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(100))
+    fare_fen: Mapped[int] = mapped_column(Fen)  # flat fare
+
+
+class Vehicle(Base):
+    __tablename__ = "vehicles"
+    __table_args__ = (UniqueConstraint("operator_id", "code"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    fleet_id: Mapped[int] = mapped_column(ForeignKey("fleets.id"))
+    route_id: Mapped[int | None] = mapped_column(ForeignKey("routes.id"))
+    code: Mapped[str] = mapped_column(String(16))
+    plate: Mapped[str] = mapped_column(String(16))
+
+
+class Driver(Base):
+    __tablename__ = "drivers"
+    __table_args__ = (UniqueConstraint("operator_id", "code"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    fleet_id: Mapped[int] = mapped_column(ForeignKey("fleets.id"))
+    code: Mapped[str] = mapped_column(String(10))
+    name: Mapped[str] = mapped_column(String(24))
+
+
+class DriverCard(Base):
+    __tablename__ = "driver_cards"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    driver_id: Mapped[int] = mapped_column(ForeignKey("drivers.id"))
+    serial: Mapped[str] = mapped_column(String(20), unique=True)
+    expiry: Mapped[date] = mapped_column(Date)
+    issued_at: Mapped[datetime] = mapped_column(DateTime)
+    image_file: Mapped[str] = mapped_column(String(200))
+
+
+class PosDevice(Base):
+    __tablename__ = "pos_devices"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    vehicle_id: Mapped[int] = mapped_column(ForeignKey("vehicles.id"))
+    terminal_id: Mapped[str] = mapped_column(String(12), unique=True)
+    psam_key_version: Mapped[int] = mapped_column(Integer, default=1)
+    firmware: Mapped[str | None] = mapped_column(String(32))
+    blacklist_version: Mapped[int | None] = mapped_column(BigInteger)
+    records_pending: Mapped[int | None] = mapped_column(Integer)
+    last_upload_at: Mapped[datetime | None] = mapped_column(DateTime)
+    psam_seq: Mapped[int | None] = mapped_column(BigInteger)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class BusinessHall(Base):
+    """An operator business hall or an agent: where counter top-ups happen."""
+
+    __tablename__ = "business_halls"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(16), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(8))  # hall | agent
+    daily_limit_fen: Mapped[int] = mapped_column(Fen)
+
+
+class Card(Base):
+    """A mobile bus card: the transit application on one SIM."""
+
+    __tablename__ = "cards"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    serial: Mapped[str] = mapped_column(String(20), unique=True)
+    iccid: Mapped[str] = mapped_column(String(20), unique=True)
+    phone: Mapped[str] = mapped_column(String(20))
+    algorithm: Mapped[str] = mapped_column(String(4))
+    status: Mapped[str] = mapped_column(String(12))  # issued active lost replaced closed
+    holder_name: Mapped[str | None] = mapped_column(String(40))
+    holder_id_type: Mapped[str | None] = mapped_column(String(12))
+    holder_id_number: Mapped[str | None] = mapped_column(String(32))
+    issued_at: Mapped[datetime] = mapped_column(DateTime)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime)
+    replaced_by_id: Mapped[int | None] = mapped_column(ForeignKey("cards.id"))
+    image_file: Mapped[str] = mapped_column(String(200))
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("debits_fen >= 0 AND credits_fen >= 0", name="posted_not_negative"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    debits_fen: Mapped[int] = mapped_column(Fen, default=0)
+    credits_fen: Mapped[int] = mapped_column(Fen, default=0)
+
+
+class Transfer(Base):
+    __tablename__ = "transfers"
+    __table_args__ = (CheckConstraint("amount_fen > 0", name="amount_positive"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    debit_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    credit_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    amount_fen: Mapped[int] = mapped_column(Fen)
+    kind: Mapped[str] = mapped_column(String(24))
+    reference: Mapped[str] = mapped_column(String(64), unique=True)  # posts at most once
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class CounterLoad(Base):
+    """A counter top-up: pending after MAC1, loaded after the TAC, or failed."""
+
+    __tablename__ = "counter_loads"
+    __table_args__ = (
+        CheckConstraint("amount_fen > 0", name="load_amount_positive"),
+        Index("counter_loads_by_hall_day", "hall_id", "business_date"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id"), index=True)
+    hall_id: Mapped[int] = mapped_column(ForeignKey("business_halls.id"))
+    amount_fen: Mapped[int] = mapped_column(Fen)
+    terminal_id: Mapped[str] = mapped_column(String(12))
+    old_balance_fen: Mapped[int] = mapped_column(Fen)
+    online_ctc: Mapped[int] = mapped_column(Integer)
+    card_random: Mapped[str] = mapped_column(String(8))
+    key_version: Mapped[int] = mapped_column(Integer)
+    algorithm: Mapped[int] = mapped_column(Integer)
+    date_bcd: Mapped[str] = mapped_column(String(8))
+    time_bcd: Mapped[str] = mapped_column(String(6))
+    state: Mapped[str] = mapped_column(String(8))  # pending loaded failed
+    tac: Mapped[str | None] = mapped_column(String(8))
+    business_date: Mapped[date] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class TapRecord(Base):
+    """A fare as a POS uploaded it. (terminal id, terminal seq) is its identity."""
+
+    __tablename__ = "tap_records"
+    __table_args__ = (
+        UniqueConstraint("terminal_id", "terminal_seq", name="one_record_per_seq"),
+        Index("tap_records_by_card", "card_serial", "ctc"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    terminal_id: Mapped[str] = mapped_column(String(12))
+    terminal_seq: Mapped[int] = mapped_column(BigInteger)
+    device_id: Mapped[int] = mapped_column(ForeignKey("pos_devices.id"))
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    card_serial: Mapped[str] = mapped_column(String(20))
+    ctc: Mapped[int] = mapped_column(Integer)
+    amount_fen: Mapped[int] = mapped_column(Fen)
+    balance_before_fen: Mapped[int] = mapped_column(Fen)
+    balance_after_fen: Mapped[int] = mapped_column(Fen)
+    transaction_type: Mapped[int] = mapped_column(Integer)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime)
+    tac: Mapped[str] = mapped_column(String(8))
+    mac2: Mapped[str] = mapped_column(String(8))
+    mac2_verified: Mapped[bool] = mapped_column(Boolean)
+    key_version: Mapped[int] = mapped_column(Integer)
+    algorithm: Mapped[int] = mapped_column(Integer)
+    route: Mapped[str] = mapped_column(String(16))
+    vehicle: Mapped[str] = mapped_column(String(16))
+    driver: Mapped[str] = mapped_column(String(10))
+    recovered: Mapped[bool] = mapped_column(Boolean)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class RecordConflict(Base):
+    """An upload that claimed an existing (terminal, seq) with different content."""
+
+    __tablename__ = "record_conflicts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    terminal_id: Mapped[str] = mapped_column(String(12))
+    terminal_seq: Mapped[int] = mapped_column(BigInteger)
+    submitted: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class BlacklistChange(Base):
+    """Hot list, versioned: each change gets the next version."""
+
+    __tablename__ = "blacklist_changes"
+    version: Mapped[int] = mapped_column(primary_key=True)
+    card_serial: Mapped[str] = mapped_column(String(20), index=True)
+    action: Mapped[str] = mapped_column(String(6))  # add | remove
+    reason: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(12))  # admin counter staff pos
+    operator_id: Mapped[int | None] = mapped_column(ForeignKey("operators.id"))
+    hall_id: Mapped[int | None] = mapped_column(ForeignKey("business_halls.id"))
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("pos_devices.id"))
+    label: Mapped[str] = mapped_column(String(60))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("principal", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    principal: Mapped[str] = mapped_column(String(40))
+    key: Mapped[str] = mapped_column(String(100))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    actor: Mapped[str] = mapped_column(String(60))
+    action: Mapped[str] = mapped_column(String(40))
+    subject: Mapped[str] = mapped_column(String(60))
+    details: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)

@@ -1,0 +1,1 @@
+"""Service functions: primitives in, one transaction (the caller's session), values out."""
