@@ -64,11 +64,13 @@ def purse(sim: Sim) -> PurseState:
     return application.state
 
 
-def new_driver_card(
-    driver_id: str = "D007", operator: str = OPERATOR, **options: object
-) -> Sim:
+def new_driver_card(driver_id: str = "D007", operator: str = OPERATOR, **options: object) -> Sim:
     data = DriverData(
-        bytes.fromhex("D0000000000000000007"), driver_id, operator, "F1", "Wang Wei",
+        bytes.fromhex("D0000000000000000007"),
+        driver_id,
+        operator,
+        "F1",
+        "Wang Wei",
         date(2036, 12, 31),
     )
     return personalize_driver_card(data, random_source=seeded(3), **options)  # type: ignore[arg-type]

@@ -36,8 +36,12 @@ def pos_file(tmp_path: Path) -> Path:
     path.write_text(
         json.dumps(
             {
-                "operator": "BUS-CO-1", "route": "12", "vehicle": "V-1201", "fare_fen": 200,
-                "terminal_id": "000012000001", "record_store": "records.sqlite",
+                "operator": "BUS-CO-1",
+                "route": "12",
+                "vehicle": "V-1201",
+                "fare_fen": 200,
+                "terminal_id": "000012000001",
+                "record_store": "records.sqlite",
             }
         )
     )
@@ -60,8 +64,14 @@ def test_card_new_then_show_reports_the_serial_balance_and_counters(card_image: 
 
 def test_card_new_with_sm4_and_a_key_file(tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({name: "0123456789ABCDEFFEDCBA9876543210" for name in (
-        "load", "purchase", "tac", "maintenance", "pin_unblock")}))
+    keys.write_text(
+        json.dumps(
+            {
+                name: "0123456789ABCDEFFEDCBA9876543210"
+                for name in ("load", "purchase", "tac", "maintenance", "pin_unblock")
+            }
+        )
+    )
     image = tmp_path / "sm4.json"
     result = run("card", "new", str(image), "--algorithm", "sm4", "--keys", str(keys))
     assert result.returncode == 0, result.stderr
@@ -142,8 +152,17 @@ def test_pos_tap_needs_a_driver_then_charges_and_records(
     assert refused.returncode == 1 and "no driver signed in" in refused.stdout
 
     driver = tmp_path / "driver.json"
-    issued = run("card", "new-driver", str(driver), "--driver-id", "D007", "--name", "Wang Wei",
-                 "--operator", "BUS-CO-1")
+    issued = run(
+        "card",
+        "new-driver",
+        str(driver),
+        "--driver-id",
+        "D007",
+        "--name",
+        "Wang Wei",
+        "--operator",
+        "BUS-CO-1",
+    )
     assert issued.returncode == 0, issued.stderr
     signed = run("pos", "tap", str(driver), "--pos", str(pos_file))
     assert signed.returncode == 0 and "driver signed in" in signed.stdout

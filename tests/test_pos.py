@@ -43,13 +43,21 @@ def test_a_paid_tap_debits_the_fare_and_keeps_a_record_whose_tac_the_issuer_veri
     assert (record.balance_before, record.balance_after) == (1000, 1000 - FARE_FEN)
     assert (record.ctc, record.amount, record.algorithm) == (0, FARE_FEN, algorithm)
     assert (record.operator, record.route, record.vehicle, record.driver) == (
-        OPERATOR, "12", "V-1201", "D007",
+        OPERATOR,
+        "12",
+        "V-1201",
+        "D007",
     )
     assert record.mac2_verified and not record.recovered
     assert record.tac == purchase_tac(
-        DEMO_ISSUER_KEYS, algorithm, record.card_serial, amount=record.amount,
-        transaction_type=record.transaction_type, terminal_id=record.terminal_id,
-        terminal_seq=record.terminal_seq, date_bcd=bcd_date(clock.now),
+        DEMO_ISSUER_KEYS,
+        algorithm,
+        record.card_serial,
+        amount=record.amount,
+        transaction_type=record.transaction_type,
+        terminal_id=record.terminal_id,
+        terminal_seq=record.terminal_seq,
+        date_bcd=bcd_date(clock.now),
         time_bcd=bcd_time(clock.now),
     )
     assert pos.store.records() == [record]
@@ -75,12 +83,11 @@ def test_the_driver_signs_in_and_out_with_the_same_card_and_both_are_recorded() 
 def test_a_driver_card_of_another_operator_or_with_a_forged_key_is_refused() -> None:
     pos = new_pos(signed_in=False)
     other = pos.present(InMemoryLink(new_driver_card(operator="OTHER-CO")))
-    forged = pos.present(
-        InMemoryLink(new_driver_card(driver_master_key=bytes.fromhex("AB" * 16)))
-    )
+    forged = pos.present(InMemoryLink(new_driver_card(driver_master_key=bytes.fromhex("AB" * 16))))
     for outcome in (other, forged):
         assert (outcome.outcome, outcome.refusal) == (
-            Outcome.REFUSED, Refusal.DRIVER_CARD_INVALID,
+            Outcome.REFUSED,
+            Refusal.DRIVER_CARD_INVALID,
         )
     assert pos.driver is None
 

@@ -20,10 +20,25 @@ def pending(seq: int, serial: bytes = b"\x01" * 10) -> PendingDebit:
 
 def record_for(p: PendingDebit) -> TapRecord:
     return TapRecord(
-        p.terminal_id, p.terminal_seq, p.card_serial, p.ctc, p.amount, p.balance_before,
-        p.balance_before - p.amount, p.transaction_type, p.occurred_at, b"\xaa" * 4,
-        b"\xbb" * 4, True, p.key_version, p.algorithm, "BUS-CO-1", "12", "V-1201",
-        p.driver, False,
+        p.terminal_id,
+        p.terminal_seq,
+        p.card_serial,
+        p.ctc,
+        p.amount,
+        p.balance_before,
+        p.balance_before - p.amount,
+        p.transaction_type,
+        p.occurred_at,
+        b"\xaa" * 4,
+        b"\xbb" * 4,
+        True,
+        p.key_version,
+        p.algorithm,
+        "BUS-CO-1",
+        "12",
+        "V-1201",
+        p.driver,
+        False,
     )
 
 

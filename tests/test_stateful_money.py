@@ -39,9 +39,7 @@ class MoneyMachine(RuleBasedStateMachine):
         super().__init__()
         self.directory = Path(tempfile.mkdtemp(prefix="money-"))
         self.clock = Clock()
-        self.cards = [
-            new_card(i + 1, balance_fen=ISSUED_BALANCE_FEN, seed=i) for i in range(CARDS)
-        ]
+        self.cards = [new_card(i + 1, balance_fen=ISSUED_BALANCE_FEN, seed=i) for i in range(CARDS)]
         self.links = [InMemoryLink(card) for card in self.cards]
         self.poses = [self._open_pos(i, first=True) for i in range(POSES)]
         self.counter = LoadTerminal(DEMO_ISSUER_KEYS, COUNTER_TERMINAL_ID, self.clock)
@@ -51,8 +49,12 @@ class MoneyMachine(RuleBasedStateMachine):
     def _open_pos(self, index: int, first: bool = False) -> BusPos:
         store = RecordStore(self.directory / f"pos{index}.sqlite")
         return new_pos(
-            store, clock=self.clock, terminal_id=TERMINAL_IDS[index], fare_fen=FARE_FEN,
-            signed_in=first, repeat_tap_window_s=30,
+            store,
+            clock=self.clock,
+            terminal_id=TERMINAL_IDS[index],
+            fare_fen=FARE_FEN,
+            signed_in=first,
+            repeat_tap_window_s=30,
         )
 
     def teardown(self) -> None:
@@ -62,8 +64,11 @@ class MoneyMachine(RuleBasedStateMachine):
 
     # --- what happens ----------------------------------------------------------------------
 
-    @rule(card=st.integers(0, CARDS - 1), amount=st.integers(1, 2_000),
-          cut_after=st.none() | st.integers(1, CUT_STEPS_MAX))
+    @rule(
+        card=st.integers(0, CARDS - 1),
+        amount=st.integers(1, 2_000),
+        cut_after=st.none() | st.integers(1, CUT_STEPS_MAX),
+    )
     def counter_load(self, card: int, amount: int, cut_after: int | None) -> None:
         if card in self.interrupted_loads:
             return
@@ -85,8 +90,12 @@ class MoneyMachine(RuleBasedStateMachine):
         if isinstance(result, Loaded):
             self.loaded[card] += result.amount
 
-    @rule(card=st.integers(0, CARDS - 1), pos=st.integers(0, POSES - 1),
-          seconds=st.integers(0, 120), cut_after=st.none() | st.integers(1, CUT_STEPS_MAX))
+    @rule(
+        card=st.integers(0, CARDS - 1),
+        pos=st.integers(0, POSES - 1),
+        seconds=st.integers(0, 120),
+        cut_after=st.none() | st.integers(1, CUT_STEPS_MAX),
+    )
     def tap(self, card: int, pos: int, seconds: int, cut_after: int | None) -> None:
         self.clock.advance(seconds=seconds)
         self._bring_back(card)
@@ -147,7 +156,8 @@ class MoneyMachine(RuleBasedStateMachine):
             fares = sum(record.amount for record in self._records(card))
             possibly_loaded = (
                 self.interrupted_loads[card].authorization.amount
-                if card in self.interrupted_loads else 0
+                if card in self.interrupted_loads
+                else 0
             )
             expected_low = self.loaded[card] - fares - self._in_flight(card)
             expected_high = self.loaded[card] + possibly_loaded - fares

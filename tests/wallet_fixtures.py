@@ -105,17 +105,7 @@ class Wallet:
         )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def wallet(
-    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
-) -> Iterator[Wallet]:
-    if request.param == "sqlite":
-        path = tmp_path / "wallet.sqlite"
-        shutil.copy(sqlite_template, path)
-        url = f"sqlite:///{path}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-        _truncate(url)
+def _make_wallet(url: str, backend: str, tmp_path: Path) -> Wallet:
     clock = Clock(datetime(2026, 11, 25, 9, 0, 0))
     app = create_app(
         {
@@ -126,8 +116,33 @@ def wallet(
             "TESTING": True,
         }
     )
-    wallet = Wallet(app, clock, "", request.param)
+    wallet = Wallet(app, clock, "", backend)
     wallet.admin_token = wallet.token("admin")
+    return wallet
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def wallet(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+) -> Iterator[Wallet]:
+    """The wallet service on each database in turn."""
+    if request.param == "sqlite":
+        path = tmp_path / "wallet.sqlite"
+        shutil.copy(sqlite_template, path)
+        url = f"sqlite:///{path}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        _truncate(url)
+    wallet = _make_wallet(url, request.param, tmp_path)
+    yield wallet
+    wallet.database.dispose()
+
+
+@pytest.fixture
+def pg_wallet(postgres_url: str, tmp_path: Path) -> Iterator[Wallet]:
+    """The wallet service on PostgreSQL only: for concurrency, which SQLite serializes."""
+    _truncate(postgres_url)
+    wallet = _make_wallet(postgres_url, "postgresql", tmp_path)
     yield wallet
     wallet.database.dispose()
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
@@ -69,15 +69,18 @@ class Database:
             yield session
 
     def run(self, work: Callable[[Session], T]) -> T:
-        """Run ``work`` in one transaction, retrying when PostgreSQL reports a
-        serialization failure or deadlock (the work is all-or-nothing, so a retry is safe)."""
+        """Run ``work`` in one transaction, retrying when it lost a race: a serialization
+        failure or deadlock, or a uniqueness violation (a concurrent twin inserted first;
+        the retry sees its row and answers accordingly). The work is all-or-nothing, so a
+        retry is safe; a conflict that persists is raised."""
         for attempt in range(serialization_retries_max):
             try:
                 with self.transaction() as session:
                     return work(session)
-            except OperationalError as error:
+            except (OperationalError, IntegrityError) as error:
                 code = getattr(error.orig, "sqlstate", None)
-                if code not in ("40001", "40P01") or attempt == serialization_retries_max - 1:
+                retryable = isinstance(error, IntegrityError) or code in ("40001", "40P01")
+                if not retryable or attempt == serialization_retries_max - 1:
                     raise
         raise AssertionError("unreachable")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from wallet_service.errors import Conflict, InvalidInput
@@ -24,6 +24,17 @@ key_chars_max = 100
 
 def body_hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _serialize_twins(session: Session, principal: str, key: str) -> None:
+    """Two requests with one key wait for each other, so the second sees the first's stored
+    answer. PostgreSQL: a transaction-level advisory lock on the key's hash. SQLite: every
+    write transaction is already exclusive (BEGIN IMMEDIATE)."""
+    if session.get_bind().dialect.name == "postgresql":
+        lock_id = int.from_bytes(
+            hashlib.sha256(f"{principal}\0{key}".encode()).digest()[:8], "big", signed=True
+        )
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
 
 
 def once(
@@ -41,7 +52,7 @@ def once(
     if len(key) > key_chars_max:
         raise InvalidInput(f"Idempotency-Key is at most {key_chars_max} characters")
     digest = body_hash(body)
-    # Lock-free claim: the unique (principal, key) makes a concurrent twin fail and retry.
+    _serialize_twins(session, principal, key)
     stored = session.scalar(
         select(IdempotencyKey)
         .where(IdempotencyKey.principal == principal, IdempotencyKey.key == key)

@@ -1,0 +1,111 @@
+"""Concurrency on PostgreSQL (the production database): many threads, one truth."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from reader_sim.link import InMemoryLink, exchange
+from sim_applet.sim import Sim
+from sim_applet.structures import (
+    SFI_PUBLIC,
+    TRANSIT_AID,
+    InitializeRequest,
+    initialize_for_load,
+    read_binary,
+    select_by_aid,
+)
+from tests.test_wallet_pos_api import bus_with_fares
+from tests.wallet_fixtures import Wallet, set_up_bus_company
+from wallet_service.models import CounterLoad, TapRecord, Transfer
+
+THREADS = 8
+
+
+def test_the_same_batch_uploaded_by_many_threads_is_stored_once(
+    pg_wallet: Wallet, tmp_path
+) -> None:
+    company = set_up_bus_company(pg_wallet)
+    pos, _ = bus_with_fares(company, 20, tmp_path)
+    records = [r.to_json() for r in pos.store.records()]
+    pos.store.close()
+
+    def upload(_: int):  # type: ignore[no-untyped-def]
+        return pg_wallet.call(
+            "POST", "/api/v1/pos/records", company.pos_token, {"records": records}
+        )
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        answers = list(pool.map(upload, range(THREADS)))
+
+    assert all(code == 200 for code, _ in answers), answers
+    accepted = sorted(seq for _, answer in answers for seq in answer["accepted"])
+    assert accepted == list(range(1, 21))  # each record accepted by exactly one upload
+    with pg_wallet.database.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(TapRecord)) == 20
+
+
+def test_concurrent_retries_of_one_idempotent_load_authorize_once(pg_wallet: Wallet) -> None:
+    company = set_up_bus_company(pg_wallet)
+    token = company.counter_token
+    card = pg_wallet.ok(
+        "POST", "/api/v1/cards", token, {"iccid": "8986001234567890123", "phone": "13800138000"}
+    )
+    pg_wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", token)
+    sim = Sim.load(Path(pg_wallet.app.config["PERSONALIZATION_DIR"]) / card["image_file"])
+    link = InMemoryLink(sim)
+    exchange(link, select_by_aid(TRANSIT_AID))
+    exchange(link, read_binary(SFI_PUBLIC, 0, 30))
+    request = InitializeRequest(1, 500, bytes.fromhex("0000000000C1"))
+    init, _ = exchange(link, initialize_for_load(request))
+    body = {
+        "card_serial": card["serial"],
+        "amount_fen": 500,
+        "terminal_id": "0000000000C1",
+        "init_response": init.hex(),
+    }
+
+    def authorize(_: int):  # type: ignore[no-untyped-def]
+        return pg_wallet.call("POST", "/api/v1/counter/loads", token, body, key="same-key")
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        answers = list(pool.map(authorize, range(THREADS)))
+
+    assert {code for code, _ in answers} == {201}
+    assert len({json.dumps(answer, sort_keys=True) for _, answer in answers}) == 1
+    with pg_wallet.database.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(CounterLoad)) == 1
+
+
+def test_concurrent_confirmations_post_a_load_once(pg_wallet: Wallet) -> None:
+    from reader_sim.counter_terminal import CounterTerminal
+    from reader_sim.platform_client import PlatformClient
+    from tests.wallet_fixtures import FlaskTransport
+
+    company = set_up_bus_company(pg_wallet)
+    token = company.counter_token
+    card = pg_wallet.ok(
+        "POST", "/api/v1/cards", token, {"iccid": "8986001234567890123", "phone": "13800138000"}
+    )
+    pg_wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", token)
+    sim = Sim.load(Path(pg_wallet.app.config["PERSONALIZATION_DIR"]) / card["image_file"])
+    CounterTerminal(
+        PlatformClient(FlaskTransport(pg_wallet), token), bytes.fromhex("0000000000C1")
+    ).load(InMemoryLink(sim), 700)
+    with pg_wallet.database.transaction() as session:
+        load = session.scalars(select(CounterLoad)).one()
+    confirm = {"tac": load.tac}
+
+    def again(i: int):  # type: ignore[no-untyped-def]
+        path = f"/api/v1/counter/loads/{load.id}/confirm"
+        return pg_wallet.call("POST", path, token, confirm, key=f"confirm-again-{i}")
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        codes = {code for code, _ in pool.map(again, range(THREADS))}
+    assert codes == {200}
+    with pg_wallet.database.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Transfer)) == 1
+    assert pg_wallet.ok("GET", "/api/v1/ledger")["balanced"]
