@@ -4,6 +4,7 @@
   MAC1, pending stored, DEBIT, PSAM MAC2, record stored (SQLite in memory).
 - taps_per_s_durable: the same with the record store on disk (WAL, synchronous=FULL:
   two fsyncs a tap, as a POS that never loses a fare must do).
+- ingest_records_per_s: tap records through the HTTP API, batches of 500, PostgreSQL.
 - pcsc_*: GET BALANCE through pyscard → pcscd → vpcd → TCP → the card model.
 """
 
@@ -60,6 +61,12 @@ def main() -> None:
             return taps_per_second(store, durable_taps_per_round)
 
     print(f"taps_per_s_durable: {median_of_rounds(durable):.0f} taps/s", flush=True)
+
+    from bench.ingest import client_threads, ingest_figures, server_workers
+
+    for name, value in ingest_figures().items():
+        print(f"{name}: {value:.0f} records/s  # PostgreSQL, gunicorn {server_workers} sync "
+              f"workers, {client_threads} client threads on the same machine", flush=True)
 
     try:
         from bench.pcsc import pcsc_figures
