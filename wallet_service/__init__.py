@@ -22,6 +22,8 @@ def default_config() -> dict[str, Any]:
             "WALLET_PERSONALIZATION_DIR", str(instance / "personalization")
         ),
         "KEY_FILE": os.environ.get("WALLET_KEY_FILE"),
+        # Sum of debits = sum of credits, verified inside every transaction before commit.
+        "LEDGER_CHECK_EVERY_COMMIT": os.environ.get("WALLET_LEDGER_CHECK") == "1",
     }
 
 
@@ -45,7 +47,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     database_url = app.config["DATABASE_URL"]
     if database_url.startswith("sqlite:///"):
         Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    Database().init_app(app)
+    database = Database()
+    database.init_app(app)
+    if app.config["LEDGER_CHECK_EVERY_COMMIT"] or app.config.get("TESTING"):
+        from wallet_service.ledger import check_balanced
+
+        database.check_before_every_commit(check_balanced)
     install_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)

@@ -52,6 +52,15 @@ class Database:
         self.bind(make_engine(app.config["DATABASE_URL"]))
         app.extensions["database"] = self
 
+    def check_before_every_commit(self, check: Callable[[Session], None]) -> None:
+        """Run ``check`` inside every transaction just before it commits (a failing check
+        rolls the transaction back): the ledger's balance invariant, in tests and audits."""
+        assert self._sessions is not None
+
+        @event.listens_for(self._sessions, "before_commit")
+        def _check(session: Session) -> None:
+            check(session)
+
     def bind(self, engine: Engine) -> None:
         if engine.url.get_backend_name() == "sqlite":
             # pysqlite's own transaction handling would defeat BEGIN IMMEDIATE above.

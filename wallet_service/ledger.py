@@ -70,6 +70,21 @@ def post(
     return transfer
 
 
+def reverse(session: Session, transfer: Transfer, *, reason: str, at: datetime) -> Transfer:
+    """Fix a mistake the double-entry way: a new transfer the other way, never an edit."""
+    debit = session.get_one(Account, transfer.credit_account_id)
+    credit = session.get_one(Account, transfer.debit_account_id)
+    return post(
+        session,
+        debit=debit,
+        credit=credit,
+        amount_fen=transfer.amount_fen,
+        kind=f"reversal:{reason}"[:24],
+        reference=f"reversal:{transfer.reference}"[:64],
+        at=at,
+    )
+
+
 def balance(account: Account) -> int:
     """Credit-normal balance (liabilities: card float, payables): credits minus debits."""
     return account.credits_fen - account.debits_fen

@@ -1,0 +1,156 @@
+"""The ledger's invariants, the audit trail, driver cards from the platform, and keys that
+never leave the key store."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from reader_sim.link import InMemoryLink
+from reader_sim.pos import Outcome
+from reader_sim.pos_file import open_pos
+from sim_applet.personalize import DEMO_DRIVER_MASTER_KEY, DEMO_ISSUER_KEYS
+from sim_applet.sim import Sim
+from tests.helpers import Clock
+from tests.wallet_fixtures import Wallet, set_up_bus_company
+from wallet_service import ledger
+from wallet_service.models import Account, AuditEvent
+
+AT = datetime(2026, 11, 25, 9, 0, 0)
+
+
+def test_postings_balance_and_mistakes_are_reversed_not_edited(wallet: Wallet) -> None:
+    def work(session):  # type: ignore[no-untyped-def]
+        cash = ledger.open_account(session, ledger.HALL_CASH, "H1")
+        float_ = ledger.open_account(session, ledger.CARD_FLOAT, "C1")
+        transfer = ledger.post(
+            session,
+            debit=cash,
+            credit=float_,
+            amount_fen=500,
+            kind="counter_load",
+            reference="t1",
+            at=AT,
+        )
+        ledger.reverse(session, transfer, reason="wrong card", at=AT)
+        return ledger.balance(float_), cash.debits_fen, cash.credits_fen
+
+    assert wallet.database.run(work) == (0, 500, 500)
+
+
+def test_the_same_reference_posts_only_once(wallet: Wallet) -> None:
+    def post_twice(session):  # type: ignore[no-untyped-def]
+        cash = ledger.open_account(session, ledger.HALL_CASH, "H1")
+        float_ = ledger.open_account(session, ledger.CARD_FLOAT, "C1")
+        for _ in range(2):
+            ledger.post(
+                session, debit=cash, credit=float_, amount_fen=1, kind="x", reference="once", at=AT
+            )
+
+    with pytest.raises(IntegrityError):
+        wallet.database.run(post_twice)
+
+
+def test_a_transaction_that_unbalances_the_books_is_rolled_back(wallet: Wallet) -> None:
+    def tamper(session):  # type: ignore[no-untyped-def]
+        ledger.open_account(session, ledger.FEES, "platform").debits_fen += 5
+
+    with pytest.raises(AssertionError, match="out of balance"):
+        wallet.database.run(tamper)
+    with wallet.database.transaction() as session:
+        assert session.scalar(select(Account).where(Account.code == "fees:platform")) is None
+
+
+def test_a_platform_issued_driver_card_signs_in_on_a_platform_provisioned_pos(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    company = set_up_bus_company(wallet)
+    issued = wallet.ok(
+        "POST",
+        "/api/v1/operators/BUS1/drivers/D007/cards",
+        company.staff_token,
+        {"serial": "D0000000000000000042", "expiry": "2030-12-31"},
+        status=201,
+    )
+    perso = Path(wallet.app.config["PERSONALIZATION_DIR"])
+    driver_card = Sim.load(perso / issued["image_file"])
+    config = json.loads(company.psam_file.read_text())
+    config["record_store"] = str(tmp_path / "pos.sqlite")
+    (tmp_path / "pos.json").write_text(json.dumps(config))
+    pos = open_pos(tmp_path / "pos.json", clock=Clock())
+    outcome = pos.present(InMemoryLink(driver_card))
+    pos.store.close()
+    assert outcome.outcome is Outcome.SIGNED_IN and outcome.detail == "Wang"
+    assert issued["expiry"] == str(date(2030, 12, 31))
+
+
+def test_every_change_is_audited_with_who_and_what(wallet: Wallet) -> None:
+    company = set_up_bus_company(wallet)
+    card = wallet.ok(
+        "POST",
+        "/api/v1/cards",
+        company.counter_token,
+        {"iccid": "8986001234567890123", "phone": "13800138000"},
+    )
+    wallet.ok(
+        "PUT",
+        f"/api/v1/cards/{card['serial']}/holder",
+        company.counter_token,
+        {"name": "Li Lei", "id_type": "resident_id", "id_number": "110101199001011234"},
+    )
+    with wallet.database.transaction() as session:
+        events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+    actions = [e.action for e in events]
+    for action in (
+        "operator.create",
+        "route.create",
+        "pos.register",
+        "card.issue",
+        "card.register_holder",
+    ):
+        assert action in actions
+    holder = next(e for e in events if e.action == "card.register_holder")
+    assert holder.actor.startswith("counter#") and "110101199001011234" not in holder.details
+
+
+def test_no_key_appears_in_an_api_answer_or_the_audit_trail(wallet: Wallet) -> None:
+    company = set_up_bus_company(wallet)
+    secrets_hex = [
+        k.hex().lower()
+        for k in (
+            DEMO_ISSUER_KEYS.load,
+            DEMO_ISSUER_KEYS.purchase,
+            DEMO_ISSUER_KEYS.tac,
+            DEMO_ISSUER_KEYS.maintenance,
+            DEMO_ISSUER_KEYS.pin_unblock,
+            DEMO_DRIVER_MASTER_KEY,
+        )
+    ]
+    answers = [
+        wallet.call(
+            "POST",
+            "/api/v1/cards",
+            company.counter_token,
+            {"iccid": "8986001234567890123", "phone": "13800138000"},
+        )[1],
+        wallet.call("GET", "/api/v1/operators/BUS1/pos-devices", company.staff_token)[1],
+        wallet.call("GET", "/api/v1/ledger")[1],
+        wallet.call("GET", "/openapi.json")[1],
+        wallet.call(
+            "POST",
+            "/api/v1/operators/BUS1/pos-devices",
+            company.staff_token,
+            {"terminal_id": "000012000002", "vehicle": "V1201"},
+        )[1],
+    ]
+    with wallet.database.transaction() as session:
+        audit = [e.details for e in session.scalars(select(AuditEvent))]
+    text = json.dumps(answers).lower() + " ".join(audit).lower()
+    for secret in secrets_hex:
+        assert secret not in text
+    assert "<hidden>" in repr(wallet.app.config["KEY_STORE"])
