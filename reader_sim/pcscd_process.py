@@ -1,0 +1,88 @@
+"""Start and stop pcscd (with the vpcd driver) for tests, benchmarks and ``card serve``.
+
+Facts from pcsc-stack.md: one pcscd per machine (fixed socket /run/pcscd/pcscd.comm), so an
+already running one is reused and left running; readiness is vpcd's port in LISTEN state in
+/proc/net/tcp — never probed by connecting, since a connection *is* a card insertion.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from reader_sim.vpcd import VPCD_PORT_BASE
+
+PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
+ready_timeout_s = 15.0
+stop_timeout_s = 10.0
+_TCP_LISTEN = "0A"
+
+
+class PcscUnavailable(Exception):
+    """pcscd or the vpcd driver is not installed."""
+
+
+def vpcd_listening(slot: int = 0) -> bool:
+    port = f"{VPCD_PORT_BASE + slot:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[1].endswith(f":{port}") and fields[3] == _TCP_LISTEN:
+                return True
+    return False
+
+
+def pcscd_running() -> bool:
+    return subprocess.run(["pgrep", "-x", "pcscd"], capture_output=True).returncode == 0
+
+
+class PcscDaemon:
+    """``with PcscDaemon():`` — pcscd up with vpcd listening; stopped after, if we started it."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PcscDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        executable = shutil.which("pcscd") or "/usr/sbin/pcscd"
+        if not Path(executable).exists():
+            raise PcscUnavailable("pcscd is not installed (apt-get install pcscd)")
+        if not Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so").exists():
+            raise PcscUnavailable("the vpcd driver is not installed (vsmartcard-vpcd)")
+        if not pcscd_running():
+            self.process = subprocess.Popen(
+                [executable, "--foreground"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + ready_timeout_s
+        while not (vpcd_listening() and PCSCD_SOCKET.exists()):
+            if self.process is not None and self.process.poll() is not None:
+                raise PcscUnavailable(f"pcscd exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PcscUnavailable("vpcd did not start listening")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
