@@ -3,6 +3,7 @@ model inserted into a vpcd reader (reader_sim.vpcd)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from reader_sim.link import CardRemoved
@@ -51,10 +52,8 @@ class PcscLink:
         return bytes(self.connection.getATR())
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a removed card cannot disconnect cleanly
             self.connection.disconnect()
-        except Exception:
-            pass
         self.connection.release()
 
 
