@@ -138,6 +138,7 @@ class BusPos:
         self.clock = clock
         self.random = random_source
         psam.terminal_seq = store.next_terminal_seq(psam.terminal_seq)
+        self.downloaded_blacklist = store.blacklist()[1]  # survives restarts
         signed_in = store.signed_in_driver()  # a restart does not sign the driver out
         self.driver: _Driver | None = _Driver(*signed_in) if signed_in else None
 
@@ -168,7 +169,7 @@ class BusPos:
         refusal = self._validity(public, now.date())
         if refusal is not None:
             return _refused(refusal)
-        if public.serial in self.config.blacklist:
+        if public.serial in self.config.blacklist or public.serial in self.downloaded_blacklist:
             self._block(link, public.serial)
             return _refused(Refusal.BLACKLISTED)
         for pending in self.store.pending_for(public.serial):

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS pending (
     PRIMARY KEY (terminal_id, terminal_seq)
 );
 CREATE INDEX IF NOT EXISTS pending_by_card ON pending (card_serial);
+CREATE TABLE IF NOT EXISTS blacklist (card_serial BLOB PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS sign_ins (
     id INTEGER PRIMARY KEY AUTOINCREMENT, terminal_id BLOB NOT NULL,
     driver TEXT NOT NULL, card_serial BLOB NOT NULL, operator TEXT NOT NULL,
@@ -228,6 +229,33 @@ class RecordStore:
 
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM records").fetchone()[0]
+
+    # --- blacklist (downloaded from the platform) -----------------------------------------
+
+    def blacklist(self) -> tuple[int, set[bytes]]:
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE name = 'blacklist_version'"
+        ).fetchone()
+        serials = {serial for (serial,) in self._db.execute("SELECT card_serial FROM blacklist")}
+        return (0 if row is None else row[0]), serials
+
+    def apply_blacklist(
+        self, version: int, *, full: bool, added: list[bytes], removed: list[bytes]
+    ) -> None:
+        """A full list replaces the stored one; a delta adds and removes. One transaction."""
+        with self._transaction():
+            if full:
+                self._db.execute("DELETE FROM blacklist")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO blacklist VALUES (?)", [(s,) for s in added]
+            )
+            self._db.executemany("DELETE FROM blacklist WHERE card_serial = ?",
+                                 [(s,) for s in removed])
+            self._db.execute(
+                "INSERT INTO meta VALUES ('blacklist_version', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (version,),
+            )
 
     # --- drivers -------------------------------------------------------------------------
 

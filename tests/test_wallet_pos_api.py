@@ -153,3 +153,47 @@ def test_one_bus_companys_staff_cannot_see_or_touch_anothers(wallet: Wallet) -> 
     )
     assert wallet.call("GET", "/api/v1/operators/BUS1/vehicles", first.counter_token)[0] == 403
     assert wallet.call("GET", "/api/v1/ledger", "not-a-token")[0] == 401
+
+
+def test_a_card_reported_lost_is_blocked_at_its_next_tap_after_the_bus_syncs(
+    wallet: Wallet, tmp_path
+) -> None:
+    from reader_sim.gprs import GprsSync
+    from reader_sim.pos import Refusal
+    from sim_applet.sim import Sim
+    from tests.helpers import purse
+
+    company = set_up_bus_company(wallet)
+    counter = company.counter_token
+    card = wallet.ok(
+        "POST", "/api/v1/cards", counter, {"iccid": "8986001234567890123", "phone": "13800138000"}
+    )
+    serial = card["serial"]
+    wallet.ok("POST", f"/api/v1/cards/{serial}/activate", counter)
+    wallet.ok(
+        "PUT",
+        f"/api/v1/cards/{serial}/holder",
+        counter,
+        {"name": "Li Lei", "id_type": "resident_id", "id_number": "110101199001011234"},
+    )
+    phone = Sim.load(wallet.app.config["PERSONALIZATION_DIR"] + "/" + card["image_file"])
+    pos, clock = bus_with_fares(company, 2, tmp_path)
+    sync = GprsSync(pos, PlatformClient(FlaskTransport(wallet), company.pos_token))
+    assert sync.sync().errors == []
+
+    wallet.ok("POST", f"/api/v1/cards/{serial}/loss", counter, {"id_number": "110101199001011234"})
+    report = sync.sync()
+    clock.advance(minutes=5)
+    outcome = pos.present(InMemoryLink(phone))
+
+    assert report.blacklist_version == 1 and report.errors == []
+    assert outcome.refusal is Refusal.BLACKLISTED and purse(phone).blocked
+    status = wallet.ok("GET", "/api/v1/operators/BUS1/pos-devices", company.staff_token)
+    device = status["devices"][0]
+    assert (device["blacklist_version"], device["blacklist_lag"], device["records_pending"]) == (
+        1,
+        0,
+        0,
+    )
+    assert device["psam_seq"] == pos.psam.terminal_seq
+    pos.store.close()
