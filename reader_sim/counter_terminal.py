@@ -9,24 +9,17 @@ import uuid
 from dataclasses import dataclass
 
 from reader_sim.link import CardRemoved, Link, exchange
+from reader_sim.load_terminal import LoadRefused, start_load
 from reader_sim.platform_client import PlatformClient
 from sim_applet.apdu import SW
 from sim_applet.structures import (
-    SFI_PUBLIC,
     TRANSIT_AID,
     TYPE_LOAD,
     CreditForLoadRequest,
-    InitializeForLoadResponse,
-    InitializeRequest,
-    PublicData,
     TransactionProof,
     get_transaction_prove,
-    initialize_for_load,
-    read_binary,
     select_by_aid,
 )
-
-LOAD_KEY_INDEX = 1
 
 
 @dataclass(frozen=True)
@@ -62,18 +55,10 @@ class CounterTerminal:
         self.terminal_id = terminal_id
 
     def load(self, link: Link, amount_fen: int) -> CounterResult:
-        _, sw = exchange(link, select_by_aid(TRANSIT_AID))
-        if sw != SW.OK:
-            return CounterRefused(f"card answered {sw:04X} to SELECT")
-        data, sw = exchange(link, read_binary(SFI_PUBLIC, 0, 30))
-        if sw != SW.OK:
-            return CounterRefused(f"card answered {sw:04X} to READ BINARY")
-        serial = PublicData.decode(data).serial.hex().upper()
-        request = InitializeRequest(LOAD_KEY_INDEX, amount_fen, self.terminal_id)
-        data, sw = exchange(link, initialize_for_load(request))
-        if sw != SW.OK:
-            return CounterRefused(f"card answered {sw:04X} to INITIALIZE FOR LOAD")
-        card = InitializeForLoadResponse.decode(data)
+        started = start_load(link, amount_fen, self.terminal_id)
+        if isinstance(started, LoadRefused):
+            return CounterRefused(f"{started.reason} ({started.sw:04X})")
+        serial, card, data = started.serial.hex().upper(), started.card, started.raw
         authorized = self.platform.call(
             "POST",
             "/api/v1/counter/loads",

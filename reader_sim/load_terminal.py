@@ -71,6 +71,32 @@ _REASONS = {
 }
 
 
+@dataclass(frozen=True)
+class LoadStarted:
+    """SELECT, READ 0x15 and INITIALIZE FOR LOAD went through: the card waits for CREDIT."""
+
+    serial: bytes
+    card: InitializeForLoadResponse
+    raw: bytes  # the INITIALIZE answer's data, as a host verifies it
+
+
+def start_load(link: Link, amount: int, terminal_id: bytes) -> LoadStarted | LoadRefused:
+    """The first half of every online load, whoever holds the keys (this terminal, or the
+    platform behind a counter terminal)."""
+    _, sw = exchange(link, select_by_aid(TRANSIT_AID))
+    if sw != SW.OK:
+        return LoadRefused(sw, _REASONS.get(sw, "not a transit card"))
+    data, sw = exchange(link, read_binary(SFI_PUBLIC, 0, 30))
+    if sw != SW.OK:
+        return LoadRefused(sw, "cannot read the card")
+    serial = PublicData.decode(data).serial
+    request = InitializeRequest(LOAD_KEY_INDEX, amount, terminal_id)
+    data, sw = exchange(link, initialize_for_load(request))
+    if sw != SW.OK:
+        return LoadRefused(sw, _REASONS.get(sw, "card refused the load"))
+    return LoadStarted(serial, InitializeForLoadResponse.decode(data), data)
+
+
 class LoadTerminal:
     def __init__(
         self,
@@ -86,18 +112,10 @@ class LoadTerminal:
     def load(self, link: Link, amount: int) -> LoadResult:
         if not 0 < amount <= 0xFFFFFFFF:
             return LoadRefused(SW.AMOUNT_OR_BALANCE_LIMIT, "amount must be 1..4294967295 fen")
-        _, sw = exchange(link, select_by_aid(TRANSIT_AID))
-        if sw != SW.OK:
-            return LoadRefused(sw, _REASONS.get(sw, "not a transit card"))
-        data, sw = exchange(link, read_binary(SFI_PUBLIC, 0, 30))
-        if sw != SW.OK:
-            return LoadRefused(sw, "cannot read the card")
-        serial = PublicData.decode(data).serial
-        request = InitializeRequest(LOAD_KEY_INDEX, amount, self.terminal_id)
-        data, sw = exchange(link, initialize_for_load(request))
-        if sw != SW.OK:
-            return LoadRefused(sw, _REASONS.get(sw, "card refused the load"))
-        card = InitializeForLoadResponse.decode(data)
+        started = start_load(link, amount, self.terminal_id)
+        if isinstance(started, LoadRefused):
+            return started
+        serial, card = started.serial, started.card
         try:
             authorization = authorize_load(self.issuer, serial, amount, self.terminal_id, card)
         except Mac1Invalid as error:
