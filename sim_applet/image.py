@@ -22,8 +22,16 @@ from typing import Any
 
 from sim_applet.crypto import Algorithm
 from sim_applet.driver_card import DriverCard, DriverCardState
-from sim_applet.purse import Proof, PurseKeys, PurseState, TransitPurse
+from sim_applet.purse import (
+    Proof,
+    PurseKeys,
+    PurseState,
+    TransitPurse,
+    capp_record_bytes_max,
+    capp_records_max,
+)
 from sim_applet.sim import RandomSource, Sim
+from sim_applet.structures import PublicData
 
 IMAGE_FORMAT = "rfid-sim-image"
 IMAGE_VERSION = 1
@@ -199,9 +207,23 @@ def _purse_from_dict(reader: _Reader) -> PurseState:
             for i, item in enumerate(reader.list("proofs"))
         )
     )
+    # The card decodes these on SELECT and DEBIT: refuse here what would break it there.
+    public_data = reader.hex("public_data", 30)
+    try:
+        PublicData.decode(public_data)
+    except ValueError as error:
+        raise ImageError(f"{reader.where}.public_data: {error}") from None
+    capp_records = tuple(reader.hex_list("capp_records"))
+    if len(capp_records) != capp_records_max or any(
+        len(record) > capp_record_bytes_max for record in capp_records
+    ):
+        raise ImageError(
+            f"{reader.where}.capp_records: expected {capp_records_max} records "
+            f"of at most {capp_record_bytes_max} bytes"
+        )
     return PurseState(
         keys=purse_keys,
-        public_data=reader.hex("public_data", 30),
+        public_data=public_data,
         holder_data=reader.hex("holder_data"),
         pin=reader.hex("pin"),
         pin_tries_max=reader.integer("pin_tries_max", 15),
@@ -213,7 +235,7 @@ def _purse_from_dict(reader: _Reader) -> PurseState:
         offline_ctc=reader.integer("offline_ctc", 0xFFFF),
         log=tuple(reader.hex_list("log", 23)),
         proofs=proofs,
-        capp_records=tuple(reader.hex_list("capp_records")),
+        capp_records=capp_records,
         blocked=reader.boolean("blocked"),
     )
 

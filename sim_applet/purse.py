@@ -63,6 +63,9 @@ class PurseKeys:
     damk: bytes  # application maintenance
     dpuk: bytes  # PIN unblock
 
+    def __repr__(self) -> str:  # keys never reach a log
+        return f"PurseKeys({self.algorithm.label}, version {self.key_version}, <hidden>)"
+
 
 @dataclass(frozen=True)
 class Proof:
@@ -78,8 +81,8 @@ class PurseState:
 
     keys: PurseKeys
     public_data: bytes
-    holder_data: bytes
-    pin: bytes
+    holder_data: bytes = field(repr=False)  # real-name data: read needs the PIN
+    pin: bytes = field(repr=False)  # never in a log
     pin_tries_max: int = 3
     pin_tries_left: int = 3
     balance: int = 0
@@ -234,7 +237,11 @@ class TransitPurse:
     # --- the door --------------------------------------------------------------------------
 
     def process(self, apdu: CommandApdu, context: CardContext) -> Response:
-        command = self._identify(apdu)
+        try:
+            command = self._identify(apdu)
+        except ApduError:
+            self._cancel()  # an unknown command is "anything but its own completion" too
+            raise
         after = next_session(self.session, command)
         if after is None:
             self._cancel()
@@ -390,7 +397,9 @@ class TransitPurse:
     def _initialize_for_purchase(self, apdu: CommandApdu, context: CardContext) -> Response:
         request = self._initialize_request(apdu)
         state = self.state
-        if request.amount > state.balance + state.overdraft_limit:
+        # The balance is unsigned (card-application.md §1): the overdraft limit is reported
+        # in INITIALIZE and the log, but a purchase never takes the balance below zero.
+        if request.amount > state.balance:
             raise ApduError(SW.INSUFFICIENT_FUNDS)
         if state.offline_ctc >= ctc_max:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "offline CTC exhausted")
