@@ -92,6 +92,9 @@ class DriverCard:
     def reset(self) -> None:
         """Nothing volatile to forget."""
 
+    def cancel_transaction(self) -> None:
+        """A driver card has no transactions."""
+
     def select(self) -> Response:
         return _tlv(b"\x6f", _tlv(b"\x84", self.aid)), SW.OK
 

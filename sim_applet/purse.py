@@ -266,6 +266,8 @@ class TransitPurse:
         self.session = Session.IDLE
         self.pending = None
 
+    cancel_transaction = _cancel
+
     @staticmethod
     def _identify(apdu: CommandApdu) -> Command:
         if apdu.ins not in _KNOWN_INS:

@@ -41,6 +41,10 @@ class Application(Protocol):
 
     def reset(self) -> None: ...
 
+    def cancel_transaction(self) -> None:
+        """Forget a pending INITIALIZE (and nothing else): any other command ends it."""
+        ...
+
     def select(self) -> Response: ...
 
     def process(self, apdu: CommandApdu, context: CardContext) -> Response: ...
@@ -112,6 +116,10 @@ class Sim:
             self._arm_power_cut(apdu)
             data, sw = self._dispatch(apdu)
         except ApduError as error:
+            # Refused at the SIM's own door (length, SELECT parameters) still counts as
+            # "anything but its own completion command" for a pending transaction.
+            if self.selected is not None:
+                self.selected.cancel_transaction()
             data, sw = b"", error.sw
         except PowerLost:
             self.power_off()

@@ -558,11 +558,6 @@ def test_anything_between_initialize_and_debit_cancels_the_purchase(
     assert state_of(sim).balance == before["applications"][0]["balance"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec §2 disagreement, reported: an APDU the SIM refuses before the purse sees "
-    "it (bad length, SELECT with bad P1/P2) does not cancel the pending transaction",
-)
 @pytest.mark.parametrize(
     "refused",
     ["80 5C 00", "80 5C 00 02 05 01 02", "00 A4 04 04 08 A000000632010105"],
