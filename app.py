@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from reader_sim.cli import card, pos
-from wallet_service.cli import admin, db, serve
+from wallet_service.cli import admin, clearing, db, serve
 
 
 @click.group()
@@ -30,6 +30,7 @@ cli.add_command(pos)
 cli.add_command(serve)
 cli.add_command(db)
 cli.add_command(admin)
+cli.add_command(clearing)
 
 if __name__ == "__main__":
     cli()

@@ -98,3 +98,44 @@ def create_token(
     finally:
         database.dispose()
     click.echo(token)
+
+
+@click.group()
+def clearing() -> None:
+    """Clearing and settlement of a business day."""
+
+
+@clearing.command("run")
+@click.option(
+    "--date", "day", type=click.DateTime(["%Y-%m-%d"]), help="the business day (default: yesterday)"
+)
+def clearing_run(day) -> None:  # type: ignore[no-untyped-def]
+    """Clear a business day: verify TACs, check chains, total, settle. Safe to re-run."""
+    import json
+    from datetime import date, timedelta
+
+    from wallet_service import create_app
+    from wallet_service.auth import Principal
+    from wallet_service.services import clearing as clearing_service
+    from wallet_service.services.registry import Context
+
+    _upgrade()
+    app = create_app()
+    business_date = day.date() if day else date.today() - timedelta(days=1)
+    database = app.extensions["database"]
+
+    def work(session):  # type: ignore[no-untyped-def]
+        ctx = Context(
+            session,
+            Principal(0, "admin"),
+            app.config["CLOCK"](),
+            app.config["KEY_STORE"],
+            app.config["PERSONALIZATION_DIR"],
+        )
+        return clearing_service.run(ctx, business_date)
+
+    try:
+        report = database.run(work)
+    finally:
+        database.dispose()
+    click.echo(json.dumps(report.__dict__, default=str, indent=1))

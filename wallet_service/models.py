@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql import false
 
 from wallet_service.db import Base
 
@@ -216,6 +217,11 @@ class TapRecord(Base):
     driver: Mapped[str] = mapped_column(String(10))
     recovered: Mapped[bool] = mapped_column(Boolean)
     received_at: Mapped[datetime] = mapped_column(DateTime)
+    clearing_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("clearing_runs.id", name="tap_records_clearing_run_fk"), index=True
+    )
+    # bad TAC or duplicate: not paid
+    excluded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class RecordConflict(Base):
@@ -273,3 +279,75 @@ class AuditEvent(Base):
     subject: Mapped[str] = mapped_column(String(60))
     details: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ClearingRun(Base):
+    """One clearing of a business day; the records it claimed carry its id."""
+
+    __tablename__ = "clearing_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    business_date: Mapped[date] = mapped_column(Date, index=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    records: Mapped[int] = mapped_column(BigInteger, default=0)
+    paid_records: Mapped[int] = mapped_column(BigInteger, default=0)
+    paid_fen: Mapped[int] = mapped_column(Fen, default=0)
+
+
+class ClearingException(Base):
+    """What clearing found: bad TAC (not paid, suspected fraud), duplicate (not paid), CTC gap
+    or balance-chain break (paid, reported)."""
+
+    __tablename__ = "clearing_exceptions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("clearing_runs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    card_serial: Mapped[str] = mapped_column(String(20), index=True)
+    record_id: Mapped[int | None] = mapped_column(BigInteger)
+    terminal_id: Mapped[str | None] = mapped_column(String(12))
+    details: Mapped[str] = mapped_column(Text)
+
+
+class CardClearingState(Base):
+    """Where each card's chain stood after the last clearing: continuity across days."""
+
+    __tablename__ = "card_clearing_states"
+    card_serial: Mapped[str] = mapped_column(String(20), primary_key=True)
+    last_ctc: Mapped[int] = mapped_column(Integer)
+    last_balance_after_fen: Mapped[int] = mapped_column(Fen)
+    last_event_at: Mapped[datetime] = mapped_column(DateTime)
+    last_terminal_id: Mapped[str] = mapped_column(String(12))
+
+
+class ClearingTotal(Base):
+    """Counts and amounts of paid records by operator, fleet, route, vehicle and driver."""
+
+    __tablename__ = "clearing_totals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("clearing_runs.id"), index=True)
+    business_date: Mapped[date] = mapped_column(Date, index=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    fleet: Mapped[str] = mapped_column(String(16))
+    route: Mapped[str] = mapped_column(String(16))
+    vehicle: Mapped[str] = mapped_column(String(16))
+    driver: Mapped[str] = mapped_column(String(10))
+    adjustment: Mapped[bool] = mapped_column(Boolean)  # records of earlier days, cleared late
+    records: Mapped[int] = mapped_column(BigInteger)
+    amount_fen: Mapped[int] = mapped_column(Fen)
+
+
+class SettlementStatement(Base):
+    """What the platform owes a bus company for one clearing run, net of its fee."""
+
+    __tablename__ = "settlement_statements"
+    __table_args__ = (UniqueConstraint("run_id", "operator_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("clearing_runs.id"))
+    business_date: Mapped[date] = mapped_column(Date, index=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"))
+    records: Mapped[int] = mapped_column(BigInteger)
+    gross_fen: Mapped[int] = mapped_column(Fen)
+    adjustments_fen: Mapped[int] = mapped_column(Fen)
+    fee_rate_bp: Mapped[int] = mapped_column(Integer)
+    fee_fen: Mapped[int] = mapped_column(Fen)
+    net_fen: Mapped[int] = mapped_column(Fen)

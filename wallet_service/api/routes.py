@@ -511,3 +511,65 @@ def ledger_view(ctx: Context) -> s.LedgerOut:
             for a in accounts
         ],
     )
+
+
+# --- clearing and settlement ---------------------------------------------------------------
+
+clearing_bp = Blueprint("clearing", __name__, url_prefix="/api/v1/clearing")
+BLUEPRINTS = (*BLUEPRINTS, clearing_bp)
+
+
+@endpoint(
+    clearing_bp,
+    "/runs",
+    "POST",
+    summary="Clear a business day (safe to re-run: nothing posts twice)",
+    roles=ADMIN,
+    body=s.ClearingRunIn,
+    response=s.ClearingRunOut,
+    status=201,
+)
+def run_clearing(ctx: Context, body: s.ClearingRunIn) -> s.ClearingRunOut:
+    from wallet_service.services import clearing
+
+    return s.ClearingRunOut(**clearing.run(ctx, body.date).__dict__)
+
+
+@endpoint(
+    clearing_bp,
+    "/days/<day>",
+    "GET",
+    summary="A business day's clearing: totals by dimension, exceptions",
+    roles=ADMIN,
+    response=s.ClearingDayOut,
+)
+def clearing_day(ctx: Context, day: str) -> s.ClearingDayOut:
+    from wallet_service.services import clearing
+
+    return s.ClearingDayOut(**clearing.day_report(ctx, _date(day)))
+
+
+@endpoint(
+    registry_bp,
+    "/operators/<operator>/settlements/<day>",
+    "GET",
+    summary="Settlement statements of a bus company for a business day",
+    roles=REGISTRY,
+    response=s.StatementsOut,
+)
+def settlement_statements(ctx: Context, operator: str, day: str) -> s.StatementsOut:
+    from wallet_service.services import clearing
+
+    rows = clearing.statements(ctx, operator, _date(day))
+    return s.StatementsOut(operator=operator, business_date=_date(day), statements=rows)
+
+
+def _date(text: str):  # type: ignore[no-untyped-def]
+    from datetime import date as date_type
+
+    from wallet_service.errors import InvalidInput
+
+    try:
+        return date_type.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"not a date (YYYY-MM-DD): {text!r}") from None

@@ -264,3 +264,69 @@ class LedgerAccount(BaseModel):
 class LedgerOut(BaseModel):
     balanced: bool
     accounts: list[LedgerAccount]
+
+
+class ClearingRunIn(Strict):
+    date: date
+
+
+class ClearingRunOut(BaseModel):
+    run_id: int
+    business_date: date
+    records: int
+    paid_records: int
+    paid_fen: int
+    exceptions: dict[str, int]
+    hot_listed: list[str]
+
+
+class ClearingTotalOut(BaseModel):
+    operator: str
+    fleet: str
+    route: str
+    vehicle: str
+    driver: str
+    adjustment: bool
+    records: int
+    amount_fen: int
+
+
+class ClearingExceptionOut(BaseModel):
+    kind: str
+    card_serial: str
+    terminal_id: str | None
+    record_id: int | None
+    details: dict
+
+
+class ClearingRunSummary(BaseModel):
+    run_id: int
+    records: int
+    paid_records: int
+    paid_fen: int
+
+
+class ClearingDayOut(BaseModel):
+    business_date: date
+    runs: list[ClearingRunSummary]
+    paid_records: int
+    paid_fen: int
+    totals: list[ClearingTotalOut]
+    exception_counts: dict[str, int]
+    exceptions: list[ClearingExceptionOut]
+
+
+class StatementOut(BaseModel):
+    run_id: int
+    records: int
+    gross_fen: int
+    adjustments_fen: int
+    fee_rate_bp: int
+    fee_fen: int
+    net_fen: int
+
+
+class StatementsOut(BaseModel):
+    operator: str
+    business_date: date
+    statements: list[StatementOut]
