@@ -5,6 +5,8 @@
 - taps_per_s_durable: the same with the record store on disk (WAL, synchronous=FULL:
   two fsyncs a tap, as a POS that never loses a fare must do).
 - ingest_records_per_s: tap records through the HTTP API, batches of 500, PostgreSQL.
+- clearing_records_per_s, clearing_peak_rss_mb: a generated day of 1,000,000 records
+  cleared by ``app.py clearing run`` in its own process, PostgreSQL.
 - pcsc_*: GET BALANCE through pyscard → pcscd → vpcd → TCP → the card model.
 """
 
@@ -67,6 +69,13 @@ def main() -> None:
     for name, value in ingest_figures().items():
         print(f"{name}: {value:.0f} records/s  # PostgreSQL, gunicorn {server_workers} sync "
               f"workers, {client_threads} client threads on the same machine", flush=True)
+
+    from bench.clearing import clearing_figures, records_total
+
+    figures = clearing_figures()
+    print(f"clearing_records_per_s: {figures['clearing_records_per_s']:.0f} records/s  "
+          f"# {records_total} records on PostgreSQL, TAC verification included", flush=True)
+    print(f"clearing_peak_rss_mb: {figures['clearing_peak_rss_mb']:.0f} MB", flush=True)
 
     try:
         from bench.pcsc import pcsc_figures

@@ -139,3 +139,26 @@ def tac_key(algorithm: Algorithm, dtk: bytes) -> bytes:
     if algorithm is Algorithm.TDES:
         return bytes(a ^ b for a, b in zip(dtk[:8], dtk[8:], strict=True))
     return dtk
+
+
+class MacKey:
+    """One key's CBC-MAC, reusing a single ECB context: CBC-MAC is x = E(x XOR block) over
+    the padded blocks, so no cipher context need be created per MAC. Equal to ``cbc_mac``
+    (tested); for clearing, which checks millions of TACs a day."""
+
+    def __init__(self, algorithm: Algorithm, key: bytes) -> None:
+        self.algorithm = algorithm
+        if algorithm is Algorithm.TDES:
+            cipher = Cipher(TripleDES(_tdes_key(key)), modes.ECB())
+        else:
+            cipher = Cipher(algorithms.SM4(key), modes.ECB())
+        self._encrypt = cipher.encryptor().update
+
+    def mac(self, data: bytes) -> bytes:
+        block = self.algorithm.block_bytes
+        padded = pad_method_2(data, block)
+        state = 0
+        for offset in range(0, len(padded), block):
+            chunk = int.from_bytes(padded[offset : offset + block], "big")
+            state = int.from_bytes(self._encrypt((state ^ chunk).to_bytes(block, "big")), "big")
+        return state.to_bytes(block, "big")[:mac_bytes]

@@ -32,7 +32,7 @@ from sqlalchemy import case, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from sim_applet.crypto import Algorithm
-from sim_applet.issuer import purchase_tac
+from sim_applet.issuer import TacVerifier
 from sim_applet.personalize import IssuerKeys
 from wallet_service import ledger
 from wallet_service.models import (
@@ -116,28 +116,42 @@ def run(ctx: Context, business_date: date) -> RunReport:
 # --- verify --------------------------------------------------------------------------------
 
 
-def _stream_records(session: Session, run_id: int) -> Iterator[TapRecord]:
+_RECORD_COLUMNS = (
+    TapRecord.id,
+    TapRecord.card_serial,
+    TapRecord.ctc,
+    TapRecord.terminal_id,
+    TapRecord.terminal_seq,
+    TapRecord.amount_fen,
+    TapRecord.transaction_type,
+    TapRecord.occurred_at,
+    TapRecord.tac,
+    TapRecord.algorithm,
+    TapRecord.balance_before_fen,
+    TapRecord.balance_after_fen,
+    TapRecord.clearing_run_id,
+)
+
+
+def _stream_records(session: Session, run_id: int) -> Iterator[Any]:
+    """Rows, not ORM objects: a million entities would cost more than the cryptography."""
     query = (
-        select(TapRecord)
+        select(*_RECORD_COLUMNS)
         .where(TapRecord.clearing_run_id == run_id)
         .order_by(TapRecord.card_serial, TapRecord.ctc, TapRecord.received_at, TapRecord.id)
         .execution_options(yield_per=stream_batch_records)
     )
-    for record in session.scalars(query):
-        yield record
-        session.expunge(record)  # keep the identity map (and memory) bounded
+    yield from session.execute(query)
 
 
-def _stream_states(session: Session, first: str) -> Iterator[CardClearingState]:
+def _stream_states(session: Session, first: str) -> Iterator[Any]:
     query = (
-        select(CardClearingState)
+        select(CardClearingState.__table__)
         .where(CardClearingState.card_serial >= first)
         .order_by(CardClearingState.card_serial)
         .execution_options(yield_per=stream_batch_records)
     )
-    for state in session.scalars(query):
-        yield state
-        session.expunge(state)
+    yield from session.execute(query)
 
 
 def _stream_loads(session: Session, end: datetime) -> Iterator[tuple[str, datetime, int, int]]:
@@ -224,8 +238,9 @@ def _verify_card(
         if chain.last_event_at is None or row[1] > chain.last_event_at
     ]
     seen_ctcs: set[int] = set()
+    tacs = _Tacs(issuer, serial)
     for record in records:
-        if not _tac_ok(issuer, record):
+        if not tacs.ok(record):
             writer.exclude(record, BAD_TAC, {"device": record.terminal_id, "suspected": "fraud"})
             continue
         if record.ctc in seen_ctcs or _cleared_before(session, record, chain):
@@ -276,23 +291,39 @@ def _check_balance(
         )
 
 
-def _tac_ok(issuer: IssuerKeys, record: TapRecord) -> bool:
-    try:
-        algorithm = Algorithm(record.algorithm)
-    except ValueError:
-        return False
-    expected = purchase_tac(
-        issuer,
-        algorithm,
-        bytes.fromhex(record.card_serial),
-        amount=record.amount_fen,
-        transaction_type=record.transaction_type,
-        terminal_id=bytes.fromhex(record.terminal_id),
-        terminal_seq=record.terminal_seq,
-        date_bcd=bytes.fromhex(record.occurred_at.strftime("%Y%m%d")),
-        time_bcd=bytes.fromhex(record.occurred_at.strftime("%H%M%S")),
-    )
-    return hmac.compare_digest(expected, bytes.fromhex(record.tac))
+def _bcd2(value: int) -> int:
+    return ((value // 10) << 4) | (value % 10)
+
+
+class _Tacs:
+    """The TAC check for one card: its key derived once, one ECB context per algorithm."""
+
+    def __init__(self, issuer: IssuerKeys, serial: str) -> None:
+        self.issuer, self.serial = issuer, bytes.fromhex(serial)
+        self.verifiers: dict[int, TacVerifier] = {}
+
+    def ok(self, record: Any) -> bool:
+        verifier = self.verifiers.get(record.algorithm)
+        if verifier is None:
+            try:
+                algorithm = Algorithm(record.algorithm)
+            except ValueError:
+                return False
+            verifier = self.verifiers[record.algorithm] = TacVerifier(
+                self.issuer, algorithm, self.serial
+            )
+        at = record.occurred_at
+        expected = verifier.tac(
+            amount=record.amount_fen,
+            transaction_type=record.transaction_type,
+            terminal_id=bytes.fromhex(record.terminal_id),
+            terminal_seq=record.terminal_seq,
+            date_bcd=bytes(
+                (_bcd2(at.year // 100), _bcd2(at.year % 100), _bcd2(at.month), _bcd2(at.day))
+            ),
+            time_bcd=bytes((_bcd2(at.hour), _bcd2(at.minute), _bcd2(at.second))),
+        )
+        return hmac.compare_digest(expected, bytes.fromhex(record.tac))
 
 
 def _cleared_before(session: Session, record: TapRecord, chain: _Chain) -> bool:
