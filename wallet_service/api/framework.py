@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from wallet_service.auth import authenticate
-from wallet_service.errors import DomainError, InvalidInput
+from wallet_service.errors import DomainError, InvalidInput, NotFound
 from wallet_service.services.registry import Context
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Operation:
     status: int
     tag: str
     idempotent: bool
+    media_type: str = "application/json"
 
 
 OPERATIONS: list[Operation] = []
@@ -65,6 +66,7 @@ def endpoint(
     response: type[BaseModel] | None = None,
     status: int = 200,
     idempotent: bool = False,
+    media_type: str = "application/json",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``view(ctx, body=..., query=..., **path) -> pydantic model or (status, JSON)``."""
 
@@ -82,10 +84,13 @@ def endpoint(
                 status,
                 blueprint.name,
                 idempotent,
+                media_type,
             )
         )
 
         def handle(**path: Any) -> Response:
+            if any(isinstance(v, int) and v > path_integer_max for v in path.values()):
+                raise NotFound("no such resource")
             parsed_body = _parse_body(body) if body else None
             parsed_query = _parse_query(query) if query else None
             database = current_app.extensions["database"]
@@ -108,6 +113,8 @@ def endpoint(
                 return view(ctx, **kwargs)
 
             answer = database.run(work)
+            if isinstance(answer, Response):  # streamed (CSV): the view built it
+                return answer
             if isinstance(answer, tuple):
                 code, payload = answer
                 return _json(payload, code)
@@ -138,7 +145,7 @@ def _parse_body(model: type[BaseModel]) -> BaseModel:
 
 def _parse_query(model: type[BaseModel]) -> BaseModel:
     try:
-        return model.model_validate(request.args.to_dict())
+        return model.model_validate(request.args.to_dict(), by_alias=True)
     except ValidationError as error:
         raise InvalidInput("the query does not match the schema", errors=_errors(error)) from None
 
@@ -173,6 +180,20 @@ def install_error_handlers(app: Flask) -> None:
         return _json({"error": {"code": "internal", "message": "internal error"}}, 500)
 
 
+path_integer_max = 2**62  # ids live in 64-bit signed columns
+
+# Path parameters whose values have a shape (everything else is a plain string).
+PATH_PARAMETER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "day": {"type": "string", "format": "date"},
+}
+
+
+def _path_schema(rule: str, name: str) -> dict[str, Any]:
+    if f"<int:{name}>" in rule:
+        return {"type": "integer", "minimum": 0, "maximum": path_integer_max}
+    return PATH_PARAMETER_SCHEMAS.get(name, {"type": "string"})
+
+
 def openapi_document(title: str, version: str) -> dict[str, Any]:
     components: dict[str, Any] = {}
 
@@ -188,17 +209,13 @@ def openapi_document(title: str, version: str) -> dict[str, Any]:
     for op in OPERATIONS:
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", op.rule)
         parameters = [
-            {
-                "name": name,
-                "in": "path",
-                "required": True,
-                "schema": {"type": "integer"} if f"<int:{name}>" in op.rule else {"type": "string"},
-            }
+            {"name": name, "in": "path", "required": True, "schema": _path_schema(op.rule, name)}
             for name in re.findall(r"\{(\w+)\}", path)
         ]
         if op.query:
-            for name, prop in op.query.model_json_schema().get("properties", {}).items():
-                required = name in op.query.model_json_schema().get("required", [])
+            query_schema = op.query.model_json_schema(by_alias=True)
+            for name, prop in query_schema.get("properties", {}).items():
+                required = name in query_schema.get("required", [])
                 parameters.append(
                     {"name": name, "in": "query", "required": required, "schema": prop}
                 )
@@ -211,14 +228,14 @@ def openapi_document(title: str, version: str) -> dict[str, Any]:
                     "schema": {"type": "string", "minLength": 1, "maxLength": 100},
                 }
             )
+        if op.media_type == "application/json":
+            success_schema = schema_of(op.response) if op.response else {"type": "object"}
+        else:
+            success_schema = {"type": "string"}
         responses: dict[str, Any] = {
             str(op.status): {
                 "description": "OK",
-                "content": {
-                    "application/json": {
-                        "schema": schema_of(op.response) if op.response else {"type": "object"}
-                    }
-                },
+                "content": {op.media_type: {"schema": success_schema}},
             }
         }
         for code in ("401", "403", "404", "409", "422"):

@@ -202,13 +202,16 @@ def register_pos(ctx: Context, operator: str, body: s.PosDeviceIn) -> s.PosDevic
     registry_bp,
     "/operators/<operator>/pos-devices",
     "GET",
-    summary="POS device status (online from heartbeats, pending records, lag)",
+    summary="POS device status: online from heartbeats, silent devices flagged, pending "
+    "records, blacklist lag, PSAM sequence",
     roles=REGISTRY,
+    query=s.DeviceStatusQuery,
     response=s.DeviceStatusList,
 )
-def device_status(ctx: Context, operator: str) -> s.DeviceStatusList:
+def device_status(ctx: Context, operator: str, query: s.DeviceStatusQuery) -> s.DeviceStatusList:
     version = cards.blacklist_since(ctx, 0)[0]
-    return s.DeviceStatusList(devices=pos_api.device_status(ctx, operator, version))
+    devices = pos_api.device_status(ctx, operator, version, query.silent_hours)
+    return s.DeviceStatusList(devices=devices)
 
 
 # --- cards ---------------------------------------------------------------------------------
@@ -573,3 +576,82 @@ def _date(text: str):  # type: ignore[no-untyped-def]
         return date_type.fromisoformat(text)
     except ValueError:
         raise InvalidInput(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+# --- statistics, record query, CSV ---------------------------------------------------------
+
+
+def _record_filter(query: s.RecordQuery):  # type: ignore[no-untyped-def]
+    from wallet_service.services.reports import RecordFilter
+
+    return RecordFilter(
+        card=query.card,
+        start=query.start,
+        end=query.end,
+        route=query.route,
+        vehicle=query.vehicle,
+        driver=query.driver,
+        device=query.device,
+    )
+
+
+@endpoint(
+    registry_bp,
+    "/operators/<operator>/stats",
+    "GET",
+    summary="Rides and revenue by hour, day, route, vehicle or driver",
+    roles=REGISTRY,
+    query=s.StatsQuery,
+    response=s.StatsOut,
+)
+def operator_stats(ctx: Context, operator: str, query: s.StatsQuery) -> s.StatsOut:
+    from wallet_service.services import reports
+
+    rows = reports.statistics(ctx, operator, query.by, _record_filter(query))
+    return s.StatsOut(by=query.by, rows=rows)
+
+
+@endpoint(
+    registry_bp,
+    "/operators/<operator>/records",
+    "GET",
+    summary="Tap records, filtered, keyset-paginated (pass next_after_id as after_id)",
+    roles=REGISTRY,
+    query=s.PageQuery,
+    response=s.RecordPage,
+)
+def operator_records(ctx: Context, operator: str, query: s.PageQuery) -> s.RecordPage:
+    from wallet_service.services import reports
+
+    page, next_after = reports.query_records(
+        ctx, operator, _record_filter(query), query.after_id, query.limit
+    )
+    return s.RecordPage(records=page, next_after_id=next_after)
+
+
+@endpoint(
+    registry_bp,
+    "/operators/<operator>/records.csv",
+    "GET",
+    summary="Tap records as CSV, streamed",
+    roles=REGISTRY,
+    query=s.RecordQuery,
+    media_type="text/csv",
+)
+def operator_records_csv(ctx: Context, operator: str, query: s.RecordQuery):  # type: ignore[no-untyped-def]
+    from flask import Response, current_app, stream_with_context
+
+    from wallet_service.services import reports
+    from wallet_service.services.registry import operator_by_code
+
+    operator_id = operator_by_code(ctx, operator).id
+    record_filter = _record_filter(query)
+    database = current_app.extensions["database"]
+
+    def generate():  # type: ignore[no-untyped-def]
+        # Its own read transaction: the request's has ended when the body streams.
+        with database.transaction() as session:
+            yield from reports.csv_lines(session, operator_id, record_filter)
+
+    headers = {"Content-Disposition": f'attachment; filename="{operator}-records.csv"'}
+    return Response(stream_with_context(generate()), mimetype="text/csv", headers=headers)

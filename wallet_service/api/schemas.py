@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+COUNT_MAX = 2**62  # versions, ids, counters: well inside a 64-bit signed column
+
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Fen = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
@@ -220,7 +222,7 @@ class UploadOut(BaseModel):
 
 
 class BlacklistQuery(Strict):
-    since: int = Field(default=0, ge=0)
+    since: int = Field(default=0, ge=0, le=COUNT_MAX)
 
 
 class BlacklistOut(BaseModel):
@@ -232,8 +234,8 @@ class BlacklistOut(BaseModel):
 
 class HeartbeatIn(Strict):
     firmware: Annotated[str, StringConstraints(min_length=1, max_length=32)]
-    blacklist_version: int = Field(ge=0)
-    records_pending: int = Field(ge=0)
+    blacklist_version: int = Field(ge=0, le=COUNT_MAX)
+    records_pending: int = Field(ge=0, le=COUNT_MAX)
     last_upload_at: datetime | None = None
     psam_seq: int = Field(ge=0, le=0xFFFFFFFF)
 
@@ -241,6 +243,7 @@ class HeartbeatIn(Strict):
 class DeviceStatus(BaseModel):
     terminal_id: str
     online: bool
+    silent: bool = Field(default=False, description="no heartbeat for silent_hours")
     last_heartbeat_at: datetime | None
     firmware: str | None
     records_pending: int | None
@@ -330,3 +333,62 @@ class StatementsOut(BaseModel):
     operator: str
     business_date: date
     statements: list[StatementOut]
+
+
+class RecordQuery(Strict):
+    card: Serial | None = None
+    start: date | None = Field(default=None, alias="from")
+    end: date | None = Field(default=None, alias="to")
+    route: Annotated[str, StringConstraints(max_length=16)] | None = None
+    vehicle: Annotated[str, StringConstraints(max_length=16)] | None = None
+    driver: Annotated[str, StringConstraints(max_length=10)] | None = None
+    device: TerminalId | None = None
+
+
+class StatsQuery(RecordQuery):
+    by: Literal["hour", "day", "route", "vehicle", "driver"] = "route"
+
+
+class PageQuery(RecordQuery):
+    after_id: int = Field(default=0, ge=0, le=COUNT_MAX)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class StatRow(BaseModel):
+    key: str
+    rides: int
+    revenue_fen: int
+
+
+class StatsOut(BaseModel):
+    by: str
+    rows: list[StatRow]
+
+
+class RecordOut(BaseModel):
+    id: int
+    terminal_id: str
+    terminal_seq: int
+    card_serial: str
+    ctc: int
+    amount_fen: int
+    balance_before_fen: int
+    balance_after_fen: int
+    transaction_type: int
+    occurred_at: datetime
+    tac: str
+    route: str
+    vehicle: str
+    driver: str
+    recovered: bool
+    excluded: bool
+    clearing_run_id: int | None
+
+
+class RecordPage(BaseModel):
+    records: list[RecordOut]
+    next_after_id: int | None
+
+
+class DeviceStatusQuery(Strict):
+    silent_hours: int = Field(default=24, ge=1, le=24 * 90)

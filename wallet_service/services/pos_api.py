@@ -23,6 +23,7 @@ from wallet_service.services.registry import Context, operator_by_code
 
 batch_records_max = 1_000
 offline_after_heartbeat_s = 15 * 60
+silent_after_hours_default = 24  # a device this quiet is flagged for a visit
 
 # The fields a POS uploads, in TapRecord's column names (reader_sim.records.TapRecord).
 RECORD_FIELDS = (
@@ -211,16 +212,23 @@ def heartbeat(
     return device
 
 
-def device_status(ctx: Context, operator_code: str, blacklist_version: int) -> list[dict[str, Any]]:
+def device_status(
+    ctx: Context,
+    operator_code: str,
+    blacklist_version: int,
+    silent_after_hours: int = silent_after_hours_default,
+) -> list[dict[str, Any]]:
     operator: Operator = operator_by_code(ctx, operator_code)
     devices = ctx.session.scalars(
         select(PosDevice).where(PosDevice.operator_id == operator.id).order_by(PosDevice.id)
     )
     online_since = ctx.now - timedelta(seconds=offline_after_heartbeat_s)
+    silent_since = ctx.now - timedelta(hours=silent_after_hours)
     return [
         {
             "terminal_id": d.terminal_id,
             "online": d.last_heartbeat_at is not None and d.last_heartbeat_at >= online_since,
+            "silent": d.last_heartbeat_at is None or d.last_heartbeat_at < silent_since,
             "last_heartbeat_at": d.last_heartbeat_at,
             "firmware": d.firmware,
             "records_pending": d.records_pending,
