@@ -7,6 +7,8 @@ packages=(
   pcscd vsmartcard-vpcd libpcsclite-dev   # the PC/SC stack with virtual readers
   pcsc-tools opensc                      # scriptor, opensc-tool: drive the card like testers do
   gcc                                    # pyscard builds from source (no Linux wheel)
+  chromium chromium-driver               # the web platform's end-to-end test
+  fonts-noto-cjk                         # Chinese pages render as text in screenshots
 )
 missing=()
 for package in "${packages[@]}"; do

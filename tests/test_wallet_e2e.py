@@ -5,15 +5,8 @@ with requests — the way an integrator runs it."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import requests
 
 from reader_sim.counter_terminal import CounterLoaded, CounterTerminal
@@ -24,62 +17,7 @@ from reader_sim.pos_file import open_pos
 from reader_sim.uploader import Uploader
 from sim_applet.sim import Sim
 from tests.helpers import Clock, new_driver_card, purse
-
-ROOT = Path(__file__).resolve().parent.parent
-startup_timeout_s = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict]]:
-    env = {**os.environ, "WALLET_INSTANCE_DIR": str(tmp_path / "instance")}
-    if request.param == "postgresql":
-        env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
-        from tests.wallet_fixtures import _truncate
-
-        _truncate(env["DATABASE_URL"])
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "serve", "--port", str(port), "--workers", "2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_timeout_s
-    while True:
-        try:
-            if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the service did not start: {process.communicate()[1][-2000:]}")
-        time.sleep(0.05)
-    yield base, env
-    process.terminate()
-    process.wait(timeout=10)
-    if process.stderr:
-        process.stderr.close()
-
-
-def cli_token(env: dict, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "admin", "create-token", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout.strip()
+from tests.wallet_fixtures import cli_token
 
 
 def test_a_card_is_issued_loaded_at_the_counter_ridden_and_its_fares_uploaded(

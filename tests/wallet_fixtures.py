@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from sqlalchemy import create_engine, text
 
 from tests.helpers import Clock
@@ -209,3 +214,70 @@ def set_up_bus_company(
         device["terminal_id"],
         perso / device["psam_file"],
     )
+
+
+ROOT = Path(__file__).resolve().parent.parent
+startup_timeout_s = 30
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict]]:
+    """``python app.py serve`` as its own process, on each database in turn."""
+    yield from _serve(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def sqlite_service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict]]:
+    yield from _serve(request, tmp_path, "sqlite")
+
+
+def _serve(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> Iterator[tuple[str, dict]]:
+    env = {**os.environ, "WALLET_INSTANCE_DIR": str(tmp_path / "instance")}
+    if backend == "postgresql":
+        env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        _truncate(env["DATABASE_URL"])
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout_s
+    while True:
+        try:
+            if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the service did not start: {process.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    yield base, env
+    process.terminate()
+    process.wait(timeout=10)
+    if process.stderr:
+        process.stderr.close()
+
+
+def cli_token(env: dict, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "admin", "create-token", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.strip()

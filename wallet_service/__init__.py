@@ -27,6 +27,21 @@ def default_config() -> dict[str, Any]:
     }
 
 
+def _secret_key(config: dict[str, Any]) -> str:
+    """The session cookie's signing key: WALLET_SECRET_KEY, else one made once per instance
+    and kept beside the personalization output (so gunicorn workers agree)."""
+    import secrets
+
+    if os.environ.get("WALLET_SECRET_KEY"):
+        return os.environ["WALLET_SECRET_KEY"]
+    path = Path(config["PERSONALIZATION_DIR"]).parent / "secret_key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     from wallet_service.api.framework import (
         install_error_handlers,
@@ -56,6 +71,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     install_error_handlers(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
+    from wallet_service.web import web
+
+    app.register_blueprint(web)
+    app.secret_key = app.config.get("SECRET_KEY") or _secret_key(app.config)
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax")
     document = openapi_document("Mobile bus card platform", "1")
 
     @app.get("/openapi.json")
