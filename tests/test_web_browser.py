@@ -128,19 +128,25 @@ def test_log_in_run_clearing_read_the_report_download_csv(  # type: ignore[no-un
     browser.get(f"{base}/clearing?lang=en")
     wait.until(ready.presence_of_element_located((By.ID, "token")))
     browser.find_element(By.ID, "token").send_keys("not-a-token")
-    browser.find_element(By.ID, "login").click()
+    first_try = browser.find_element(By.ID, "login")
+    first_try.click()
+    wait.until(ready.staleness_of(first_try))
     assert (
         "Unknown or revoked token"
         in wait.until(ready.presence_of_element_located((By.ID, "login-error"))).text
     )
     browser.find_element(By.ID, "token").send_keys(cli_token(env, "--role", "admin"))
-    browser.find_element(By.ID, "login").click()
+    login_button = browser.find_element(By.ID, "login")
+    login_button.click()
+    wait.until(ready.staleness_of(login_button))
     wait.until(ready.presence_of_element_located((By.ID, "run-clearing")))
 
     day = browser.find_element(By.ID, "day")
     browser.execute_script("arguments[0].value = arguments[1]", day, today.date().isoformat())
-    browser.find_element(By.ID, "run-clearing").click()
-    wait.until(lambda b: b.find_element(By.ID, "paid-records").text != "0")
+    run_button = browser.find_element(By.ID, "run-clearing")
+    run_button.click()
+    wait.until(ready.staleness_of(run_button))  # the POST answered: a new page loads
+    wait.until(ready.presence_of_element_located((By.ID, "paid-records")))
     rides = sum(1 + hour % 5 for hour in range(6, 20))  # as seeded: 44
     assert browser.find_element(By.ID, "paid-records").text == str(rides)
     assert "Settlement statement" in browser.page_source
