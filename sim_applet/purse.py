@@ -600,7 +600,6 @@ class TransitPurse:
     }
 
 
-
 def maintenance_mac(algorithm: Algorithm, damk: bytes, challenge: bytes, header: bytes) -> bytes:
     """MAC of APPLICATION BLOCK / UNBLOCK (project-defined within card-application.md §2):
     CBC-MAC under the full 16-byte DAMK (3DES or SM4), ICV = challenge padded with zeros

@@ -75,8 +75,9 @@ def parse_bcd_datetime(date_bcd: bytes, time_bcd: bytes) -> datetime:
     digits = bcd_decode(time_bcd)
     if len(digits) != 6:
         raise ValueError(f"a BCD time is 3 bytes: {digits}")
-    return datetime(day.year, day.month, day.day, int(digits[0:2]), int(digits[2:4]),
-                    int(digits[4:6]))
+    return datetime(
+        day.year, day.month, day.day, int(digits[0:2]), int(digits[2:4]), int(digits[4:6])
+    )
 
 
 @dataclass(frozen=True, slots=True)
