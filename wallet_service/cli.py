@@ -111,8 +111,13 @@ def clearing() -> None:
 )
 def clearing_run(day) -> None:  # type: ignore[no-untyped-def]
     """Clear a business day: verify TACs, check chains, total, settle. Safe to re-run."""
-    import json
     from datetime import date, timedelta
+
+    _clear(day.date() if day else date.today() - timedelta(days=1))
+
+
+def _clear(business_date) -> None:  # type: ignore[no-untyped-def]
+    import json
 
     from wallet_service import create_app
     from wallet_service.auth import Principal
@@ -121,7 +126,6 @@ def clearing_run(day) -> None:  # type: ignore[no-untyped-def]
 
     _upgrade()
     app = create_app()
-    business_date = day.date() if day else date.today() - timedelta(days=1)
     database = app.extensions["database"]
 
     def work(session):  # type: ignore[no-untyped-def]
@@ -139,3 +143,34 @@ def clearing_run(day) -> None:  # type: ignore[no-untyped-def]
     finally:
         database.dispose()
     click.echo(json.dumps(report.__dict__, default=str, indent=1))
+
+
+@clearing.command("schedule")
+@click.option(
+    "--at",
+    "at_time",
+    default="02:00",
+    show_default=True,
+    help="local time of day to clear yesterday (HH:MM)",
+)
+@click.option("--once", is_flag=True, help="wait for the next run, do it, and exit")
+def clearing_schedule(at_time: str, once: bool) -> None:
+    """The scheduled job: every day at --at, clear the previous business day."""
+    import time as time_module
+    from datetime import datetime, timedelta
+
+    try:
+        hour, minute = (int(part) for part in at_time.split(":"))
+        datetime.now().replace(hour=hour, minute=minute)
+    except ValueError:
+        raise click.BadParameter("use HH:MM", param_hint="--at") from None
+    while True:
+        now = datetime.now()
+        next_run = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if next_run <= now:
+            next_run += timedelta(days=1)
+        click.echo(f"next clearing at {next_run:%Y-%m-%d %H:%M}")
+        time_module.sleep((next_run - now).total_seconds())
+        _clear((next_run - timedelta(days=1)).date())
+        if once:
+            return
