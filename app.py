@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from reader_sim.cli import card, pos
+from reader_sim.cli import bank, card, pos
 from wallet_service.cli import admin, clearing, db, serve
 
 
@@ -27,6 +27,7 @@ def demo() -> None:
 
 cli.add_command(card)
 cli.add_command(pos)
+cli.add_command(bank)
 cli.add_command(serve)
 cli.add_command(db)
 cli.add_command(admin)

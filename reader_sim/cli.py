@@ -352,3 +352,57 @@ def pos_records(pos_file: str) -> None:
         bus_pos.store.close()
 
 
+@click.group()
+def bank() -> None:
+    """The simulated bank: bank cards, payments, refunds, signed webhooks."""
+
+
+@bank.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8090, show_default=True)
+@click.option("--db", "db_path", default="instance/bank.sqlite", show_default=True)
+@click.option(
+    "--secret",
+    envvar="BANK_WEBHOOK_SECRET",
+    required=True,
+    help="the Standard Webhooks secret shared with the platform (whsec_…)",
+)
+@click.option(
+    "--merchant",
+    "merchants",
+    multiple=True,
+    metavar="ID=CALLBACK_URL",
+    help="a merchant and the URL its webhooks go to",
+)
+def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple[str, ...]) -> None:
+    """Serve the bank over HTTP and send its webhooks."""
+    from werkzeug.serving import make_server
+
+    from reader_sim.bank import Bank
+    from reader_sim.bank_http import WebhookSender, create_bank_app
+
+    Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    the_bank = Bank(db_path)
+    for item in merchants:
+        merchant, _, url = item.partition("=")
+        if not merchant or not url.startswith("http"):
+            raise BadInput(f"--merchant wants ID=URL, got {item!r}")
+        the_bank.add_merchant(merchant, url)
+    sender = WebhookSender(the_bank, secret)
+    sender.thread.start()
+    server = make_server(host, port, create_bank_app(the_bank, secret), threaded=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    serving = threading.Thread(target=server.serve_forever, name="bank-http", daemon=True)
+    serving.start()
+    click.echo(f"bank on http://{host}:{port}")
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        sender.stop.set()
+        sender.thread.join(timeout=5)
+        the_bank.close()

@@ -22,6 +22,7 @@ def default_config() -> dict[str, Any]:
             "WALLET_PERSONALIZATION_DIR", str(instance / "personalization")
         ),
         "KEY_FILE": os.environ.get("WALLET_KEY_FILE"),
+        "BANK_WEBHOOK_SECRET": os.environ.get("WALLET_BANK_WEBHOOK_SECRET"),
         # Sum of debits = sum of credits, verified inside every transaction before commit.
         "LEDGER_CHECK_EVERY_COMMIT": os.environ.get("WALLET_LEDGER_CHECK") == "1",
     }

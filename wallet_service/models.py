@@ -351,3 +351,14 @@ class SettlementStatement(Base):
     fee_rate_bp: Mapped[int] = mapped_column(Integer)
     fee_fen: Mapped[int] = mapped_column(Fen)
     net_fen: Mapped[int] = mapped_column(Fen)
+
+
+class BankWebhookEvent(Base):
+    """A bank callback, stored (deduplicated by its webhook-id) before it is acknowledged."""
+
+    __tablename__ = "bank_webhook_events"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)  # webhook-id
+    event_type: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
-from wallet_service.auth import authenticate
+from wallet_service.auth import Principal, authenticate
 from wallet_service.errors import DomainError, InvalidInput, NotFound
 from wallet_service.services.registry import Context
 
@@ -49,6 +49,7 @@ class Operation:
     tag: str
     idempotent: bool
     media_type: str = "application/json"
+    signed_webhook: bool = False  # authenticated by a Standard Webhooks signature, not a token
 
 
 OPERATIONS: list[Operation] = []
@@ -67,6 +68,7 @@ def endpoint(
     status: int = 200,
     idempotent: bool = False,
     media_type: str = "application/json",
+    signed_webhook: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``view(ctx, body=..., query=..., **path) -> pydantic model or (status, JSON)``."""
 
@@ -85,6 +87,7 @@ def endpoint(
                 blueprint.name,
                 idempotent,
                 media_type,
+                signed_webhook,
             )
         )
 
@@ -95,9 +98,14 @@ def endpoint(
             parsed_query = _parse_query(query) if query else None
             database = current_app.extensions["database"]
 
+            raw_body = request.get_data(cache=True) if signed_webhook else b""
+
             def work(session):  # type: ignore[no-untyped-def]
-                principal = authenticate(session, request.headers.get("Authorization"))
-                principal.require(*roles)
+                if signed_webhook:
+                    principal = Principal(0, "bank")
+                else:
+                    principal = authenticate(session, request.headers.get("Authorization"))
+                    principal.require(*roles)
                 ctx = Context(
                     session=session,
                     principal=principal,
@@ -110,6 +118,8 @@ def endpoint(
                     kwargs["body"] = parsed_body
                 if query:
                     kwargs["query"] = parsed_query
+                if signed_webhook:
+                    kwargs["raw_body"], kwargs["headers"] = raw_body, dict(request.headers)
                 return view(ctx, **kwargs)
 
             answer = database.run(work)
@@ -248,9 +258,18 @@ def openapi_document(title: str, version: str) -> dict[str, Any]:
             "tags": [op.tag],
             "parameters": parameters,
             "responses": responses,
-            "security": [{"bearer": []}],
+            "security": [] if op.signed_webhook else [{"bearer": []}],
             "description": f"Roles: {', '.join(op.roles)}.",
         }
+        if op.signed_webhook:
+            for header in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+                parameters.append(
+                    {"name": header, "in": "header", "required": True, "schema": {"type": "string"}}
+                )
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
         if op.body:
             operation["requestBody"] = {
                 "required": True,

@@ -655,3 +655,27 @@ def operator_records_csv(ctx: Context, operator: str, query: s.RecordQuery):  # 
 
     headers = {"Content-Disposition": f'attachment; filename="{operator}-records.csv"'}
     return Response(stream_with_context(generate()), mimetype="text/csv", headers=headers)
+
+
+# --- bank callbacks ------------------------------------------------------------------------
+
+bank_bp = Blueprint("bank", __name__, url_prefix="/api/v1/bank")
+BLUEPRINTS = (*BLUEPRINTS, bank_bp)
+
+
+@endpoint(
+    bank_bp,
+    "/webhooks",
+    "POST",
+    summary="Bank callbacks (Standard Webhooks signature; stored before 2xx, deduplicated)",
+    roles=("bank",),
+    response=s.WebhookAck,
+    signed_webhook=True,
+)
+def bank_webhook(ctx: Context, raw_body: bytes, headers: dict[str, str]) -> s.WebhookAck:
+    from flask import current_app
+
+    from wallet_service.services import bank_webhooks
+
+    secret = current_app.config.get("BANK_WEBHOOK_SECRET")
+    return s.WebhookAck(**bank_webhooks.receive(ctx, secret, raw_body, headers))

@@ -392,3 +392,8 @@ class RecordPage(BaseModel):
 
 class DeviceStatusQuery(Strict):
     silent_hours: int = Field(default=24, ge=1, le=24 * 90)
+
+
+class WebhookAck(BaseModel):
+    webhook_id: str
+    duplicate: bool

@@ -1,0 +1,105 @@
+"""``python app.py bank serve``: the simulated bank over HTTP, with its webhook sender."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date
+from typing import Any
+
+import requests
+from flask import Flask, Response, jsonify, request
+
+from reader_sim.bank import Bank, BankRefused, deliver_due
+
+sender_interval_s = 0.2
+delivery_timeout_s = 5.0
+
+
+def create_bank_app(bank: Bank, secret: str) -> Flask:
+    app = Flask("bank")
+
+    def body() -> dict[str, Any]:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise BankRefused("invalid_body", "send a JSON object")
+        return data
+
+    @app.errorhandler(BankRefused)
+    def refused(error: BankRefused) -> Response:
+        response = jsonify({"error": {"code": error.code, "message": str(error)}})
+        response.status_code = 409 if error.code == "order_conflict" else 422
+        return response
+
+    @app.errorhandler(KeyError)
+    @app.errorhandler(TypeError)
+    @app.errorhandler(ValueError)
+    def malformed(error: Exception) -> Response:
+        response = jsonify({"error": {"code": "invalid_body", "message": f"bad field: {error}"}})
+        response.status_code = 422
+        return response
+
+    @app.post("/api/cards")
+    def open_card():  # type: ignore[no-untyped-def]
+        data = body()
+        bank.open_card(str(data["number"]), str(data["holder"]), int(data["balance_fen"]))
+        return jsonify({"number": data["number"], "balance_fen": int(data["balance_fen"])}), 201
+
+    @app.post("/api/merchants")
+    def add_merchant():  # type: ignore[no-untyped-def]
+        data = body()
+        bank.add_merchant(str(data["id"]), str(data["callback_url"]))
+        return jsonify({"id": data["id"]}), 201
+
+    @app.post("/api/payments")
+    def pay():  # type: ignore[no-untyped-def]
+        data = body()
+        payment = bank.pay(
+            str(data["merchant"]),
+            str(data["order_id"]),
+            int(data["amount_fen"]),
+            str(data["card_number"]),
+        )
+        return jsonify({**payment.__dict__, "paid_at": payment.paid_at.isoformat()}), 201
+
+    @app.post("/api/refunds")
+    def refund():  # type: ignore[no-untyped-def]
+        data = body()
+        refund_id = bank.refund(
+            str(data["payment_id"]),
+            int(data["amount_fen"]),
+            str(data.get("reason", "")),
+            str(data["refund_key"]),
+        )
+        return jsonify({"refund_id": refund_id}), 201
+
+    @app.get("/api/statements/<merchant>/<day>.csv")
+    def statement(merchant: str, day: str):  # type: ignore[no-untyped-def]
+        return Response(bank.statement(merchant, date.fromisoformat(day)), mimetype="text/csv")
+
+    @app.get("/api/webhooks")
+    def webhooks():  # type: ignore[no-untyped-def]
+        return jsonify(bank.webhook_log())
+
+    return app
+
+
+def _post(url: str, payload: str, headers: dict[str, str]) -> int | None:
+    try:
+        return requests.post(
+            url, data=payload.encode(), headers=headers, timeout=delivery_timeout_s
+        ).status_code
+    except requests.RequestException:
+        return None
+
+
+class WebhookSender:
+    """The bank's sender thread: every ``sender_interval_s`` it delivers what is due."""
+
+    def __init__(self, bank: Bank, secret: str) -> None:
+        self.bank, self.secret = bank, secret
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(sender_interval_s):
+            deliver_due(self.bank, self.secret, _post)

@@ -1,0 +1,225 @@
+"""The simulated bank and its signed callbacks into the wallet service."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import func, select
+from standardwebhooks import Webhook
+
+from reader_sim.bank import Bank, BankRefused, deliver_due, new_webhook_secret, signed_headers
+from tests.helpers import Clock
+from tests.wallet_fixtures import Wallet, _free_port
+from wallet_service.models import BankWebhookEvent
+
+CARD = "6222020000000001"
+MERCHANT = "BUSCARD"
+
+
+@pytest.fixture
+def bank(tmp_path: Path):  # type: ignore[no-untyped-def]
+    clock = Clock(datetime.now().replace(microsecond=0))
+    the_bank = Bank(tmp_path / "bank.sqlite", clock=clock)
+    the_bank.open_card(CARD, "Li Lei", 10_000)
+    the_bank.add_merchant(MERCHANT, "http://platform.invalid/api/v1/bank/webhooks")
+    yield the_bank
+    the_bank.close()
+
+
+def test_a_payment_moves_money_once_per_order(bank: Bank) -> None:
+    first = bank.pay(MERCHANT, "order-1", 3000, CARD)
+    assert bank.pay(MERCHANT, "order-1", 3000, CARD) == first
+    with pytest.raises(BankRefused) as conflict:
+        bank.pay(MERCHANT, "order-1", 3001, CARD)
+    assert conflict.value.code == "order_conflict"
+    with pytest.raises(BankRefused) as poor:
+        bank.pay(MERCHANT, "order-2", 9000, CARD)
+    assert poor.value.code == "insufficient_funds"
+    assert (bank.card_balance(CARD), bank.merchant_balance(MERCHANT)) == (7000, 3000)
+
+
+def test_refunds_never_exceed_the_payment_and_happen_once_per_key(bank: Bank) -> None:
+    payment = bank.pay(MERCHANT, "order-1", 3000, CARD)
+    refund = bank.refund(payment.id, 2000, "not loaded", "refund-1")
+    assert bank.refund(payment.id, 2000, "not loaded", "refund-1") == refund
+    with pytest.raises(BankRefused):
+        bank.refund(payment.id, 1001, "again", "refund-2")
+    assert bank.card_balance(CARD) == 9000
+    statement = bank.statement(MERCHANT, date.today()).splitlines()
+    assert statement[0] == "kind,id,payment_id,order_id,amount_fen,at"
+    assert [line.split(",")[0] for line in statement[1:]] == ["payment", "refund"]
+    assert statement[2].split(",")[4] == "-2000"
+
+
+def test_webhooks_are_signed_and_retried_with_backoff_until_2xx(bank: Bank) -> None:
+    secret = new_webhook_secret()
+    bank.pay(MERCHANT, "order-1", 3000, CARD)
+    answers = iter([None, 500, 204])
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def post(url: str, payload: str, headers: dict[str, str]) -> int | None:
+        seen.append((payload, headers))
+        return next(answers)
+
+    assert deliver_due(bank, secret, post) == 0  # unreachable
+    assert deliver_due(bank, secret, post) == 0  # not due yet: backing off
+    bank.clock.advance(seconds=1)
+    assert deliver_due(bank, secret, post) == 0  # 500
+    bank.clock.advance(seconds=1)
+    assert deliver_due(bank, secret, post) == 0  # backoff doubled: 2 s
+    bank.clock.advance(seconds=1)
+    assert deliver_due(bank, secret, post) == 1
+    assert deliver_due(bank, secret, post) == 0  # delivered: never again
+    payload, headers = seen[-1]
+    assert Webhook(secret).verify(payload, headers)["data"]["order_id"] == "order-1"
+    assert len({h["webhook-id"] for _, h in seen}) == 1  # retries keep their id
+
+
+def _deliver_to(wallet: Wallet):  # type: ignore[no-untyped-def]
+    def post(url: str, payload: str, headers: dict[str, str]) -> int:
+        return (
+            wallet.client().post("/api/v1/bank/webhooks", data=payload, headers=headers).status_code
+        )
+
+    return post
+
+
+def _events(wallet: Wallet) -> int:
+    with wallet.database.transaction() as session:
+        return session.scalar(select(func.count()).select_from(BankWebhookEvent))
+
+
+def test_the_platform_stores_each_callback_once(wallet: Wallet, bank: Bank) -> None:
+    secret = new_webhook_secret()
+    wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    bank.pay(MERCHANT, "order-1", 3000, CARD)
+    assert deliver_due(bank, secret, _deliver_to(wallet)) == 1
+    ((webhook_id, _, payload, _),) = bank._db.execute(  # the same callback, delivered again
+        "SELECT w.id, m.callback_url, w.payload, w.merchant FROM webhooks w "
+        "JOIN merchants m ON m.id = w.merchant"
+    ).fetchall()
+    again = wallet.client().post(
+        "/api/v1/bank/webhooks",
+        data=payload,
+        headers=signed_headers(secret, webhook_id, payload, bank.clock()),
+    )
+    assert again.status_code == 200 and again.get_json()["duplicate"] is True
+    assert _events(wallet) == 1
+
+
+@pytest.mark.parametrize("tamper", ["signature", "body", "stale", "no_headers", "bad_header"])
+def test_forged_replayed_or_malformed_callbacks_change_nothing(
+    wallet: Wallet, bank: Bank, tamper: str
+) -> None:
+    secret = new_webhook_secret()
+    wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    payload = json.dumps({"type": "payment.succeeded", "data": {"order_id": "x"}})
+    at = datetime.now()
+    if tamper == "stale":
+        at -= timedelta(minutes=6)
+    headers = signed_headers(secret, "msg_1", payload, at)
+    if tamper == "signature":
+        headers = signed_headers(new_webhook_secret(), "msg_1", payload, at)
+    elif tamper == "body":
+        payload = payload.replace('"x"', '"y"')
+    elif tamper == "no_headers":
+        headers = {"content-type": "application/json"}
+    elif tamper == "bad_header":
+        headers["webhook-signature"] = "garbage"
+    answer = wallet.client().post("/api/v1/bank/webhooks", data=payload, headers=headers)
+    assert answer.status_code == 401, answer.get_json()
+    assert _events(wallet) == 0
+
+
+@pytest.fixture
+def webhook_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Set before the platform process starts (it reads WALLET_BANK_WEBHOOK_SECRET)."""
+    secret = new_webhook_secret()
+    monkeypatch.setenv("WALLET_BANK_WEBHOOK_SECRET", secret)
+    return secret
+
+
+def test_bank_serve_calls_back_the_running_platform(  # type: ignore[no-untyped-def]
+    webhook_secret: str, sqlite_service, tmp_path: Path
+) -> None:
+    base, env = sqlite_service
+    bank_port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "app.py"),
+            "bank",
+            "serve",
+            "--port",
+            str(bank_port),
+            "--db",
+            str(tmp_path / "bank.sqlite"),
+            "--merchant",
+            f"{MERCHANT}={base}/api/v1/bank/webhooks",
+        ],
+        env={**os.environ, "BANK_WEBHOOK_SECRET": webhook_secret},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    database = Path(env["WALLET_INSTANCE_DIR"]) / "wallet.sqlite"
+    try:
+        bank_url = f"http://127.0.0.1:{bank_port}/api"
+        _wait_until_up(f"{bank_url}/webhooks")
+        requests.post(
+            f"{bank_url}/cards",
+            json={"number": CARD, "holder": "Li Lei", "balance_fen": 5000},
+            timeout=5,
+        )
+        paid = requests.post(
+            f"{bank_url}/payments",
+            json={"merchant": MERCHANT, "order_id": "o1", "amount_fen": 1200, "card_number": CARD},
+            timeout=5,
+        )
+        assert paid.status_code == 201
+        assert (
+            requests.post(
+                f"{bank_url}/payments", json={"merchant": MERCHANT}, timeout=5
+            ).status_code
+            == 422
+        )
+        deadline = time.monotonic() + 20
+        while _stored_events(database) == 0:
+            assert time.monotonic() < deadline, "the platform never stored the callback"
+            time.sleep(0.05)
+        log = requests.get(f"{bank_url}/webhooks", timeout=5).json()
+        assert log[0]["delivered_at"] and log[0]["last_status"] == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        process.stderr.close()  # type: ignore[union-attr]
+    assert process.returncode == 0 and _stored_events(database) == 1
+
+
+def _wait_until_up(url: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(0.05)
+
+
+def _stored_events(database: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(database) as db:
+        count = db.execute("SELECT count(*) FROM bank_webhook_events").fetchone()[0]
+    db.close()
+    return count
