@@ -406,3 +406,40 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
         sender.stop.set()
         sender.thread.join(timeout=5)
         the_bank.close()
+
+
+@click.group()
+def smsc() -> None:
+    """The simulated SMS centre (store-and-forward, with faults for tests)."""
+
+
+@smsc.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8070, show_default=True)
+@click.option("--delay-ms", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--loss", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--duplicate", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def smsc_serve(
+    host: str, port: int, delay_ms: int, loss: float, duplicate: float, seed: int
+) -> None:
+    """Serve the SMS centre over HTTP."""
+    import random
+
+    from werkzeug.serving import make_server
+
+    from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
+
+    centre = SmsCentre(Faults(delay_ms, loss, duplicate), random=random.Random(seed))
+    server = make_server(host, port, create_smsc_app(centre), threaded=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    threading.Thread(target=server.serve_forever, name="smsc-http", daemon=True).start()
+    click.echo(f"SMS centre on http://{host}:{port}")
+    try:
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()

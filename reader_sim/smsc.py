@@ -1,0 +1,146 @@
+"""A simulated SMS centre: store-and-forward between phones and the platform's short code
+(ota.md §4). SMS can be delayed, lost or duplicated — the platform must be right under all
+three — so each is a setting, drawn from a seeded random source that tests replay.
+
+The core (``SmsCentre``) keeps mailboxes in memory and takes its clock and randomness as
+arguments; ``create_smsc_app`` puts HTTP around it for ``app.py smsc serve``:
+
+    POST /submit   {"from": MSISDN, "to": MSISDN, "user_data": HEX, "udh": HEX?} → {"id"}
+    GET  /inbox/<msisdn>?wait_ms=N  → {"messages": [...]} (delivered: removed from the box)
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+user_data_bytes_max = 140  # one SMS (3GPP TS 23.040 §9.2.3.24): UDH included
+mailbox_messages_max = 10_000
+long_poll_ms_max = 30_000
+_MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
+
+
+class SmsRefused(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sms:
+    id: int
+    sender: str
+    recipient: str
+    udh: bytes
+    user_data: bytes
+    submitted_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "from": self.sender,
+            "to": self.recipient,
+            "udh": self.udh.hex(),
+            "user_data": self.user_data.hex(),
+            "submitted_at": self.submitted_at.isoformat(),
+        }
+
+
+@dataclass
+class Faults:
+    delay_ms: int = 0
+    loss_rate: float = 0.0
+    duplicate_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.delay_ms < 0 or not 0 <= self.loss_rate <= 1 or not 0 <= self.duplicate_rate <= 1:
+            raise ValueError("delay ≥ 0 ms, rates within 0..1")
+
+
+@dataclass
+class SmsCentre:
+    faults: Faults = field(default_factory=Faults)
+    clock: Callable[[], datetime] = datetime.now
+    random: random.Random = field(default_factory=lambda: random.Random(0))
+    _boxes: dict[str, list[tuple[datetime, Sms]]] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.Condition = field(default_factory=threading.Condition)
+    lost: int = 0
+    duplicated: int = 0
+
+    def submit(self, sender: str, recipient: str, user_data: bytes, udh: bytes = b"") -> int:
+        for address in (sender, recipient):
+            if not _MSISDN.match(address):
+                raise SmsRefused(f"not an MSISDN: {address!r}")
+        if len(udh) + len(user_data) > user_data_bytes_max:
+            raise SmsRefused(f"more than {user_data_bytes_max} bytes of user data")
+        with self._lock:
+            sms = Sms(next(self._ids), sender, recipient, udh, user_data, self.clock())
+            if self.random.random() < self.faults.loss_rate:
+                self.lost += 1
+                return sms.id  # accepted, then lost: the sender cannot tell
+            copies = 2 if self.random.random() < self.faults.duplicate_rate else 1
+            self.duplicated += copies - 1
+            box = self._boxes.setdefault(recipient, [])
+            if len(box) + copies > mailbox_messages_max:
+                raise SmsRefused(f"mailbox of {recipient} is full")
+            due = sms.submitted_at + timedelta(milliseconds=self.faults.delay_ms)
+            box.extend([(due, sms)] * copies)
+            self._lock.notify_all()
+            return sms.id
+
+    def collect(self, recipient: str, wait_ms: int = 0) -> list[Sms]:
+        """Deliver what is due for ``recipient`` (removing it), waiting up to ``wait_ms``."""
+        wait_ms = min(max(wait_ms, 0), long_poll_ms_max)
+        deadline = self.clock() + timedelta(milliseconds=wait_ms)
+        with self._lock:
+            while True:
+                now = self.clock()
+                box = self._boxes.get(recipient, [])
+                due = [sms for at, sms in box if at <= now]
+                if due or now >= deadline:
+                    self._boxes[recipient] = [(at, sms) for at, sms in box if at > now]
+                    return due
+                self._lock.wait(timeout=min((deadline - now).total_seconds(), 0.05))
+
+
+def create_smsc_app(centre: SmsCentre) -> Flask:
+    app = Flask("smsc")
+
+    @app.errorhandler(SmsRefused)
+    @app.errorhandler(ValueError)
+    @app.errorhandler(KeyError)
+    def refused(error: Exception) -> Response:
+        response = jsonify({"error": {"code": "refused", "message": str(error)}})
+        response.status_code = 422
+        return response
+
+    @app.post("/submit")
+    def submit():  # type: ignore[no-untyped-def]
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise SmsRefused("send a JSON object")
+        sms_id = centre.submit(
+            str(data["from"]),
+            str(data["to"]),
+            bytes.fromhex(str(data["user_data"])),
+            bytes.fromhex(str(data.get("udh", ""))),
+        )
+        return jsonify({"id": sms_id}), 202
+
+    @app.get("/inbox/<msisdn>")
+    def inbox(msisdn: str):  # type: ignore[no-untyped-def]
+        wait_ms = int(request.args.get("wait_ms", "0"))
+        return jsonify({"messages": [sms.to_json() for sms in centre.collect(msisdn, wait_ms)]})
+
+    @app.get("/stats")
+    def stats():  # type: ignore[no-untyped-def]
+        return jsonify({"lost": centre.lost, "duplicated": centre.duplicated})
+
+    return app

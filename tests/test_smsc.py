@@ -1,0 +1,111 @@
+"""The simulated SMS centre and the platform's gateway adapters to it."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from reader_sim.smsc import Faults, SmsCentre, SmsRefused
+from tests.helpers import Clock
+from tests.wallet_fixtures import _free_port
+from wallet_service.sms_gateway import HttpGateway, InProcessGateway
+
+PHONE, PLATFORM = "13800138000", "10658888"
+
+
+def centre(**faults: float) -> SmsCentre:
+    return SmsCentre(Faults(**faults), clock=Clock(), random=random.Random(7))  # type: ignore[arg-type]
+
+
+def test_messages_are_stored_until_collected_in_order() -> None:
+    smsc = centre()
+    for body in (b"\x01", b"\x02"):
+        smsc.submit(PLATFORM, PHONE, body, udh=b"\x02\x70\x00")
+    assert [sms.user_data for sms in smsc.collect(PHONE)] == [b"\x01", b"\x02"]
+    assert smsc.collect(PHONE) == []
+
+
+def test_a_delay_holds_messages_back() -> None:
+    smsc = centre(delay_ms=5000)
+    smsc.submit(PLATFORM, PHONE, b"\x01")
+    assert smsc.collect(PHONE) == []
+    smsc.clock.advance(seconds=5)  # type: ignore[attr-defined]
+    assert len(smsc.collect(PHONE)) == 1
+
+
+def test_loss_and_duplication_follow_their_rates() -> None:
+    smsc = centre(loss_rate=0.3, duplicate_rate=0.2)
+    for _ in range(1000):
+        smsc.submit(PLATFORM, PHONE, b"\x01")
+    delivered = len(smsc.collect(PHONE))
+    assert delivered == 1000 - smsc.lost + smsc.duplicated
+    assert 250 <= smsc.lost <= 350 and 100 <= smsc.duplicated <= 180
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipient", "user_data"),
+    [("x", PHONE, b"1"), (PLATFORM, "12", b"1"), (PLATFORM, PHONE, b"1" * 141)],
+)
+def test_bad_submissions_are_refused(sender: str, recipient: str, user_data: bytes) -> None:
+    with pytest.raises(SmsRefused):
+        centre().submit(sender, recipient, user_data)
+
+
+def test_the_in_process_gateway_talks_both_ways() -> None:
+    smsc = centre()
+    gateway = InProcessGateway(smsc, PLATFORM)
+    gateway.send(PHONE, b"\xaa", b"\x02\x70\x00")
+    smsc.submit(PHONE, PLATFORM, b"\xbb")
+    assert smsc.collect(PHONE)[0].udh == b"\x02\x70\x00"
+    assert [sms.user_data for sms in gateway.receive()] == [b"\xbb"]
+
+
+def test_the_http_gateway_against_smsc_serve() -> None:
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "app.py"),
+            "smsc",
+            "serve",
+            "--port",
+            str(port),
+        ],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                requests.get(f"{base}/stats", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        gateway = HttpGateway(base, PLATFORM)
+        gateway.send(PHONE, b"\x01\x02")
+        phone_box = requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"]
+        assert phone_box[0]["user_data"] == "0102"
+        requests.post(
+            f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "beef"}, timeout=5
+        )
+        assert [sms.user_data for sms in gateway.receive(wait_ms=500)] == [b"\xbe\xef"]
+        bad = requests.post(
+            f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "zz"}, timeout=5
+        )
+        assert bad.status_code == 422
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    assert process.returncode == 0

@@ -1,0 +1,73 @@
+"""How the platform reaches phones: an SMS gateway adapter (ota.md §4). In-process over an
+``SmsCentre`` for unit tests, HTTP to ``app.py smsc serve`` for the demo; an SMPP client
+toward a real SMSC is the natural next adapter. Nothing here retries: the OTA worker owns
+retries and timeouts (an SMS can be lost whatever the gateway says)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import requests
+
+from reader_sim.smsc import Sms, SmsCentre
+
+request_timeout_s = 10.0
+
+
+class SmsGateway(Protocol):
+    short_code: str
+
+    def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None: ...
+
+    def receive(self, wait_ms: int = 0) -> list[Sms]: ...
+
+
+class InProcessGateway:
+    def __init__(self, centre: SmsCentre, short_code: str) -> None:
+        self.centre, self.short_code = centre, short_code
+
+    def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
+        self.centre.submit(self.short_code, to, user_data, udh)
+
+    def receive(self, wait_ms: int = 0) -> list[Sms]:
+        return self.centre.collect(self.short_code, wait_ms)
+
+
+class HttpGateway:
+    def __init__(self, base_url: str, short_code: str) -> None:
+        self.base_url, self.short_code = base_url.rstrip("/"), short_code
+        self.session = requests.Session()
+
+    def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
+        answer = self.session.post(
+            f"{self.base_url}/submit",
+            json={
+                "from": self.short_code,
+                "to": to,
+                "user_data": user_data.hex(),
+                "udh": udh.hex(),
+            },
+            timeout=request_timeout_s,
+        )
+        answer.raise_for_status()
+
+    def receive(self, wait_ms: int = 0) -> list[Sms]:
+        from datetime import datetime
+
+        answer = self.session.get(
+            f"{self.base_url}/inbox/{self.short_code}",
+            params={"wait_ms": wait_ms},
+            timeout=request_timeout_s + wait_ms / 1000,
+        )
+        answer.raise_for_status()
+        return [
+            Sms(
+                m["id"],
+                m["from"],
+                m["to"],
+                bytes.fromhex(m["udh"]),
+                bytes.fromhex(m["user_data"]),
+                datetime.fromisoformat(m["submitted_at"]),
+            )
+            for m in answer.json()["messages"]
+        ]
