@@ -362,3 +362,39 @@ class BankWebhookEvent(Base):
     payload: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class TopUpOrder(Base):
+    """An over-the-air top-up, from the passenger's request to the card's TAC (or a refund).
+
+    States: created → paid → init_sent → credit_sent → loaded; proving (a CREDIT without an
+    answer: GET TRANSACTION PROVE asked); refunding → refunded; failed (never paid)."""
+
+    __tablename__ = "topup_orders"
+    __table_args__ = (
+        UniqueConstraint("card_serial", "request_id", name="one_order_per_request"),
+        CheckConstraint("amount_fen > 0", name="topup_amount_positive"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    reference: Mapped[str] = mapped_column(String(40), unique=True)  # the bank's order id
+    card_serial: Mapped[str] = mapped_column(String(20), index=True)
+    request_id: Mapped[str] = mapped_column(String(8))
+    phone: Mapped[str] = mapped_column(String(20))
+    amount_fen: Mapped[int] = mapped_column(Fen)
+    state: Mapped[str] = mapped_column(String(12), index=True)
+    payment_id: Mapped[str | None] = mapped_column(String(40))
+    online_ctc: Mapped[int | None] = mapped_column(Integer)
+    old_balance_fen: Mapped[int | None] = mapped_column(Fen)
+    card_random: Mapped[str | None] = mapped_column(String(8))
+    key_version: Mapped[int | None] = mapped_column(Integer)
+    algorithm: Mapped[int | None] = mapped_column(Integer)
+    date_bcd: Mapped[str | None] = mapped_column(String(8))
+    time_bcd: Mapped[str | None] = mapped_column(String(6))
+    tac: Mapped[str | None] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # every packet: the step id
+    init_attempts: Mapped[int] = mapped_column(Integer, default=0)  # packet 1 sends
+    next_action_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    failure: Mapped[str | None] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -1,0 +1,437 @@
+"""Over-the-air top-up orders (ota.md §5): every paid order ends loaded exactly once or
+refunded — never lost, never doubled.
+
+    created ──bank callback──▶ paid ──packet 1: SELECT + INITIALIZE FOR LOAD──▶ init_sent
+    init_sent ──PoR, MAC1 ok──▶ credit_sent (packet 2: CREDIT FOR LOAD with MAC2)
+    credit_sent ──PoR, TAC ok──▶ loaded (posted: topup_pending → card float)
+    credit_sent ──no PoR in time──▶ proving (packet 3: GET TRANSACTION PROVE, CTC + 1)
+    proving ──proof, TAC ok──▶ loaded;  ──69 85──▶ paid again (the load did not happen)
+    bad MAC1, a refusal before CREDIT, no answer to packet 1, an expired order ──▶ refunding
+    refunding ──bank refund──▶ refunded (posted: topup_pending → bank settlement)
+
+A card has at most one order in flight. Each packet carries a step id (on the secured
+packet channel, its counter): a PoR for an older step is stale and changes nothing. After
+CREDIT may have happened the platform never refunds blind: it keeps proving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+from sqlalchemy import select
+
+from sim_applet.crypto import Algorithm
+from sim_applet.issuer import LoadAuthorization, Mac1Invalid, authorize_load
+from sim_applet.structures import (
+    TRANSIT_AID,
+    TYPE_LOAD,
+    CreditForLoadRequest,
+    InitializeForLoadResponse,
+    InitializeRequest,
+    TransactionProof,
+    bcd_date,
+    bcd_time,
+    get_transaction_prove,
+    initialize_for_load,
+    select_by_aid,
+)
+from wallet_service import audit, ledger
+from wallet_service.errors import Conflict, InvalidInput, NotFound
+from wallet_service.models import BankWebhookEvent, Card, TopUpOrder
+from wallet_service.services.registry import Context
+
+OTA_TERMINAL_ID = bytes.fromhex("0000000000F0")  # project-defined: the platform as loader
+LOAD_KEY_INDEX = 1
+TOPUP_PENDING, BANK = "topup_pending", "bank"
+order_lifetime_s = 30 * 60
+por_timeout_s = 60
+init_attempts_max = 3
+prove_backoff_max_s = 3600
+topup_amount_fen_max = 100_000
+IN_FLIGHT = ("paid", "init_sent", "credit_sent", "proving")
+
+
+class OtaChannel(Protocol):
+    """Sends C-APDUs to a SIM; its PoRs come back through ``on_proof_of_receipt``."""
+
+    def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None: ...
+
+
+class BankClient(Protocol):
+    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class WorkResult:
+    order_id: int
+    action: str
+
+
+def reference_for(card_serial: str, request_id: str) -> str:
+    """The order id the bank sees: the phone can name it from its own request."""
+    return f"{card_serial}-{request_id}".upper()
+
+
+def create_order(
+    ctx: Context, card_serial: str, request_id: bytes, amount_fen: int, phone: str
+) -> TopUpOrder:
+    """From a verified request (the card's MAC checked by the caller). The same request
+    again returns the same order; only the card in the requesting phone can be topped up."""
+    if not 0 < amount_fen <= topup_amount_fen_max:
+        raise InvalidInput(f"amount_fen is 1..{topup_amount_fen_max}")
+    card = ctx.session.scalar(select(Card).where(Card.serial == card_serial.upper()))
+    if card is None or card.status != "active":
+        raise NotFound("no active card with this serial")
+    if card.phone != phone:
+        raise Conflict("a passenger tops up only the card in their own phone")
+    existing = ctx.session.scalar(
+        select(TopUpOrder).where(
+            TopUpOrder.card_serial == card.serial, TopUpOrder.request_id == request_id.hex()
+        )
+    )
+    if existing is not None:
+        if existing.amount_fen != amount_fen:
+            raise Conflict("this request was made for another amount")
+        return existing
+    order = TopUpOrder(
+        reference=reference_for(card.serial, request_id.hex()),
+        card_serial=card.serial,
+        request_id=request_id.hex(),
+        phone=phone,
+        amount_fen=amount_fen,
+        state="created",
+        attempts=0,
+        init_attempts=0,
+        created_at=ctx.now,
+        expires_at=ctx.now + timedelta(seconds=order_lifetime_s),
+        next_action_at=ctx.now + timedelta(seconds=order_lifetime_s),
+    )
+    ctx.session.add(order)
+    ctx.session.flush()
+    audit.record(
+        ctx.session,
+        "sms",
+        "topup.request",
+        card.serial,
+        ctx.now,
+        order=order.reference,
+        amount_fen=amount_fen,
+    )
+    return order
+
+
+# --- bank callbacks ------------------------------------------------------------------------
+
+
+def process_bank_events(ctx: Context, bank: BankClient) -> int:
+    """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once."""
+    events = ctx.session.scalars(
+        select(BankWebhookEvent)
+        .where(BankWebhookEvent.processed_at.is_(None))
+        .order_by(BankWebhookEvent.received_at)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for event in events:
+        data = json.loads(event.payload).get("data", {})
+        if event.event_type == "payment.succeeded":
+            _paid(ctx, bank, data)
+        elif event.event_type == "refund.succeeded":
+            _refund_confirmed(ctx, data)
+        event.processed_at = ctx.now
+    return len(events)
+
+
+def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
+    return ctx.session.scalar(
+        select(TopUpOrder).where(TopUpOrder.reference == str(reference).upper()).with_for_update()
+    )
+
+
+def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
+    order = _order_by_reference(ctx, data.get("order_id", ""))
+    amount = int(data.get("amount_fen", 0))
+    if order is None:
+        audit.record(
+            ctx.session,
+            "bank",
+            "topup.payment_for_unknown_order",
+            str(data.get("order_id")),
+            ctx.now,
+            amount_fen=amount,
+        )
+        bank.refund(
+            str(data.get("payment_id")),
+            amount,
+            "unknown order",
+            f"unknown:{data.get('payment_id')}",
+        )
+        return
+    if order.state != "created":
+        return  # the same payment told twice, or after expiry handling
+    order.payment_id = str(data.get("payment_id"))
+    _post(
+        ctx,
+        ledger.BANK_SETTLEMENT,
+        BANK,
+        TOPUP_PENDING,
+        "platform",
+        amount,
+        f"topup_paid:{order.id}",
+    )
+    if amount != order.amount_fen or ctx.now > order.expires_at:
+        order.amount_fen = amount  # what the bank holds is what goes back
+        _to_refund(ctx, order, "amount mismatch" if amount != order.amount_fen else "expired")
+        return
+    order.state, order.next_action_at = "paid", ctx.now
+
+
+def _refund_confirmed(ctx: Context, data: dict) -> None:
+    order = _order_by_reference(ctx, data.get("order_id", ""))
+    if order is not None and order.state == "refunding":
+        order.state, order.finished_at = "refunded", ctx.now
+
+
+def _post(
+    ctx: Context,
+    debit_kind: str,
+    debit_owner: str,
+    credit_kind: str,
+    credit_owner: str,
+    amount: int,
+    reference: str,
+) -> None:
+    ledger.post(
+        ctx.session,
+        debit=ledger.open_account(ctx.session, debit_kind, debit_owner),
+        credit=ledger.open_account(ctx.session, credit_kind, credit_owner),
+        amount_fen=amount,
+        kind=reference.split(":")[0],
+        reference=reference,
+        at=ctx.now,
+    )
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
+    """Do the next due step of one order; None when nothing is due. Orders are claimed
+    with SKIP LOCKED, so several workers share the queue and a killed one leaves its
+    order to the next (its transaction never committed)."""
+    order = ctx.session.scalar(
+        select(TopUpOrder)
+        .where(
+            TopUpOrder.next_action_at <= ctx.now,
+            TopUpOrder.state.in_((*IN_FLIGHT, "created", "refunding")),
+        )
+        .order_by(TopUpOrder.next_action_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if order is None:
+        return None
+    action = _step(ctx, order, channel, bank)
+    return WorkResult(order.id, action)
+
+
+def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
+    if order.state == "created":  # never paid in its lifetime
+        order.state, order.finished_at, order.next_action_at = "failed", ctx.now, None
+        order.failure = "not paid in time"
+        return "expired"
+    if order.state == "refunding":
+        refund_id = bank.refund(
+            order.payment_id or "",
+            order.amount_fen,
+            order.failure or "not loaded",
+            f"topup:{order.reference}",
+        )
+        _post(
+            ctx,
+            TOPUP_PENDING,
+            "platform",
+            ledger.BANK_SETTLEMENT,
+            BANK,
+            order.amount_fen,
+            f"topup_refund:{order.id}",
+        )
+        order.state, order.finished_at, order.next_action_at = "refunded", ctx.now, None
+        audit.record(
+            ctx.session,
+            "worker",
+            "topup.refunded",
+            order.card_serial,
+            ctx.now,
+            order=order.reference,
+            refund=refund_id,
+        )
+        return "refunded"
+    if order.state in ("paid", "init_sent"):
+        if order.init_attempts >= init_attempts_max:
+            # Safe: from here no CREDIT can have succeeded (a CREDIT without an answer
+            # goes to proving, never back here unproven).
+            _to_refund(ctx, order, "the phone did not answer")
+            return "giving up"
+        order.attempts += 1
+        order.init_attempts += 1
+        request = InitializeRequest(LOAD_KEY_INDEX, order.amount_fen, OTA_TERMINAL_ID)
+        channel.send(
+            order.phone,
+            order.card_serial,
+            _step_id(order),
+            [select_by_aid(TRANSIT_AID).encode(), initialize_for_load(request).encode()],
+        )
+        _wait(ctx, order, "init_sent", por_timeout_s)
+        return "packet 1 sent"
+    if order.state in ("credit_sent", "proving"):
+        order.attempts += 1
+        prove = get_transaction_prove(TYPE_LOAD, (order.online_ctc or 0) + 1)
+        channel.send(
+            order.phone,
+            order.card_serial,
+            _step_id(order),
+            [select_by_aid(TRANSIT_AID).encode(), prove.encode()],
+        )
+        backoff = min(por_timeout_s * 2 ** max(order.attempts - 1, 0), prove_backoff_max_s)
+        _wait(ctx, order, "proving", backoff)
+        return "packet 3 sent"
+    raise AssertionError(f"no step from {order.state}")
+
+
+def _step_id(order: TopUpOrder) -> int:
+    return order.id * 1000 + order.attempts
+
+
+def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
+    order.state, order.next_action_at = state, ctx.now + timedelta(seconds=seconds)
+
+
+def _to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
+    order.state, order.failure, order.next_action_at = "refunding", reason[:80], ctx.now
+    audit.record(
+        ctx.session,
+        "worker",
+        "topup.to_refund",
+        order.card_serial,
+        ctx.now,
+        order=order.reference,
+        reason=reason,
+    )
+
+
+# --- proofs of receipt ---------------------------------------------------------------------
+
+
+def on_proof_of_receipt(
+    ctx: Context, channel: OtaChannel, card_serial: str, step: int, last_response: bytes
+) -> str:
+    """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW."""
+    order = ctx.session.scalar(
+        select(TopUpOrder)
+        .where(TopUpOrder.card_serial == card_serial.upper(), TopUpOrder.state.in_(IN_FLIGHT))
+        .with_for_update()
+    )
+    if order is None or step != _step_id(order) or len(last_response) < 2:
+        return "stale"
+    data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
+    if order.state == "init_sent":
+        return _initialized(ctx, order, channel, data, sw)
+    if order.state == "credit_sent":
+        if sw == 0x9000 and _tac_ok(ctx, order, data):
+            return _loaded(ctx, order, data)
+        order.state, order.next_action_at = "paid", ctx.now  # CREDIT refused: not loaded
+        return "credit refused: again from packet 1"
+    if order.state == "proving":
+        if sw == 0x6985:
+            order.state, order.next_action_at = "paid", ctx.now
+            return "not loaded: again from packet 1"
+        if sw == 0x9000 and _tac_ok(ctx, order, TransactionProof.decode(data).tac):
+            return _loaded(ctx, order, TransactionProof.decode(data).tac)
+    return "ignored"
+
+
+def _initialized(ctx: Context, order: TopUpOrder, channel: OtaChannel, data: bytes, sw: int) -> str:
+    if sw != 0x9000:
+        _to_refund(ctx, order, f"card refused INITIALIZE FOR LOAD: {sw:04X}")
+        return "refused"
+    card = InitializeForLoadResponse.decode(data)
+    try:
+        authorization = authorize_load(
+            ctx.keys.issuer_keys(),
+            bytes.fromhex(order.card_serial),
+            order.amount_fen,
+            OTA_TERMINAL_ID,
+            card,
+        )
+    except Mac1Invalid:
+        audit.record(
+            ctx.session,
+            "worker",
+            "topup.mac1_invalid",
+            order.card_serial,
+            ctx.now,
+            order=order.reference,
+        )
+        _to_refund(ctx, order, "MAC1 invalid: wrong or cloned card")
+        return "mac1 invalid"
+    date_bcd, time_bcd = bcd_date(ctx.now), bcd_time(ctx.now)
+    order.online_ctc, order.old_balance_fen = card.online_ctc, card.old_balance
+    order.card_random, order.key_version = card.random.hex(), card.key_version
+    order.algorithm, order.date_bcd, order.time_bcd = (
+        int(card.algorithm),
+        date_bcd.hex(),
+        time_bcd.hex(),
+    )
+    order.attempts += 1
+    credit = CreditForLoadRequest(date_bcd, time_bcd, authorization.mac2(date_bcd, time_bcd))
+    channel.send(order.phone, order.card_serial, _step_id(order), [credit.command().encode()])
+    _wait(ctx, order, "credit_sent", por_timeout_s)
+    return "packet 2 sent"
+
+
+def _tac_ok(ctx: Context, order: TopUpOrder, tac: bytes) -> bool:
+    card = InitializeForLoadResponse(
+        order.old_balance_fen or 0,
+        order.online_ctc or 0,
+        order.key_version or 0,
+        Algorithm(order.algorithm or 0),
+        bytes.fromhex(order.card_random or "00000000"),
+        b"\x00" * 4,
+    )
+    authorization = LoadAuthorization(
+        bytes.fromhex(order.card_serial), order.amount_fen, OTA_TERMINAL_ID, card, b""
+    )
+    expected = authorization.expected_tac(
+        ctx.keys.issuer_keys(),
+        bytes.fromhex(order.date_bcd or ""),
+        bytes.fromhex(order.time_bcd or ""),
+    )
+    return len(tac) == 4 and hmac.compare_digest(expected, tac)
+
+
+def _loaded(ctx: Context, order: TopUpOrder, tac: bytes) -> str:
+    _post(
+        ctx,
+        TOPUP_PENDING,
+        "platform",
+        ledger.CARD_FLOAT,
+        order.card_serial,
+        order.amount_fen,
+        f"topup_loaded:{order.id}",
+    )
+    order.state, order.tac, order.finished_at = "loaded", tac.hex().upper(), ctx.now
+    order.next_action_at = None
+    audit.record(
+        ctx.session,
+        "worker",
+        "topup.loaded",
+        order.card_serial,
+        ctx.now,
+        order=order.reference,
+        amount_fen=order.amount_fen,
+    )
+    return "loaded"
