@@ -283,3 +283,31 @@ def test_only_the_card_in_ones_own_phone_can_be_topped_up(world: World) -> None:
                 ctx, world.serial, b"\x01\x02\x03\x04", 100, "13900000000"
             )
         )
+
+
+def test_the_daily_three_way_match_finds_what_does_not_add_up(world: World) -> None:
+    from datetime import date
+
+    loaded = world.order(amount=3000)
+    world.pay(loaded, amount=3000)
+    world.work()
+    world.deliver()
+    world.deliver()
+    stuck = world.order(amount=1000)
+    world.pay(stuck, amount=1000)  # paid, the phone never answers yet
+    statement = world.bank.statement("BUSCARD", date.today())
+    forged = statement + f"payment,pay_x,pay_x,{world.serial}-FFFFFFFF,500,2026-11-25T10:00:00\n"
+
+    report = world.wallet.ok(
+        "POST", f"/api/v1/bank/reconciliation/{date.today()}", body={"statement_csv": forged}
+    )
+
+    assert report["bank_paid_fen"] == 4500 and report["loaded_fen"] == 3000
+    kinds = {(f["kind"], f["order"]) for f in report["findings"]}
+    assert kinds == {("paid_not_loaded", stuck), ("paid_unknown_order", f"{world.serial}-FFFFFFFF")}
+    bad = world.wallet.call(
+        "POST",
+        f"/api/v1/bank/reconciliation/{date.today()}",
+        body={"statement_csv": "not,a,statement\n"},
+    )
+    assert bad[0] == 422

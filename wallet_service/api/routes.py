@@ -679,3 +679,18 @@ def bank_webhook(ctx: Context, raw_body: bytes, headers: dict[str, str]) -> s.We
 
     secret = current_app.config.get("BANK_WEBHOOK_SECRET")
     return s.WebhookAck(**bank_webhooks.receive(ctx, secret, raw_body, headers))
+
+
+@endpoint(
+    bank_bp,
+    "/reconciliation/<day>",
+    "POST",
+    summary="Three-way match of a day's bank statement, top-up orders and loads",
+    roles=ADMIN,
+    body=s.ReconcileIn,
+    response=s.ReconcileOut,
+)
+def reconcile_topups(ctx: Context, day: str, body: s.ReconcileIn) -> s.ReconcileOut:
+    from wallet_service.services import reconciliation
+
+    return s.ReconcileOut(**reconciliation.reconcile(ctx, _date(day), body.statement_csv))

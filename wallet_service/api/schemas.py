@@ -397,3 +397,33 @@ class DeviceStatusQuery(Strict):
 class WebhookAck(BaseModel):
     webhook_id: str
     duplicate: bool
+
+
+# The bank's daily statement CSV, exactly (reader_sim.bank.Bank.statement); sized to fit a
+# request body, and so far below the service's statement line limit.
+STATEMENT_PATTERN = (
+    r"^kind,id,payment_id,order_id,amount_fen,at\r?\n"
+    r"((payment|refund),[^,\r\n]*,[^,\r\n]*,[^,\r\n]*,-?[0-9]{1,12},[^,\r\n]*\r?\n)*$"
+)
+
+
+class ReconcileIn(Strict):
+    statement_csv: Annotated[
+        str, StringConstraints(max_length=1_900_000, pattern=STATEMENT_PATTERN)
+    ]
+
+
+class ReconcileFinding(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    order: str
+
+
+class ReconcileOut(BaseModel):
+    day: date
+    bank_paid_fen: int
+    bank_refunded_fen: int
+    loaded_fen: int
+    orders: int
+    matched: bool
+    findings: list[ReconcileFinding]
