@@ -64,6 +64,13 @@ def _csrf_token() -> str:
     return session["csrf"]
 
 
+def _csrf_ok() -> bool:
+    """The form's token equals the session's — and the session has one (a POST before any
+    form was rendered has none, and must not pass as None == None)."""
+    expected, sent = session.get("csrf"), request.form.get("csrf")
+    return bool(expected) and bool(sent) and secrets.compare_digest(expected, sent)
+
+
 def _context(db_session) -> Context:  # type: ignore[no-untyped-def]
     token = session.get("token")
     principal = authenticate(db_session, f"Bearer {token}" if token else None)
@@ -82,7 +89,7 @@ def page(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(view)
     def wrapper(**kwargs: Any) -> Any:
-        if request.method == "POST" and request.form.get("csrf") != session.get("csrf"):
+        if request.method == "POST" and not _csrf_ok():
             abort(400)
         database = current_app.extensions["database"]
         try:

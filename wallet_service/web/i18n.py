@@ -68,7 +68,9 @@ _ZH = {
     "No data": "暂无数据",
     "Next page": "下一页",
     "Only administrators run clearing": "仅管理员可执行清分",
-    "Over-the-air top-ups: reconciled once that service runs": "空中充值对账：该业务上线后显示",
+    "Over-the-air top-ups": "空中充值",
+    "Paid, not yet loaded or refunded (yuan)": "已付款未圈存未退款（元）",
+    "Orders": "订单数",
 }
 
 
