@@ -22,6 +22,8 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
+from reader_sim.sqlite_tx import immediate
+
 webhook_attempts_max = 12
 webhook_backoff_first_s = 1
 webhook_backoff_max_s = 3600
@@ -74,8 +76,8 @@ class Bank:
     def close(self) -> None:
         self._db.close()
 
-    def _transaction(self) -> _Tx:
-        return _Tx(self._db)
+    def _transaction(self) -> immediate:
+        return immediate(self._db)
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -297,17 +299,6 @@ class Bank:
 
 def _payment(row: tuple) -> Payment:
     return Payment(row[0], row[1], row[2], row[3], row[4], row[5], datetime.fromisoformat(row[6]))
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 def signed_headers(secret: str, webhook_id: str, payload: str, at: datetime) -> dict[str, str]:

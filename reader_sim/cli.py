@@ -391,18 +391,10 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
     sender = WebhookSender(the_bank, secret)
     sender.thread.start()
     server = make_server(host, port, create_bank_app(the_bank, secret), threaded=True)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    serving = threading.Thread(target=server.serve_forever, name="bank-http", daemon=True)
-    serving.start()
     click.echo(f"bank on http://{host}:{port}")
     try:
-        while not stopped.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        _serve_until_stopped(server)
     finally:
-        server.shutdown()
         sender.stop.set()
         sender.thread.join(timeout=5)
         the_bank.close()
@@ -432,10 +424,16 @@ def smsc_serve(
 
     centre = SmsCentre(Faults(delay_ms, loss, duplicate), random=random.Random(seed))
     server = make_server(host, port, create_smsc_app(centre), threaded=True)
+    click.echo(f"SMS centre on http://{host}:{port}")
+    _serve_until_stopped(server)
+
+
+def _serve_until_stopped(server) -> None:  # type: ignore[no-untyped-def]
+    """Serve from a thread until SIGTERM or Ctrl-C: shutdown() must not run on the serving
+    thread itself (it waits for that loop to end)."""
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    threading.Thread(target=server.serve_forever, name="smsc-http", daemon=True).start()
-    click.echo(f"SMS centre on http://{host}:{port}")
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     try:
         while not stopped.wait(0.5):
             pass

@@ -64,8 +64,14 @@ def run_demo(say: Callable[[str], None] = print) -> None:
         say("3. Bus POS on route 12, flat fare 2.00 yuan")
         say(f"   passenger taps: {bus.present(phone).message}")
         driver_card = personalize_driver_card(
-            DriverData(bytes.fromhex("D0000000000000000007"), "D007", "BUS-CO-1", "F1",
-                       "Wang Wei", date(2036, 12, 31))
+            DriverData(
+                bytes.fromhex("D0000000000000000007"),
+                "D007",
+                "BUS-CO-1",
+                "F1",
+                "Wang Wei",
+                date(2036, 12, 31),
+            )
         )
         say(f"   driver taps his card: {bus.present(InMemoryLink(driver_card)).message}")
         for _ in range(2):

@@ -161,5 +161,3 @@ class LoadTerminal:
             card.online_ctc,
             tac,
         )
-
-

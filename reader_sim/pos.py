@@ -203,16 +203,31 @@ class BusPos:
         card = InitializeForPurchaseResponse.decode(data)
         date_bcd, time_bcd = bcd_date(now), bcd_time(now)
         mac1_request = Mac1Request(
-            card.random, card.offline_ctc, fare, TYPE_PURCHASE, date_bcd, time_bcd,
-            card.key_version, card.algorithm, serial,
+            card.random,
+            card.offline_ctc,
+            fare,
+            TYPE_PURCHASE,
+            date_bcd,
+            time_bcd,
+            card.key_version,
+            card.algorithm,
+            serial,
         )
         psam_answer = _psam_ok(self.psam, mac1_request.command())
         terminal_seq = int.from_bytes(psam_answer[:4], "big")
         mac1 = psam_answer[4:8]
         assert self.driver is not None
         pending = PendingDebit(
-            serial, card.offline_ctc, fare, card.balance, TYPE_PURCHASE, self.terminal_id,
-            terminal_seq, now.replace(microsecond=0), card.key_version, card.algorithm,
+            serial,
+            card.offline_ctc,
+            fare,
+            card.balance,
+            TYPE_PURCHASE,
+            self.terminal_id,
+            terminal_seq,
+            now.replace(microsecond=0),
+            card.key_version,
+            card.algorithm,
             self.driver.driver_id,
         )
         try:
@@ -336,8 +351,12 @@ class BusPos:
         signing_out = self.driver is not None and self.driver.card_serial == driver.serial
         event = "sign_out" if signing_out else "sign_in"
         self.store.add_sign_in(
-            terminal_id=self.terminal_id, driver=driver.driver_id, card_serial=driver.serial,
-            operator=self.config.operator, vehicle=self.config.vehicle, event=event,
+            terminal_id=self.terminal_id,
+            driver=driver.driver_id,
+            card_serial=driver.serial,
+            operator=self.config.operator,
+            vehicle=self.config.vehicle,
+            event=event,
             occurred_at=now.replace(microsecond=0),
         )
         if signing_out:

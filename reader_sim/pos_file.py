@@ -26,8 +26,15 @@ from reader_sim.records import RecordStore
 from sim_applet.personalize import DEMO_DRIVER_MASTER_KEY, DEMO_ISSUER_KEYS
 
 _FIELDS = {
-    "operator", "route", "vehicle", "fare_fen", "terminal_id", "record_store",
-    "repeat_tap_window_s", "blacklist", "keys",
+    "operator",
+    "route",
+    "vehicle",
+    "fare_fen",
+    "terminal_id",
+    "record_store",
+    "repeat_tap_window_s",
+    "blacklist",
+    "keys",
 }
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
+from reader_sim.sqlite_tx import immediate
+
 records_max_default = 100_000
 pending_max = 1_000
 _SCHEMA_VERSION = 1
@@ -233,9 +235,7 @@ class RecordStore:
     # --- blacklist (downloaded from the platform) -----------------------------------------
 
     def blacklist(self) -> tuple[int, set[bytes]]:
-        row = self._db.execute(
-            "SELECT value FROM meta WHERE name = 'blacklist_version'"
-        ).fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'blacklist_version'").fetchone()
         serials = {serial for (serial,) in self._db.execute("SELECT card_serial FROM blacklist")}
         return (0 if row is None else row[0]), serials
 
@@ -249,8 +249,9 @@ class RecordStore:
             self._db.executemany(
                 "INSERT OR IGNORE INTO blacklist VALUES (?)", [(s,) for s in added]
             )
-            self._db.executemany("DELETE FROM blacklist WHERE card_serial = ?",
-                                 [(s,) for s in removed])
+            self._db.executemany(
+                "DELETE FROM blacklist WHERE card_serial = ?", [(s,) for s in removed]
+            )
             self._db.execute(
                 "INSERT INTO meta VALUES ('blacklist_version', ?) "
                 "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
@@ -274,8 +275,15 @@ class RecordStore:
             self._db.execute(
                 "INSERT INTO sign_ins (terminal_id, driver, card_serial, operator, vehicle,"
                 " event, occurred_at) VALUES (?,?,?,?,?,?,?)",
-                (terminal_id, driver, card_serial, operator, vehicle, event,
-                 occurred_at.isoformat()),
+                (
+                    terminal_id,
+                    driver,
+                    card_serial,
+                    operator,
+                    vehicle,
+                    event,
+                    occurred_at.isoformat(),
+                ),
             )
 
     def signed_in_driver(self) -> tuple[str, bytes] | None:
@@ -298,19 +306,8 @@ class RecordStore:
             (next_terminal_seq,),
         )
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def _transaction(self) -> immediate:
+        return immediate(self._db)
 
 
 def _row(item: object) -> tuple[object, ...]:

@@ -77,8 +77,10 @@ def _parse_line(number: int, line: str) -> Step:
     expected = None
     if expected_text is not None:
         expected = "".join(expected_text.split()).upper()
-        if len(expected) % 2 or len(expected) < 4 or any(
-            c not in "0123456789ABCDEFX" for c in expected
+        if (
+            len(expected) % 2
+            or len(expected) < 4
+            or any(c not in "0123456789ABCDEFX" for c in expected)
         ):
             raise ScriptError(f"line {number}: the expected response is not hex: {expected_text!r}")
     return Step(number, command, expected)

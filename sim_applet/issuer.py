@@ -87,21 +87,18 @@ def purchase_tac(
 ) -> bytes:
     """TAC over (amount ‖ type ‖ terminal id ‖ terminal seq ‖ date ‖ time): what clearing
     recomputes to accept a tap record."""
-    dtk = crypto.diversify(algorithm, issuer.tac, serial)
-    data = (
-        amount.to_bytes(4, "big")
-        + bytes((transaction_type,))
-        + terminal_id
-        + terminal_seq.to_bytes(4, "big")
-        + date_bcd
-        + time_bcd
+    return TacVerifier(issuer, algorithm, serial).tac(
+        amount=amount,
+        transaction_type=transaction_type,
+        terminal_id=terminal_id,
+        terminal_seq=terminal_seq,
+        date_bcd=date_bcd,
+        time_bcd=time_bcd,
     )
-    return crypto.cbc_mac(algorithm, crypto.tac_key(algorithm, dtk), data)
 
 
 class TacVerifier:
-    """Recomputes purchase TACs of one card (one key, one ECB context): clearing's hot path.
-    Same result as ``purchase_tac``."""
+    """Recomputes purchase TACs of one card (one key, one ECB context): clearing's hot path."""
 
     def __init__(self, issuer: IssuerKeys, algorithm: Algorithm, serial: bytes) -> None:
         dtk = crypto.diversify(algorithm, issuer.tac, serial)
