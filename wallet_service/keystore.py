@@ -33,6 +33,12 @@ class StaticKeyStore:
     def driver_card_master(self) -> bytes:
         return self._driver
 
+    def ota_masters(self) -> tuple[bytes, bytes]:
+        """(master KIc, master KID) for per-SIM OTA keysets (otar.keys)."""
+        from otar.keys import DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID
+
+        return DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID
+
     def __repr__(self) -> str:
         return "StaticKeyStore(<hidden>)"
 

@@ -1,0 +1,122 @@
+"""An over-the-air top-up with real secured packets: platform → SMS centre → phone → SIM
+(its OTA security domain) → PoR → SMS centre → platform, under duplicated SMS and replay."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from otar.keys import demo_keyset
+from otar.sim_side import OtaSecurityDomain
+from reader_sim.smsc import Faults, SmsCentre
+from tests.helpers import Clock, purse
+from tests.test_wallet_topups import PHONE, World
+from tests.wallet_fixtures import Wallet
+from wallet_service.ota_channel import (
+    SmsOtaChannel,
+    handle_incoming_sms,
+    keyset_lookup,
+)
+from wallet_service.services import topups
+from wallet_service.sms_gateway import InProcessGateway
+
+SHORT_CODE = "10658888"
+ICCID = "8986001234567890123"
+
+
+class OtaWorld(World):
+    def __init__(self, wallet: Wallet, tmp_path: Path, faults: Faults) -> None:
+        super().__init__(wallet, tmp_path)
+        self.smsc = SmsCentre(faults, clock=Clock(), random=random.Random(3))
+        self.gateway = InProcessGateway(self.smsc, SHORT_CODE)
+        self.domain = OtaSecurityDomain({1: demo_keyset(ICCID)})
+        self.replayable: list[bytes] = []
+
+    def channel_in(self, ctx):  # type: ignore[no-untyped-def]
+        masters = ctx.keys.ota_masters()
+        return SmsOtaChannel(self.gateway, keyset_lookup(ctx, masters))
+
+    def work(self) -> str | None:
+        result = self.run(lambda ctx: topups.work_once(ctx, self.channel_in(ctx), self.bank))
+        return None if result is None else result.action
+
+    def phone_handles_sms(self) -> int:
+        """The phone hands each command packet to its SIM (SMS-PP download) and sends the
+        PoR back to the platform's short code."""
+        handled = 0
+        for sms in self.smsc.collect(PHONE):
+            self.replayable.append(sms.user_data)
+            por = self.domain.process(sms.user_data, self._run_on_sim)
+            if por:
+                self.smsc.submit(PHONE, SHORT_CODE, por[3:], udh=por[:3])
+            handled += 1
+        return handled
+
+    def _run_on_sim(self, tar: bytes, apdus: list[bytes]) -> list[bytes]:
+        return [self.sim.transmit(apdu) for apdu in apdus]
+
+    def platform_reads_sms(self) -> list[str]:
+        return [
+            self.run(lambda ctx, sms=sms: handle_incoming_sms(ctx, self.channel_in(ctx), sms))
+            for sms in self.gateway.receive()
+        ]
+
+
+def make(wallet: Wallet, tmp_path: Path, **faults: float) -> OtaWorld:
+    world = OtaWorld(wallet, tmp_path, Faults(**faults))  # type: ignore[arg-type]
+    assert world.sim.iccid == ICCID
+    return world
+
+
+def test_a_top_up_over_secured_sms(wallet: Wallet, tmp_path: Path) -> None:
+    world = make(wallet, tmp_path)
+    reference = world.order(3000)
+    world.pay(reference)
+    assert world.work() == "packet 1 sent"
+    world.phone_handles_sms()
+    assert world.platform_reads_sms() == ["packet 2 sent"]
+    world.phone_handles_sms()
+    assert world.platform_reads_sms() == ["loaded"]
+    assert purse(world.sim).balance == 3000 and world.state(reference) == "loaded"
+    assert world.books()[f"card_float:{world.serial}"] == 3000
+    world.bank.close()
+
+
+def test_duplicated_sms_and_a_replayed_packet_load_once(wallet: Wallet, tmp_path: Path) -> None:
+    world = make(wallet, tmp_path, duplicate_rate=1.0)
+    reference = world.order(3000)
+    world.pay(reference)
+    world.work()
+    world.phone_handles_sms()  # the copy is refused by the SIM's counter check
+    answers = world.platform_reads_sms()
+    assert "packet 2 sent" in answers and any(a.startswith("refused by the SIM") for a in answers)
+    world.phone_handles_sms()
+    assert "loaded" in world.platform_reads_sms()
+    for packet in world.replayable:  # an attacker replays every packet it saw
+        world.domain.process(packet, world._run_on_sim)
+    assert purse(world.sim).balance == 3000
+    assert world.books()[f"card_float:{world.serial}"] == 3000
+    world.bank.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lossy_sms_end_loaded_once_or_refunded(wallet: Wallet, tmp_path: Path, seed: int) -> None:
+    world = make(wallet, tmp_path, loss_rate=0.4)
+    world.smsc.random = random.Random(seed)
+    reference = world.order(3000)
+    world.pay(reference)
+    for _ in range(40):
+        world.work()
+        world.phone_handles_sms()
+        world.platform_reads_sms()
+        if world.state(reference) in ("loaded", "refunded"):
+            break
+        world.later(topups.por_timeout_s * 64)
+    state = world.state(reference)
+    balance = purse(world.sim).balance
+    assert (state, balance) in (("loaded", 3000), ("refunded", 0)), (state, balance)
+    books = world.books()
+    assert books.get(f"card_float:{world.serial}", 0) == balance
+    world.bank.close()
