@@ -99,12 +99,15 @@ def card_new(
     _refuse_overwrite(image, force)
     serial_bytes = _serial(serial, os.urandom(10))
     try:
+        from otar.keys import DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID
+
         sim = personalize(
             serial_bytes,
             issuer=_issuer_keys(keys_path),
             algorithm=Algorithm.from_name(algorithm),
             balance_fen=balance_fen,
             pin=pin,
+            ota_masters=(DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID),
         )
     except ValueError as error:
         raise BadInput(str(error)) from None
@@ -441,3 +444,96 @@ def _serve_until_stopped(server) -> None:  # type: ignore[no-untyped-def]
         pass
     finally:
         server.shutdown()
+
+
+def _ota_domain(sim: Sim):  # type: ignore[no-untyped-def]
+    if sim.ota is None:
+        raise BadInput("this card image has no OTA keys")
+    return sim.ota
+
+
+def _parse_hex(value: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise BadInput(f"{what} is not hex: {value[:40]!r}") from None
+
+
+@card.command("ota")
+@click.argument("image")
+@click.argument("packet_hex")
+@click.option("--originator", default="10658888", show_default=True)
+def card_ota(image: str, packet_hex: str, originator: str) -> None:
+    """Hand one SMS-PP command packet (CPL onwards, no UDH, as pySim's OtaDialectSms
+    encode_cmd builds it) to the SIM in an ENVELOPE; save the image; print the PoR."""
+    from otar.sms import encode_envelope, encode_sms_deliver
+    from sim_applet.apdu import split_response
+
+    sim = _load_sim(image)
+    _ota_domain(sim)
+    try:
+        envelope = encode_envelope(
+            encode_sms_deliver(originator, _parse_hex(packet_hex, "PACKET_HEX"))
+        )
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    data, sw = split_response(sim.transmit(envelope))
+    sim.save(image)
+    if sw != 0x9000:
+        click.echo(f"the SIM answered {sw:04X}", err=True)
+        sys.exit(1)
+    click.echo(data.hex().upper())
+
+
+@card.command("ota-keys")
+@click.argument("image")
+def card_ota_keys(image: str) -> None:
+    """Print the SIM's OTA keyset as JSON, named as pySim's OtaKeyset (test images only:
+    the platform never prints a production card's keys)."""
+    from otar.sim_side import TRANSIT_TAR
+
+    domain = _ota_domain(_load_sim(image))
+    index, keys = next(iter(sorted(domain.keysets.items())))
+    click.echo(
+        json.dumps(
+            {
+                "algo_crypt": keys.algo_crypt,
+                "kic_idx": keys.kic_idx,
+                "kic": keys.kic.hex(),
+                "algo_auth": keys.algo_auth,
+                "kid_idx": keys.kid_idx,
+                "kid": keys.kid.hex(),
+                "cntr": domain.last_counters.get(index, -1) + 1,
+                "tar": TRANSIT_TAR.hex(),
+            }
+        )
+    )
+
+
+@click.group()
+def ota() -> None:
+    """Secured OTA packets, as the platform builds them."""
+
+
+@ota.command("encode")
+@click.argument("image")
+@click.argument("apdus_hex", nargs=-1, required=True)
+def ota_encode(image: str, apdus_hex: tuple[str, ...]) -> None:
+    """The command packet the platform would send to IMAGE's SIM for APDUS_HEX (ciphered,
+    CC, counter one above the SIM's last), in hex."""
+    from otar.packets import Spi, encode_command
+    from otar.remote_apdu import decode_script, encode_script
+    from otar.sim_side import TRANSIT_TAR
+
+    domain = _ota_domain(_load_sim(image))
+    index, keys = next(iter(sorted(domain.keysets.items())))
+    apdus = [_parse_hex(apdu, "APDU") for apdu in apdus_hex]
+    try:
+        script = encode_script(apdus)
+        decode_script(script)  # the SIM must be able to split it again
+        packet = encode_command(
+            keys, Spi(), TRANSIT_TAR, domain.last_counters.get(index, -1) + 1, script
+        )
+    except (ValueError, AssertionError) as error:
+        raise BadInput(f"cannot script these APDUs: {error}") from None
+    click.echo(packet.hex().upper())

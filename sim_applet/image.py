@@ -47,11 +47,14 @@ def _canonical(value: Any) -> bytes:
 
 
 def sim_to_dict(sim: Sim) -> dict[str, Any]:
-    return {
+    body = {
         "iccid": sim.iccid,
         "atr": sim.atr.hex(),
         "applications": [_application_to_dict(app) for app in sim.applications],
     }
+    if sim.ota is not None:  # optional: images without OTA keys stay valid
+        body["ota"] = sim.ota.to_dict()
+    return body
 
 
 def sim_from_dict(body: dict[str, Any], random_source: RandomSource) -> Sim:
@@ -60,12 +63,20 @@ def sim_from_dict(body: dict[str, Any], random_source: RandomSource) -> Sim:
         _application_from_dict(_Reader(item, f"sim.applications[{i}]"))
         for i, item in enumerate(reader.list("applications"))
     ]
-    return Sim(
+    sim = Sim(
         reader.text("iccid"),
         applications,
         random_source=random_source,
         atr=reader.hex("atr"),
     )
+    if "ota" in body:
+        from otar.sim_side import OtaSecurityDomain
+
+        try:
+            sim.ota = OtaSecurityDomain.from_dict(body["ota"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ImageError(f"sim.ota: {error}") from None
+    return sim
 
 
 def encode_image(sim: Sim) -> bytes:

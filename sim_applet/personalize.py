@@ -105,8 +105,10 @@ def personalize(
     holder_data: bytes = b"",
     key_version: int = 1,
     random_source: RandomSource = os.urandom,
+    ota_masters: tuple[bytes, bytes] | None = None,
 ) -> Sim:
-    """A new SIM carrying the transit e-purse for application serial number ``serial``."""
+    """A new SIM carrying the transit e-purse for application serial number ``serial``;
+    with ``ota_masters`` (KIc, KID masters) also its OTA keyset (otar.keys)."""
     if len(serial) != 10:
         raise ValueError("the application serial number is 10 bytes (20 hex digits)")
     if not 0 <= balance_fen <= balance_limit_fen:
@@ -129,7 +131,14 @@ def personalize(
         balance=balance_fen,
         balance_limit=balance_limit_fen,
     )
-    return Sim(iccid or _iccid_for(serial), [TransitPurse(state)], random_source=random_source)
+    sim = Sim(iccid or _iccid_for(serial), [TransitPurse(state)], random_source=random_source)
+    if ota_masters is not None:
+        from otar.keys import derive_keyset
+        from otar.sim_side import OtaSecurityDomain
+
+        keyset = derive_keyset(*ota_masters, sim.iccid)
+        sim.ota = OtaSecurityDomain({keyset.kic_idx: keyset})
+    return sim
 
 
 def personalize_driver_card(

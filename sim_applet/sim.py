@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sim_applet.apdu import SW, ApduError, CommandApdu, parse_command, response
 from sim_applet.nvm import Power, PowerLost
@@ -67,6 +67,8 @@ class Sim:
         self._powered = True
         self.selected: Application | None = None
         self.commands_processed = 0
+        # The OTA security domain (otar.sim_side.OtaSecurityDomain), if personalized with one.
+        self.ota: Any = None
         self._power_cut_plan: tuple[int, int | None] | None = None
 
     # --- power ---------------------------------------------------------------------------
@@ -137,6 +139,8 @@ class Sim:
     def _dispatch(self, apdu: CommandApdu) -> Response:
         if (apdu.cla, apdu.ins) == (0x00, 0xA4):
             return self._select(apdu)
+        if apdu.ins == 0xC2 and apdu.cla in (0x80, 0xA0):
+            return self._envelope(apdu)
         if self.selected is None:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no application selected")
         return self.selected.process(apdu, self._context)
@@ -163,6 +167,32 @@ class Sim:
         self.selected = found
         fci, sw = found.select()
         return (b"" if apdu.p2 == 0x0C else fci), sw
+
+    def _envelope(self, apdu: CommandApdu) -> Response:
+        """ENVELOPE (SMS-PP download, 3GPP TS 31.111 §7.1.1.2): the SMS's command packet
+        goes to the OTA security domain; its PoR is the answer."""
+        from otar.sms import decode_sms_deliver, sms_tpdu_of_envelope
+
+        if self.ota is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no OTA security domain")
+        try:
+            sms = decode_sms_deliver(sms_tpdu_of_envelope(apdu.data))
+        except ValueError:
+            raise ApduError(SW.WRONG_DATA, "not an SMS-PP download") from None
+        if sms.user_data_header[1:2] != b"\x70":
+            raise ApduError(SW.WRONG_DATA, "not a command packet (UDH IEI 70)")
+        return self.ota.process(sms.user_data, self._run_ota_apdus), SW.OK
+
+    def _run_ota_apdus(self, tar: bytes, apdus: list[bytes]) -> list[bytes]:
+        """Remote APDUs run like the phone's own, on the same applications."""
+        answers = []
+        for raw in apdus:
+            try:
+                data, sw = self._dispatch(parse_command(raw))
+            except ApduError as error:
+                data, sw = b"", error.sw
+            answers.append(response(data, sw))
+        return answers
 
     def _deselect(self) -> None:
         if self.selected is not None:

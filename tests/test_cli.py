@@ -179,3 +179,35 @@ def test_pos_tap_needs_a_driver_then_charges_and_records(
     assert again.returncode == 0 and "already paid" in again.stdout
     records = run("pos", "records", "--pos", str(pos_file)).stdout.splitlines()
     assert len(records) == 1 and json.loads(records[0]) == record
+
+
+def test_ota_keys_encode_and_a_packet_handed_to_the_sim(card_image: Path) -> None:
+    from otar.packets import OtaKeyset, PorStatus, Spi, decode_por
+    from otar.remote_apdu import CompactResponse
+
+    keys = json.loads(run("card", "ota-keys", str(card_image)).stdout)
+    assert (keys["tar"], keys["cntr"], keys["algo_crypt"]) == ("425553", 0, "aes_cbc")
+    packet = run(
+        "ota", "encode", str(card_image), "00A4040008A00000063201010500", "805C000204"
+    ).stdout.strip()
+    answer = run("card", "ota", str(card_image), packet)
+    assert answer.returncode == 0, answer.stderr
+    keyset = OtaKeyset(
+        keys["algo_crypt"],
+        keys["kic_idx"],
+        bytes.fromhex(keys["kic"]),
+        keys["algo_auth"],
+        keys["kid_idx"],
+        bytes.fromhex(keys["kid"]),
+    )
+    por = decode_por(keyset, Spi(), bytes.fromhex(answer.stdout.strip()))
+    balance = CompactResponse.decode(por.data)
+    assert (por.status, balance.last_sw, balance.last_data) == (
+        PorStatus.OK,
+        0x9000,
+        (1000).to_bytes(4, "big"),
+    )
+    assert json.loads(run("card", "ota-keys", str(card_image)).stdout)["cntr"] == 1
+    replay = run("card", "ota", str(card_image), packet)
+    assert replay.stdout.strip().endswith("02")  # PoR status: counter low, nothing ran
+    assert run("card", "ota", str(card_image), "zz").returncode == 2

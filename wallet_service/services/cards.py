@@ -90,6 +90,7 @@ def issue(
         algorithm=Algorithm.from_name(algorithm),
         iccid=iccid,
         balance_fen=balance_fen,
+        ota_masters=ctx.keys.ota_masters(),
     )
     image_file = f"sim-{serial.hex().upper()}.json"
     sim.save(ctx.output_dir / image_file)

@@ -1,0 +1,121 @@
+"""SMS-PP download: the command packet inside an SMS-DELIVER TPDU (3GPP TS 23.040 §9.2.2.1)
+with user data header IEI 70 (TS 31.115 §4), inside the ENVELOPE the phone sends the SIM
+(3GPP TS 31.111 §7.1.1.2, BER-TLV tag D1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COMMAND_UDH = bytes.fromhex("027000")  # UDHL 02, IEI 70 command packet, length 00
+TP_PID_SIM_DATA_DOWNLOAD = 0x7F
+TP_DCS_8BIT_CLASS_2 = 0xF6
+ENVELOPE_SMS_PP = 0xD1
+TAG_DEVICE_IDENTITIES, TAG_ADDRESS, TAG_SMS_TPDU = 0x82, 0x86, 0x8B
+DEVICES_NETWORK_TO_UICC = bytes((0x83, 0x81))
+
+
+def _address(digits: str) -> tuple[bytes, int]:
+    """BCD semi-octets, F-padded; TON international/ISDN (0x91) or unknown (0x81)."""
+    if not digits.lstrip("+").isdigit():
+        raise ValueError(f"not an address: {digits!r}")
+    ton_npi = 0x91 if digits.startswith("+") else 0x81
+    digits = digits.lstrip("+")
+    padded = digits + ("F" if len(digits) % 2 else "")
+    swapped = "".join(padded[i + 1] + padded[i] for i in range(0, len(padded), 2))
+    return bytes((ton_npi,)) + bytes.fromhex(swapped), len(digits)
+
+
+def _digits(raw: bytes) -> str:
+    text = "".join(f"{b & 0xF:X}{b >> 4:X}" for b in raw)
+    return text.rstrip("F")
+
+
+def encode_sms_deliver(originator: str, packet: bytes, timestamp: bytes = bytes(7)) -> bytes:
+    address, digit_count = _address(originator)
+    user_data = COMMAND_UDH + packet
+    if len(user_data) > 140:
+        raise ValueError("a command packet does not fit one SMS")
+    return (
+        bytes((0x40, digit_count))
+        + address
+        + bytes((TP_PID_SIM_DATA_DOWNLOAD, TP_DCS_8BIT_CLASS_2))
+        + timestamp
+        + bytes((len(user_data),))
+        + user_data
+    )
+
+
+@dataclass(frozen=True)
+class SmsDeliver:
+    originator: str
+    user_data_header: bytes
+    user_data: bytes
+
+
+def decode_sms_deliver(tpdu: bytes) -> SmsDeliver:
+    try:
+        first, digit_count = tpdu[0], tpdu[1]
+        offset = 2 + 1 + (digit_count + 1) // 2
+        originator = _digits(tpdu[3:offset])
+        offset += 2 + 7  # PID, DCS, SCTS
+        length = tpdu[offset]
+        user_data = tpdu[offset + 1 : offset + 1 + length]
+        if len(user_data) != length or first & 0x03 != 0:
+            raise ValueError("not a whole SMS-DELIVER")
+        if first & 0x40:  # UDHI: a header precedes the data
+            header_length = user_data[0]
+            return SmsDeliver(
+                originator, user_data[: 1 + header_length], user_data[1 + header_length :]
+            )
+        return SmsDeliver(originator, b"", user_data)
+    except IndexError:
+        raise ValueError("a truncated SMS-DELIVER") from None
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    if len(value) < 0x80:
+        return bytes((tag, len(value))) + value
+    return bytes((tag, 0x81, len(value))) + value
+
+
+def encode_envelope(tpdu: bytes, smsc_address: str = "+8613800100500") -> bytes:
+    """The ENVELOPE (SMS-PP download) C-APDU: ``80 C2 00 00 Lc D1 …``."""
+    address, _ = _address(smsc_address)
+    body = (
+        _tlv(TAG_DEVICE_IDENTITIES, DEVICES_NETWORK_TO_UICC)
+        + _tlv(TAG_ADDRESS, address)
+        + _tlv(TAG_SMS_TPDU, tpdu)
+    )
+    data = _tlv(ENVELOPE_SMS_PP, body)
+    if len(data) > 255:
+        raise ValueError("an ENVELOPE is at most 255 bytes")
+    return bytes((0x80, 0xC2, 0x00, 0x00, len(data))) + data
+
+
+def sms_tpdu_of_envelope(data: bytes) -> bytes:
+    """The SMS TPDU inside ENVELOPE data (tag D1); ValueError when it is not SMS-PP."""
+    if not data or data[0] != ENVELOPE_SMS_PP:
+        raise ValueError("not an SMS-PP download")
+    body, _ = _value(data, 0)
+    offset = 0
+    while offset < len(body):
+        value, next_offset = _value(body, offset)
+        if body[offset] & 0x7F == TAG_SMS_TPDU & 0x7F:
+            return value
+        offset = next_offset
+    raise ValueError("no SMS TPDU in the ENVELOPE")
+
+
+def _value(data: bytes, offset: int) -> tuple[bytes, int]:
+    if offset + 2 > len(data):
+        raise ValueError("a truncated TLV")
+    length, start = data[offset + 1], offset + 2
+    if length == 0x81:
+        if offset + 3 > len(data):
+            raise ValueError("a truncated TLV")
+        length, start = data[offset + 2], offset + 3
+    elif length > 0x80:
+        raise ValueError("TLV lengths over 255 are not used here")
+    if start + length > len(data):
+        raise ValueError("a TLV longer than its data")
+    return data[start : start + length], start + length
