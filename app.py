@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from reader_sim.cli import bank, card, ota, pos, smsc
-from wallet_service.cli import admin, clearing, db, serve
+from wallet_service.cli import admin, clearing, db, serve, worker
 
 
 @click.group()
@@ -34,6 +34,7 @@ cli.add_command(serve)
 cli.add_command(db)
 cli.add_command(admin)
 cli.add_command(clearing)
+cli.add_command(worker)
 
 if __name__ == "__main__":
     cli()

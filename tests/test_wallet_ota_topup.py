@@ -120,3 +120,28 @@ def test_lossy_sms_end_loaded_once_or_refunded(wallet: Wallet, tmp_path: Path, s
     books = world.books()
     assert books.get(f"card_float:{world.serial}", 0) == balance
     world.bank.close()
+
+
+def test_the_worker_loop_takes_an_order_to_loaded(wallet: Wallet, tmp_path: Path) -> None:
+    from wallet_service.worker import run_once
+
+    world = make(wallet, tmp_path)
+    reference = world.order(3000)
+    world.bank.pay("BUSCARD", reference, 3000, "6222020000000001")
+
+    def post(url: str, payload: str, headers: dict[str, str]) -> int:
+        return (
+            wallet.client().post("/api/v1/bank/webhooks", data=payload, headers=headers).status_code
+        )
+
+    from reader_sim.bank import deliver_due
+
+    deliver_due(world.bank, world.secret, post)
+    first = run_once(wallet.app, world.gateway, world.bank)
+    assert (first.bank_events, first.steps) == (1, 1)  # paid → packet 1
+    world.phone_handles_sms()
+    run_once(wallet.app, world.gateway, world.bank)  # PoR 1 → packet 2
+    world.phone_handles_sms()
+    run_once(wallet.app, world.gateway, world.bank)  # PoR 2 → loaded
+    assert world.state(reference) == "loaded" and purse(world.sim).balance == 3000
+    world.bank.close()

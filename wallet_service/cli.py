@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -174,3 +175,30 @@ def clearing_schedule(at_time: str, once: bool) -> None:
         _clear((next_run - timedelta(days=1)).date())
         if once:
             return
+
+
+@click.command()
+@click.option("--smsc", "smsc_url", default="http://127.0.0.1:8070", show_default=True)
+@click.option("--bank", "bank_url", default="http://127.0.0.1:8090", show_default=True)
+@click.option("--short-code", default="10658888", show_default=True)
+@click.option("--once", is_flag=True, help="one pass, then exit")
+def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
+    """Move top-up orders: bank callbacks, PoRs from the SMS centre, due OTA steps."""
+    import signal
+    import threading
+
+    from wallet_service import create_app
+    from wallet_service.sms_gateway import HttpGateway
+    from wallet_service.worker import HttpBankClient, run_forever, run_once
+
+    _upgrade()
+    app = create_app()
+    gateway, bank = HttpGateway(smsc_url, short_code), HttpBankClient(bank_url)
+    if once:
+        click.echo(run_once(app, gateway, bank))
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(f"worker: SMS centre {smsc_url}, bank {bank_url}")
+    with contextlib.suppress(KeyboardInterrupt):
+        run_forever(app, gateway, bank, stop)
