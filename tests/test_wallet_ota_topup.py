@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tests.test_wallet_topups import PHONE, World
 from tests.wallet_fixtures import Wallet
 from wallet_service.ota_channel import (
     SmsOtaChannel,
+    committed_then_sent,
     handle_incoming_sms,
     keyset_lookup,
 )
@@ -38,8 +40,11 @@ class OtaWorld(World):
         masters = ctx.keys.ota_masters()
         return SmsOtaChannel(self.gateway, keyset_lookup(ctx, masters))
 
+    def _committed_then_sent(self, work):  # type: ignore[no-untyped-def]
+        return committed_then_sent(self.run, self.channel_in, work)
+
     def work(self) -> str | None:
-        result = self.run(lambda ctx: topups.work_once(ctx, self.channel_in(ctx), self.bank))
+        result = self._committed_then_sent(lambda ctx, box: topups.work_once(ctx, box, self.bank))
         return None if result is None else result.action
 
     def phone_handles_sms(self) -> int:
@@ -59,7 +64,7 @@ class OtaWorld(World):
 
     def platform_reads_sms(self) -> list[str]:
         return [
-            self.run(lambda ctx, sms=sms: handle_incoming_sms(ctx, self.channel_in(ctx), sms))
+            self._committed_then_sent(lambda ctx, box, sms=sms: handle_incoming_sms(ctx, box, sms))
             for sms in self.gateway.receive()
         ]
 
@@ -144,4 +149,53 @@ def test_the_worker_loop_takes_an_order_to_loaded(wallet: Wallet, tmp_path: Path
     world.phone_handles_sms()
     run_once(wallet.app, world.gateway, world.bank)  # PoR 2 → loaded
     assert world.state(reference) == "loaded" and purse(world.sim).balance == 3000
+    world.bank.close()
+
+
+class _Killed(Exception):
+    """The worker process dies: its transaction never commits."""
+
+
+@pytest.mark.parametrize("before_sending", [False, True], ids=["after-send", "before-send"])
+@pytest.mark.parametrize("kill_at_send", [1, 2, 3])
+def test_a_worker_killed_at_any_step_leaves_the_next_one_to_finish(
+    wallet: Wallet, tmp_path: Path, kill_at_send: int, before_sending: bool
+) -> None:
+    """The real worker loop (``run_once``) with a gateway that dies on its n-th send —
+    just before the SMS leaves, or just after."""
+    from reader_sim.bank import deliver_due
+    from wallet_service.worker import run_once
+
+    world = make(wallet, tmp_path)
+    reference = world.order(3000)
+    world.bank.pay("BUSCARD", reference, 3000, "6222020000000001")
+    deliver_due(
+        world.bank,
+        world.secret,
+        lambda url, payload, headers: (
+            wallet.client().post("/api/v1/bank/webhooks", data=payload, headers=headers).status_code
+        ),
+    )
+    sends = 0
+
+    class Dying(InProcessGateway):
+        def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
+            nonlocal sends
+            sends += 1
+            if sends == kill_at_send and before_sending:
+                raise _Killed
+            super().send(to, user_data, udh)
+            if sends == kill_at_send:
+                raise _Killed
+
+    gateway = Dying(world.smsc, SHORT_CODE)
+    for _ in range(12):
+        with contextlib.suppress(_Killed):  # the worker is gone; the next pass is a new one
+            run_once(wallet.app, gateway, world.bank)
+        world.phone_handles_sms()
+        if world.state(reference) == "loaded":
+            break
+        world.later(topups.por_timeout_s)
+    assert world.state(reference) == "loaded" and purse(world.sim).balance == 3000
+    assert world.books()[f"card_float:{world.serial}"] == 3000
     world.bank.close()

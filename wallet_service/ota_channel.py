@@ -5,6 +5,7 @@ which ties every answer to its step. PoRs come back as SMS to the platform's sho
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from sqlalchemy import select
 
@@ -33,15 +34,62 @@ SECURITY = Spi()  # ciphered, CC, counter must be higher, PoR always, ciphered w
 UNSECURED = Spi(Integrity.NONE, False, CounterMode.NONE, PorRequest.ALWAYS, Integrity.NONE, False)
 
 
+T = TypeVar("T")
+
+
 class SmsOtaChannel:
     def __init__(self, gateway: SmsGateway, keyset_for: Callable[[str], OtaKeyset]) -> None:
         self.gateway, self.keyset_for = gateway, keyset_for
 
-    def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
-        packet = encode_command(
+    def build(self, card_serial: str, step: int, apdus: list[bytes]) -> bytes:
+        """The secured packet (keys looked up now, inside the caller's transaction)."""
+        return encode_command(
             self.keyset_for(card_serial), SECURITY, TRANSIT_TAR, step, encode_script(apdus)
         )
+
+    def deliver(self, phone: str, packet: bytes) -> None:
         self.gateway.send(phone, packet, COMMAND_UDH)
+
+    def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
+        self.deliver(phone, self.build(card_serial, step, apdus))
+
+
+class Outbox:
+    """The transactional outbox: a step's packets wait here until the step's transaction
+    has committed, and only then go out (``flush``). Sending inside the transaction would
+    let a worker die after the SMS left but before its state was stored — the platform
+    would forget a CREDIT it sent, and could load the card twice."""
+
+    def __init__(self, channel: SmsOtaChannel) -> None:
+        self.channel = channel
+        self.keyset_for = channel.keyset_for
+        self.pending: list[tuple[str, bytes]] = []
+
+    def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
+        self.pending.append((phone, self.channel.build(card_serial, step, apdus)))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for phone, packet in pending:
+            self.channel.deliver(phone, packet)
+
+
+def committed_then_sent(
+    run_in_transaction: Callable[[Callable[[Context], T]], T],
+    channel_for: Callable[[Context], SmsOtaChannel],
+    work: Callable[[Context, Outbox], T],
+) -> T:
+    """One unit of work in its own transaction; the packets it sends leave after the
+    commit. A retried transaction starts again with an empty outbox."""
+    outbox: list[Outbox] = []
+
+    def in_transaction(ctx: Context) -> T:
+        outbox[:] = [Outbox(channel_for(ctx))]
+        return work(ctx, outbox[0])
+
+    result = run_in_transaction(in_transaction)
+    outbox[0].flush()
+    return result
 
 
 def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> Callable[[str], OtaKeyset]:
@@ -54,7 +102,7 @@ def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> Callable[[str],
     return keyset_for
 
 
-def handle_incoming_sms(ctx: Context, channel: SmsOtaChannel, sms: Sms) -> str:
+def handle_incoming_sms(ctx: Context, channel: SmsOtaChannel | Outbox, sms: Sms) -> str:
     """A PoR from a phone → the order's next step. Anything else is not ours (yet)."""
     if sms.udh != RESPONSE_UDH:
         return "not a proof of receipt"

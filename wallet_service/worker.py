@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 from flask import Flask
 
+from wallet_service import ota_channel
 from wallet_service.auth import Principal
 from wallet_service.ota_channel import SmsOtaChannel, handle_incoming_sms, keyset_lookup
 from wallet_service.services import topups
@@ -68,24 +69,24 @@ def run_once(
             Path(app.config["PERSONALIZATION_DIR"]),
         )
 
+    def in_transaction(work):  # type: ignore[no-untyped-def]
+        return database.run(lambda session: work(context(session)))
+
     def channel(ctx: Context) -> SmsOtaChannel:
         return SmsOtaChannel(gateway, keyset_lookup(ctx, ctx.keys.ota_masters()))
+
+    def committed_then_sent(work):  # type: ignore[no-untyped-def]
+        return ota_channel.committed_then_sent(in_transaction, channel, work)
 
     report.bank_events = database.run(
         lambda session: topups.process_bank_events(context(session), bank)
     )
     for sms in gateway.receive(wait_ms):
         report.sms += 1
-        outcome = database.run(
-            lambda session, sms=sms: handle_incoming_sms(
-                context(session), channel(context(session)), sms
-            )
-        )
+        outcome = committed_then_sent(lambda ctx, box, sms=sms: handle_incoming_sms(ctx, box, sms))
         log.info("SMS from %s: %s", sms.sender, outcome)
     for _ in range(steps_per_pass_max):
-        result = database.run(
-            lambda session: topups.work_once(context(session), channel(context(session)), bank)
-        )
+        result = committed_then_sent(lambda ctx, box: topups.work_once(ctx, box, bank))
         if result is None:
             break
         report.steps += 1

@@ -358,7 +358,10 @@ def _initialized(ctx: Context, order: TopUpOrder, channel: OtaChannel, data: byt
     if sw != 0x9000:
         _to_refund(ctx, order, f"card refused INITIALIZE FOR LOAD: {sw:04X}")
         return "refused"
-    card = InitializeForLoadResponse.decode(data)
+    try:
+        card = InitializeForLoadResponse.decode(data)
+    except ValueError:
+        return "ignored: not an INITIALIZE FOR LOAD answer"
     try:
         authorization = authorize_load(
             ctx.keys.issuer_keys(),
