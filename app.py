@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from reader_sim.cli import bank, card, ota, pos, smsc
+from reader_sim.phone_cli import phone
 from wallet_service.cli import admin, clearing, db, serve, worker
 
 
@@ -30,6 +31,7 @@ cli.add_command(pos)
 cli.add_command(bank)
 cli.add_command(smsc)
 cli.add_command(ota)
+cli.add_command(phone)
 cli.add_command(serve)
 cli.add_command(db)
 cli.add_command(admin)

@@ -33,8 +33,7 @@ def taps_per_second(store: RecordStore, taps: int) -> float:
     clock = Clock()
     pos = new_pos(store, clock=clock, repeat_tap_window_s=0)
     links = [
-        InMemoryLink(new_card(i + 1, balance_fen=100_000, seed=i))
-        for i in range(cards_in_rotation)
+        InMemoryLink(new_card(i + 1, balance_fen=100_000, seed=i)) for i in range(cards_in_rotation)
     ]
     started = time.perf_counter()
     for i in range(taps):
@@ -67,14 +66,20 @@ def main() -> None:
     from bench.ingest import client_threads, ingest_figures, server_workers
 
     for name, value in ingest_figures().items():
-        print(f"{name}: {value:.0f} records/s  # PostgreSQL, gunicorn {server_workers} sync "
-              f"workers, {client_threads} client threads on the same machine", flush=True)
+        print(
+            f"{name}: {value:.0f} records/s  # PostgreSQL, gunicorn {server_workers} sync "
+            f"workers, {client_threads} client threads on the same machine",
+            flush=True,
+        )
 
     from bench.clearing import clearing_figures, records_total
 
     figures = clearing_figures()
-    print(f"clearing_records_per_s: {figures['clearing_records_per_s']:.0f} records/s  "
-          f"# {records_total} records on PostgreSQL, TAC verification included", flush=True)
+    print(
+        f"clearing_records_per_s: {figures['clearing_records_per_s']:.0f} records/s  "
+        f"# {records_total} records on PostgreSQL, TAC verification included",
+        flush=True,
+    )
     print(f"clearing_peak_rss_mb: {figures['clearing_peak_rss_mb']:.0f} MB", flush=True)
 
     try:

@@ -72,6 +72,47 @@ def decode_sms_deliver(tpdu: bytes) -> SmsDeliver:
         raise ValueError("a truncated SMS-DELIVER") from None
 
 
+TP_DCS_8BIT = 0x04
+
+
+def encode_sms_submit(destination: str, user_data: bytes, reference: int = 0) -> bytes:
+    """SMS-SUBMIT (TS 23.040 §9.2.2.2), 8-bit data, no validity period, no header — what
+    the SIM's SEND SHORT MESSAGE hands the phone."""
+    address, digit_count = _address(destination)
+    if len(user_data) > 140:
+        raise ValueError("more than one SMS of user data")
+    return (
+        bytes((0x01, reference & 0xFF, digit_count))
+        + address
+        + bytes((0x00, TP_DCS_8BIT, len(user_data)))
+        + user_data
+    )
+
+
+@dataclass(frozen=True)
+class SmsSubmit:
+    destination: str
+    user_data: bytes
+
+
+def decode_sms_submit(tpdu: bytes) -> SmsSubmit:
+    try:
+        first, digit_count = tpdu[0], tpdu[2]
+        if first & 0x03 != 0x01 or first & 0x18:
+            raise ValueError("not an SMS-SUBMIT without validity period")
+        offset = 3 + 1 + (digit_count + 1) // 2
+        ton = tpdu[3]
+        destination = ("+" if ton == 0x91 else "") + _digits(tpdu[4:offset])
+        offset += 2  # PID, DCS
+        length = tpdu[offset]
+        user_data = tpdu[offset + 1 : offset + 1 + length]
+    except IndexError:
+        raise ValueError("a truncated SMS-SUBMIT") from None
+    if len(user_data) != length or first & 0x40:
+        raise ValueError("SMS-SUBMIT user data is whole and has no header here")
+    return SmsSubmit(destination, user_data)
+
+
 def _tlv(tag: int, value: bytes) -> bytes:
     if len(value) < 0x80:
         return bytes((tag, len(value))) + value

@@ -54,6 +54,8 @@ def sim_to_dict(sim: Sim) -> dict[str, Any]:
     }
     if sim.ota is not None:  # optional: images without OTA keys stay valid
         body["ota"] = sim.ota.to_dict()
+    if sim.toolkit_settings is not None:  # optional too: a SIM without a menu
+        body["toolkit"] = sim.toolkit_settings.to_dict()
     return body
 
 
@@ -76,6 +78,13 @@ def sim_from_dict(body: dict[str, Any], random_source: RandomSource) -> Sim:
             sim.ota = OtaSecurityDomain.from_dict(body["ota"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ImageError(f"sim.ota: {error}") from None
+    if "toolkit" in body:
+        from sim_applet.toolkit import ToolkitSettings
+
+        try:
+            sim.toolkit_settings = ToolkitSettings.from_dict(body["toolkit"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ImageError(f"sim.toolkit: {error}") from None
     return sim
 
 

@@ -18,6 +18,7 @@ from sim_applet.driver_card import DriverCard, DriverCardState, DriverData
 from sim_applet.purse import PurseKeys, PurseState, TransitPurse, default_balance_limit_fen
 from sim_applet.sim import RandomSource, Sim
 from sim_applet.structures import PublicData, bcd_encode
+from sim_applet.toolkit import ToolkitSettings
 
 DEMO_ISSUER_ID = bytes.fromhex("4355534D42555331")  # "CUSMBUS1", project demo issuer
 APP_TYPE_TRANSIT = 0x02  # project-defined: application type "transit e-purse"
@@ -106,9 +107,11 @@ def personalize(
     key_version: int = 1,
     random_source: RandomSource = os.urandom,
     ota_masters: tuple[bytes, bytes] | None = None,
+    menu: ToolkitSettings | None = None,
 ) -> Sim:
-    """A new SIM carrying the transit e-purse for application serial number ``serial``;
-    with ``ota_masters`` (KIc, KID masters) also its OTA keyset (otar.keys)."""
+    """A new SIM carrying the transit e-purse for application serial number ``serial`` and
+    its phone menu (``menu``: language and the platform's number; default Chinese, the
+    demo short code); with ``ota_masters`` (KIc, KID masters) also its OTA keyset."""
     if len(serial) != 10:
         raise ValueError("the application serial number is 10 bytes (20 hex digits)")
     if not 0 <= balance_fen <= balance_limit_fen:
@@ -132,6 +135,7 @@ def personalize(
         balance_limit=balance_limit_fen,
     )
     sim = Sim(iccid or _iccid_for(serial), [TransitPurse(state)], random_source=random_source)
+    sim.toolkit_settings = menu if menu is not None else ToolkitSettings()
     if ota_masters is not None:
         from otar.keys import derive_keyset
         from otar.sim_side import OtaSecurityDomain

@@ -32,6 +32,14 @@ def _default_atr(historical: bytes = b"RFID-SIM") -> bytes:
 
 
 DEFAULT_ATR = _default_atr()
+SIM_TOOLKIT_BUSY = 0x9300  # TS 102 221 §10.2.1.3
+# Toolkit commands (TS 102 221 §10.1.2): class 80 (or A0 from older phones).
+_TOOLKIT_INS = {
+    0x10: "_terminal_profile",
+    0x12: "_fetch",
+    0x14: "_terminal_response",
+    0xC2: "_envelope",
+}
 
 
 class Application(Protocol):
@@ -69,6 +77,11 @@ class Sim:
         self.commands_processed = 0
         # The OTA security domain (otar.sim_side.OtaSecurityDomain), if personalized with one.
         self.ota: Any = None
+        # The phone menu's settings (sim_applet.toolkit.ToolkitSettings), if it has a menu.
+        self.toolkit_settings: Any = None
+        self._toolkit: Any = None
+        self._dialog: Any = None  # the menu dialog in progress (volatile)
+        self._proactive: bytes | None = None  # the proactive command waiting for FETCH
         self._power_cut_plan: tuple[int, int | None] | None = None
 
     # --- power ---------------------------------------------------------------------------
@@ -102,6 +115,7 @@ class Sim:
 
     def _forget_volatile(self) -> None:
         self.selected = None
+        self._dialog, self._proactive = None, None
         for application in self.applications:
             application.reset()
 
@@ -139,8 +153,8 @@ class Sim:
     def _dispatch(self, apdu: CommandApdu) -> Response:
         if (apdu.cla, apdu.ins) == (0x00, 0xA4):
             return self._select(apdu)
-        if apdu.ins == 0xC2 and apdu.cla in (0x80, 0xA0):
-            return self._envelope(apdu)
+        if apdu.cla in (0x80, 0xA0) and apdu.ins in _TOOLKIT_INS:
+            return getattr(self, _TOOLKIT_INS[apdu.ins])(apdu)
         if self.selected is None:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no application selected")
         return self.selected.process(apdu, self._context)
@@ -169,10 +183,13 @@ class Sim:
         return (b"" if apdu.p2 == 0x0C else fci), sw
 
     def _envelope(self, apdu: CommandApdu) -> Response:
-        """ENVELOPE (SMS-PP download, 3GPP TS 31.111 §7.1.1.2): the SMS's command packet
-        goes to the OTA security domain; its PoR is the answer."""
+        """ENVELOPE: a menu selection (tag D3) starts a toolkit dialog; an SMS-PP
+        download (D1, 3GPP TS 31.111 §7.1.1.2) goes to the OTA security domain, whose
+        PoR is the answer."""
         from otar.sms import decode_sms_deliver, sms_tpdu_of_envelope
 
+        if apdu.data[:1] == b"\xd3":
+            return self._menu_selection(apdu.data)
         if self.ota is None:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no OTA security domain")
         try:
@@ -182,6 +199,85 @@ class Sim:
         if sms.user_data_header[1:2] != b"\x70":
             raise ApduError(SW.WRONG_DATA, "not a command packet (UDH IEI 70)")
         return self.ota.process(sms.user_data, self._run_ota_apdus), SW.OK
+
+    # --- SIM Toolkit (ETSI TS 102 223): the phone's menu ---------------------------------
+
+    def _toolkit_app(self) -> Any:
+        if self.toolkit_settings is None:
+            raise ApduError(SW.INS_NOT_SUPPORTED, "this SIM has no menu")
+        if self._toolkit is None:
+            from sim_applet.toolkit import Toolkit
+
+            purse = self.application("transit_purse")
+            self._toolkit = Toolkit(
+                self.toolkit_settings,
+                lambda command: self._run_on(purse, command),
+                lambda: purse.state,  # type: ignore[attr-defined]
+                self._context.random,
+            )
+        return self._toolkit
+
+    def _terminal_profile(self, apdu: CommandApdu) -> Response:
+        """The phone says what it can do; the SIM answers with its menu to fetch."""
+        self._dialog = None
+        return self._pending(self._toolkit_app().set_up_menu().encode())
+
+    def _fetch(self, apdu: CommandApdu) -> Response:
+        if self._proactive is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no proactive command pending")
+        return self._proactive, SW.OK
+
+    def _terminal_response(self, apdu: CommandApdu) -> Response:
+        from sim_applet.stk import ProactiveCommand, StkError, TerminalResponse
+
+        if self._proactive is None:
+            raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no proactive command to answer")
+        try:
+            answer = TerminalResponse.decode(apdu.data)
+        except StkError:
+            raise ApduError(SW.WRONG_DATA, "not a terminal response") from None
+        if answer.number != ProactiveCommand.decode(self._proactive).number:
+            raise ApduError(SW.WRONG_DATA, "answers another command")
+        self._proactive = None
+        if self._dialog is None:
+            return b"", SW.OK
+        return self._advance(lambda dialog: dialog.send(answer))
+
+    def _menu_selection(self, data: bytes) -> Response:
+        from sim_applet.stk import StkError, parse_menu_selection
+
+        toolkit = self._toolkit_app()
+        if self._dialog is not None:
+            return b"", SIM_TOOLKIT_BUSY
+        try:
+            dialog = toolkit.dialog(parse_menu_selection(data))
+        except StkError:
+            raise ApduError(SW.WRONG_DATA, "not a menu selection") from None
+        if dialog is None:
+            raise ApduError(SW.WRONG_DATA, "no such menu item")
+        self._dialog = dialog
+        return self._advance(next)
+
+    def _advance(self, step: Callable[[Any], Any]) -> Response:
+        try:
+            command = step(self._dialog)
+        except StopIteration:
+            self._dialog = None
+            return b"", SW.OK
+        return self._pending(command.encode())
+
+    def _pending(self, command: bytes) -> Response:
+        """`91 xx`: a proactive command of xx bytes waits for FETCH (TS 102 221 §10.2)."""
+        self._proactive = command
+        return b"", 0x9100 | len(command)
+
+    def _run_on(self, application: Application, command: CommandApdu) -> tuple[bytes, int]:
+        """The toolkit's own APDUs to an application on the same chip, not through the
+        phone's channel (the phone's selection stays as it is)."""
+        try:
+            return application.process(command, self._context)
+        except ApduError as error:
+            return b"", error.sw
 
     def _run_ota_apdus(self, tar: bytes, apdus: list[bytes]) -> list[bytes]:
         """Remote APDUs run like the phone's own, on the same applications."""

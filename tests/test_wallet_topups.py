@@ -33,9 +33,13 @@ class MemoryChannel:
     def __init__(self, sims: dict[str, Sim]) -> None:
         self.sims = sims
         self.sent: list[tuple[str, str, int, list[bytes]]] = []
+        self.notices: list[tuple[str, str]] = []
 
     def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
         self.sent.append((phone, card_serial, step, apdus))
+
+    def notify(self, phone: str, text: str) -> None:
+        self.notices.append((phone, text))
 
     def run(self, packet) -> bytes:  # type: ignore[no-untyped-def]
         phone, _, _, apdus = packet

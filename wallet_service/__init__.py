@@ -23,6 +23,8 @@ def default_config() -> dict[str, Any]:
         ),
         "KEY_FILE": os.environ.get("WALLET_KEY_FILE"),
         "BANK_WEBHOOK_SECRET": os.environ.get("WALLET_BANK_WEBHOOK_SECRET"),
+        # The platform's merchant id at the bank: payment links in order SMS name it.
+        "BANK_MERCHANT": os.environ.get("WALLET_BANK_MERCHANT", "BUSCARD"),
         # Sum of debits = sum of credits, verified inside every transaction before commit.
         "LEDGER_CHECK_EVERY_COMMIT": os.environ.get("WALLET_LEDGER_CHECK") == "1",
     }

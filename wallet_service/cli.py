@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from sim_applet.toolkit import DEFAULT_PLATFORM_NUMBER
 from wallet_service import default_config
 
 
@@ -180,7 +181,7 @@ def clearing_schedule(at_time: str, once: bool) -> None:
 @click.command()
 @click.option("--smsc", "smsc_url", default="http://127.0.0.1:8070", show_default=True)
 @click.option("--bank", "bank_url", default="http://127.0.0.1:8090", show_default=True)
-@click.option("--short-code", default="10658888", show_default=True)
+@click.option("--short-code", default=DEFAULT_PLATFORM_NUMBER, show_default=True)
 @click.option("--once", is_flag=True, help="one pass, then exit")
 def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
     """Move top-up orders: bank callbacks, PoRs from the SMS centre, due OTA steps."""

@@ -23,8 +23,9 @@ from otar.packets import (
 from otar.remote_apdu import CompactResponse, encode_script
 from otar.sim_side import TRANSIT_TAR
 from reader_sim.smsc import Sms
+from sim_applet.service_request import is_service_request
 from wallet_service.models import Card
-from wallet_service.services import topups
+from wallet_service.services import phone_requests, topups
 from wallet_service.services.registry import Context
 from wallet_service.sms_gateway import SmsGateway
 
@@ -47,11 +48,14 @@ class SmsOtaChannel:
             self.keyset_for(card_serial), SECURITY, TRANSIT_TAR, step, encode_script(apdus)
         )
 
-    def deliver(self, phone: str, packet: bytes) -> None:
-        self.gateway.send(phone, packet, COMMAND_UDH)
+    def deliver(self, phone: str, packet: bytes, udh: bytes = COMMAND_UDH) -> None:
+        self.gateway.send(phone, packet, udh)
 
     def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
         self.deliver(phone, self.build(card_serial, step, apdus))
+
+    def notify(self, phone: str, text: str) -> None:
+        self.deliver(phone, encode_notice(text), b"")
 
 
 class Outbox:
@@ -63,15 +67,26 @@ class Outbox:
     def __init__(self, channel: SmsOtaChannel) -> None:
         self.channel = channel
         self.keyset_for = channel.keyset_for
-        self.pending: list[tuple[str, bytes]] = []
+        self.pending: list[tuple[str, bytes, bytes]] = []
 
     def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
-        self.pending.append((phone, self.channel.build(card_serial, step, apdus)))
+        self.pending.append((phone, self.channel.build(card_serial, step, apdus), COMMAND_UDH))
+
+    def notify(self, phone: str, text: str) -> None:
+        self.pending.append((phone, encode_notice(text), b""))
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
-        for phone, packet in pending:
-            self.channel.deliver(phone, packet)
+        for phone, packet, udh in pending:
+            self.channel.deliver(phone, packet, udh)
+
+
+notice_chars_max = 70  # one SMS in UCS2 (TS 23.038): 140 bytes
+
+
+def encode_notice(text: str) -> bytes:
+    """A text SMS to the passenger, UCS2 (the phone shows Chinese and English alike)."""
+    return text[:notice_chars_max].encode("utf-16-be")
 
 
 def committed_then_sent(
@@ -102,8 +117,16 @@ def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> Callable[[str],
     return keyset_for
 
 
-def handle_incoming_sms(ctx: Context, channel: SmsOtaChannel | Outbox, sms: Sms) -> str:
-    """A PoR from a phone → the order's next step. Anything else is not ours (yet)."""
+DEFAULT_BANK_MERCHANT = "BUSCARD"
+
+
+def handle_incoming_sms(
+    ctx: Context, channel: SmsOtaChannel | Outbox, sms: Sms, merchant: str = DEFAULT_BANK_MERCHANT
+) -> str:
+    """A PoR from a phone → the order's next step; a request from the SIM's menu → an
+    order or a loss report. Anything else is not ours."""
+    if sms.udh == b"" and is_service_request(sms.user_data):
+        return phone_requests.handle(ctx, channel, sms.sender, sms.user_data, merchant)
     if sms.udh != RESPONSE_UDH:
         return "not a proof of receipt"
     card_serial = ctx.session.scalar(

@@ -83,7 +83,11 @@ def run_once(
     )
     for sms in gateway.receive(wait_ms):
         report.sms += 1
-        outcome = committed_then_sent(lambda ctx, box, sms=sms: handle_incoming_sms(ctx, box, sms))
+        outcome = committed_then_sent(
+            lambda ctx, box, sms=sms: handle_incoming_sms(
+                ctx, box, sms, app.config["BANK_MERCHANT"]
+            )
+        )
         log.info("SMS from %s: %s", sms.sender, outcome)
     for _ in range(steps_per_pass_max):
         result = committed_then_sent(lambda ctx, box: topups.work_once(ctx, box, bank))

@@ -694,3 +694,31 @@ def reconcile_topups(ctx: Context, day: str, body: s.ReconcileIn) -> s.Reconcile
     from wallet_service.services import reconciliation
 
     return s.ReconcileOut(**reconciliation.reconcile(ctx, _date(day), body.statement_csv))
+
+
+def _topup_out(order) -> s.TopUpOut:  # type: ignore[no-untyped-def]
+    return s.TopUpOut(
+        reference=order.reference,
+        card_serial=order.card_serial,
+        amount_fen=order.amount_fen,
+        state=order.state,
+        created_at=order.created_at,
+        finished_at=order.finished_at,
+        failure=order.failure,
+        tac=order.tac,
+    )
+
+
+@endpoint(
+    cards_bp,
+    "/<serial>/topups",
+    "GET",
+    summary="A card's over-the-air top-up orders, newest first",
+    roles=COUNTER,
+    response=s.TopUpList,
+)
+def card_topups(ctx: Context, serial: str) -> s.TopUpList:
+    from wallet_service.services import topups
+
+    card = cards.card_by_serial(ctx, serial)
+    return s.TopUpList(orders=[_topup_out(o) for o in topups.orders_of(ctx, card.serial)])

@@ -427,3 +427,20 @@ class ReconcileOut(BaseModel):
     orders: int
     matched: bool
     findings: list[ReconcileFinding]
+
+
+class TopUpOut(BaseModel):
+    """An over-the-air top-up order as the platform sees it (no keys, no MACs)."""
+
+    reference: str
+    card_serial: str
+    amount_fen: int
+    state: str
+    created_at: datetime
+    finished_at: datetime | None
+    failure: str | None
+    tac: str | None
+
+
+class TopUpList(BaseModel):
+    orders: list[TopUpOut]

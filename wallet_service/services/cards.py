@@ -166,11 +166,17 @@ def report_loss(ctx: Context, serial: str, id_number: str) -> Card:
     ctx.principal.require("admin", "counter")
     card = card_by_serial(ctx, serial, lock=True)
     _check_identity(card, id_number)
+    return mark_lost(ctx, card, ctx.principal.name)
+
+
+def mark_lost(ctx: Context, card: Card, actor: str) -> Card:
+    """Lost: on the hot list for every POS. Reached at the counter (with the holder's id)
+    or from the phone's menu (with the card's PIN and key)."""
     if card.status not in ("issued", "active"):
         raise Conflict(f"card {card.serial} is {card.status}")
     card.status = "lost"
     blacklist(ctx, card.serial, "add", "reported lost")
-    audit.record(ctx.session, ctx.principal.name, "card.report_loss", card.serial, ctx.now)
+    audit.record(ctx.session, actor, "card.report_loss", card.serial, ctx.now)
     return card
 
 

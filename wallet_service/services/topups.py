@@ -56,9 +56,12 @@ IN_FLIGHT = ("paid", "init_sent", "credit_sent", "proving")
 
 
 class OtaChannel(Protocol):
-    """Sends C-APDUs to a SIM; its PoRs come back through ``on_proof_of_receipt``."""
+    """Sends C-APDUs to a SIM (its PoRs come back through ``on_proof_of_receipt``) and
+    text messages to the passenger's phone."""
 
     def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None: ...
+
+    def notify(self, phone: str, text: str) -> None: ...
 
 
 class BankClient(Protocol):
@@ -122,6 +125,20 @@ def create_order(
         amount_fen=amount_fen,
     )
     return order
+
+
+orders_listed_max = 100
+
+
+def orders_of(ctx: Context, card_serial: str) -> list[TopUpOrder]:
+    return list(
+        ctx.session.scalars(
+            select(TopUpOrder)
+            .where(TopUpOrder.card_serial == card_serial)
+            .order_by(TopUpOrder.id.desc())
+            .limit(orders_listed_max)
+        )
+    )
 
 
 # --- bank callbacks ------------------------------------------------------------------------
@@ -260,6 +277,7 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
             f"topup_refund:{order.id}",
         )
         order.state, order.finished_at, order.next_action_at = "refunded", ctx.now, None
+        channel.notify(order.phone, f"充值未完成，已退款 Refunded {_yuan(order.amount_fen)}")
         audit.record(
             ctx.session,
             "worker",
@@ -342,7 +360,7 @@ def on_proof_of_receipt(
         return _initialized(ctx, order, channel, data, sw)
     if order.state == "credit_sent":
         if sw == 0x9000 and _tac_ok(ctx, order, data):
-            return _loaded(ctx, order, data)
+            return _loaded(ctx, channel, order, data)
         order.state, order.next_action_at = "paid", ctx.now  # CREDIT refused: not loaded
         return "credit refused: again from packet 1"
     if order.state == "proving":
@@ -350,7 +368,7 @@ def on_proof_of_receipt(
             order.state, order.next_action_at = "paid", ctx.now
             return "not loaded: again from packet 1"
         if sw == 0x9000 and _tac_ok(ctx, order, TransactionProof.decode(data).tac):
-            return _loaded(ctx, order, TransactionProof.decode(data).tac)
+            return _loaded(ctx, channel, order, TransactionProof.decode(data).tac)
     return "ignored"
 
 
@@ -416,7 +434,7 @@ def _tac_ok(ctx: Context, order: TopUpOrder, tac: bytes) -> bool:
     return len(tac) == 4 and hmac.compare_digest(expected, tac)
 
 
-def _loaded(ctx: Context, order: TopUpOrder, tac: bytes) -> str:
+def _loaded(ctx: Context, channel: OtaChannel, order: TopUpOrder, tac: bytes) -> str:
     _post(
         ctx,
         TOPUP_PENDING,
@@ -437,4 +455,21 @@ def _loaded(ctx: Context, order: TopUpOrder, tac: bytes) -> str:
         order=order.reference,
         amount_fen=order.amount_fen,
     )
+    balance = (order.old_balance_fen or 0) + order.amount_fen
+    channel.notify(
+        order.phone, f"充值成功 Top-up OK {_yuan(order.amount_fen)}, 余额 balance {_yuan(balance)}"
+    )
     return "loaded"
+
+
+def _yuan(fen: int) -> str:
+    return f"{fen // 100}.{fen % 100:02d}"
+
+
+def payment_link(order: TopUpOrder, merchant: str) -> str:
+    """What the order SMS carries: the passenger's bank app pays from it."""
+    return f"buspay://{merchant}/{order.reference}/{order.amount_fen}"
+
+
+def order_notice(order: TopUpOrder, merchant: str) -> str:
+    return f"请付款 Pay {_yuan(order.amount_fen)}: {payment_link(order, merchant)}"

@@ -1,0 +1,212 @@
+"""The phone simulator: hosts a SIM, runs its toolkit menu, carries its SMS (OTA issue §3).
+
+The phone is the SIM's terminal, as in ETSI TS 102 223: it sends TERMINAL PROFILE at
+power-on, FETCHes each proactive command the SIM announces with `91 xx`, shows it through
+its ``Screen`` and answers with TERMINAL RESPONSE; a menu choice goes to the SIM in an
+ENVELOPE (MENU SELECTION). SMS from the SMS centre: a command packet (UDH IEI 70) goes to
+the SIM in an ENVELOPE (SMS-PP download) and its PoR goes back to the sender (IEI 71);
+a text is shown. The passenger's bank app pays the payment links those texts carry.
+
+Two screens: ``ScriptedScreen`` (tests and ``--input``: answers queued in advance, every
+screen recorded) and the terminal one in the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from otar.sms import decode_sms_submit, encode_envelope, encode_sms_deliver
+from reader_sim.smsc import Sms
+from sim_applet.apdu import CommandApdu
+from sim_applet.sim import Sim
+from sim_applet.stk import (
+    INPUT_HIDDEN,
+    CommandType,
+    ProactiveCommand,
+    Result,
+    StkError,
+    TerminalResponse,
+    menu_selection,
+)
+
+COMMAND_IEI, RESPONSE_UDH = 0x70, bytes.fromhex("027100")
+# A terminal profile announcing the commands this phone runs (TS 102 223 §5.2; bytes
+# 1–5: download, menu selection, DISPLAY TEXT, GET INPUT, SELECT ITEM, SET UP MENU,
+# SEND SHORT MESSAGE). The SIM here does not vary its menu by profile.
+TERMINAL_PROFILE = bytes.fromhex("FFFFFFFF1F")
+proactive_commands_per_action_max = 32  # a SIM that never stops proposing is cut off
+_PAYMENT_LINK = re.compile(r"buspay://([A-Za-z0-9_-]+)/([A-Za-z0-9-]+)/([0-9]+)")
+
+
+class Screen(Protocol):
+    def show(self, text: str) -> None: ...
+
+    def ask(self, prompt: str, low: int, high: int, hidden: bool) -> str | None:
+        """Digits typed by the passenger, or None for back/cancel."""
+        ...
+
+    def choose(self, title: str, items: list[tuple[int, str]]) -> int | None: ...
+
+
+class SmsLine(Protocol):
+    """The phone's radio: send to a number, receive what is waiting (a gateway adapter
+    with the phone's own number as its address)."""
+
+    def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None: ...
+
+    def receive(self, wait_ms: int = 0) -> list[Sms]: ...
+
+
+@dataclass
+class ScriptedScreen:
+    """Answers given in advance, in order; every screen kept in ``screens``."""
+
+    answers: list[str] = field(default_factory=list)
+    screens: list[str] = field(default_factory=list)
+
+    def show(self, text: str) -> None:
+        self.screens.append(text)
+
+    def ask(self, prompt: str, low: int, high: int, hidden: bool) -> str | None:
+        self.screens.append(f"{prompt}?")
+        return self.answers.pop(0) if self.answers else None
+
+    def choose(self, title: str, items: list[tuple[int, str]]) -> int | None:
+        self.screens.append(title + "".join(f"\n{i}. {text}" for i, text in items))
+        if not self.answers:
+            return None
+        answer = self.answers.pop(0)
+        return int(answer) if answer.isdigit() else None
+
+
+@dataclass
+class Menu:
+    title: str
+    items: list[tuple[int, str]]
+
+    def render(self) -> str:
+        return self.title + "".join(f"\n{i}. {text}" for i, text in self.items)
+
+
+class PhoneError(Exception):
+    pass
+
+
+class Phone:
+    def __init__(
+        self,
+        sim: Sim,
+        number: str,
+        line: SmsLine,
+        screen: Screen,
+        pay: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.sim, self.number, self.line, self.screen = sim, number, line, screen
+        self.pay = pay  # the bank app: (merchant, order id, amount in fen)
+        self.menu: Menu | None = None
+        self.inbox: list[str] = []
+        self.payment_links: list[tuple[str, str, int]] = []
+
+    # --- the toolkit session -------------------------------------------------------------
+
+    def power_on(self) -> None:
+        self.sim.power_on()
+        self._run(CommandApdu(0x80, 0x10, 0x00, 0x00, TERMINAL_PROFILE).encode())
+
+    def select(self, item_id: int) -> None:
+        """The passenger picks a menu item."""
+        if self.menu is None:
+            raise PhoneError("the SIM has set up no menu")
+        if item_id not in {i for i, _ in self.menu.items}:
+            raise PhoneError(f"the menu has no item {item_id}")
+        self._run(CommandApdu(0x80, 0xC2, 0x00, 0x00, menu_selection(item_id)).encode())
+
+    def _run(self, apdu: bytes) -> None:
+        """Send one APDU, then serve proactive commands for as long as the SIM has them."""
+        sw = self._transmit(apdu)[-2:]
+        for _ in range(proactive_commands_per_action_max):
+            if sw[0] != 0x91:
+                if sw != b"\x90\x00":
+                    raise PhoneError(f"the SIM answered {sw.hex().upper()}")
+                return
+            fetched = self._transmit(CommandApdu(0x80, 0x12, 0x00, 0x00, b"", sw[1]).encode())
+            try:
+                command = ProactiveCommand.decode(fetched[:-2])
+            except StkError as error:
+                raise PhoneError(f"unreadable proactive command: {error}") from None
+            answer = self._perform(command)
+            sw = self._transmit(CommandApdu(0x80, 0x14, 0x00, 0x00, answer.encode()).encode())[-2:]
+        raise PhoneError("the SIM keeps proposing commands")
+
+    def _transmit(self, apdu: bytes) -> bytes:
+        answer = self.sim.transmit(apdu)
+        if len(answer) < 2:
+            raise PhoneError("the SIM did not answer")
+        return answer
+
+    def _perform(self, command: ProactiveCommand) -> TerminalResponse:
+        kind = command.type
+        if kind is CommandType.SET_UP_MENU:
+            self.menu = Menu(command.alpha or "", list(command.items))
+            return TerminalResponse.for_command(command)
+        if kind is CommandType.DISPLAY_TEXT:
+            self.screen.show(command.text or "")
+            return TerminalResponse.for_command(command)
+        if kind is CommandType.GET_INPUT:
+            low, high = command.response_length or (0, 255)
+            typed = self.screen.ask(
+                command.text or "", low, high, bool(command.qualifier & INPUT_HIDDEN)
+            )
+            if typed is None:
+                return TerminalResponse.for_command(command, result=Result.BACKWARD_MOVE)
+            return TerminalResponse.for_command(command, text=typed)
+        if kind is CommandType.SELECT_ITEM:
+            chosen = self.screen.choose(command.alpha or "", list(command.items))
+            if chosen is None:
+                return TerminalResponse.for_command(command, result=Result.BACKWARD_MOVE)
+            return TerminalResponse.for_command(command, item_id=chosen)
+        return self._send_short_message(command)
+
+    def _send_short_message(self, command: ProactiveCommand) -> TerminalResponse:
+        if command.alpha:
+            self.screen.show(command.alpha)
+        try:
+            submit = decode_sms_submit(command.tpdu or b"")
+            self.line.send(submit.destination, submit.user_data)
+        except (ValueError, OSError):  # a refused SMS or no radio: "network unable" to the SIM
+            return TerminalResponse.for_command(command, result=Result.NETWORK_UNABLE)
+        return TerminalResponse.for_command(command)
+
+    # --- SMS ------------------------------------------------------------------------------
+
+    def receive(self, wait_ms: int = 0) -> int:
+        """Take what the SMS centre holds for this phone; return how many."""
+        messages = self.line.receive(wait_ms)
+        for sms in messages:
+            self._deliver(sms)
+        return len(messages)
+
+    def _deliver(self, sms: Sms) -> None:
+        if sms.udh[1:2] == bytes((COMMAND_IEI,)):
+            self._download(sms)
+            return
+        text = sms.user_data.decode("utf-16-be", errors="replace")
+        self.inbox.append(text)
+        self.screen.show(f"SMS {sms.sender}: {text}")
+        link = _PAYMENT_LINK.search(text)
+        if link is not None:
+            merchant, order_id, amount = link.group(1), link.group(2), int(link.group(3))
+            self.payment_links.append((merchant, order_id, amount))
+            if self.pay is not None:
+                self.pay(merchant, order_id, amount)
+
+    def _download(self, sms: Sms) -> None:
+        """SMS-PP data download: the SIM gets the packet, the sender gets the PoR."""
+        tpdu = encode_sms_deliver(sms.sender, sms.user_data)
+        answer = self.sim.transmit(encode_envelope(tpdu))
+        por = answer[:-2]
+        if len(answer) >= 2 and por[:3] == RESPONSE_UDH:
+            self.line.send(sms.sender, por[3:], RESPONSE_UDH)

@@ -1,0 +1,179 @@
+"""``python app.py phone IMAGE``: the phone simulator in a terminal, interactive or scripted.
+
+Scripted (tests, shell scripts): ``--select`` menu items in order, ``--input`` answers to
+the SIM's questions in order, ``--follow SECONDS`` keeps receiving SMS (command packets go
+to the SIM, PoRs go back, payment links are paid with ``--bank-card``). Every screen is
+printed. Interactive: the menu, a number picks an item, ``r`` receives SMS, ``q`` quits;
+SMS are received in the background too. The image is saved after every action.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import click
+import requests
+
+from reader_sim.phone import Phone, PhoneError, ScriptedScreen
+from sim_applet.image import ImageError
+from sim_applet.sim import Sim
+from wallet_service.sms_gateway import HttpGateway
+
+receive_wait_ms = 500
+request_timeout_s = 10.0
+
+
+class BadInput(click.ClickException):
+    exit_code = 2
+
+
+@dataclass
+class PrintingScreen(ScriptedScreen):
+    def show(self, text: str) -> None:
+        super().show(text)
+        click.echo(f"[{text}]")
+
+    def ask(self, prompt: str, low: int, high: int, hidden: bool) -> str | None:
+        answer = super().ask(prompt, low, high, hidden)
+        click.echo(f"{prompt}? {'*' * len(answer or '') if hidden else answer}")
+        return answer
+
+
+class TerminalScreen:
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def show(self, text: str) -> None:
+        click.echo(f"[{text}]")
+
+    def ask(self, prompt: str, low: int, high: int, hidden: bool) -> str | None:
+        answer = click.prompt(f"{prompt} (empty: back)", default="", hide_input=hidden)
+        return answer or None
+
+    def choose(self, title: str, items: list[tuple[int, str]]) -> int | None:
+        click.echo(title + "".join(f"\n  {i}. {text}" for i, text in items))
+        answer = click.prompt("choice (empty: back)", default="")
+        return int(answer) if answer.isdigit() else None
+
+
+def bank_app(bank_url: str, card_number: str):  # type: ignore[no-untyped-def]
+    """The passenger's bank app: pays a payment link with one bank card."""
+
+    def pay(merchant: str, order_id: str, amount_fen: int) -> None:
+        answer = requests.post(
+            f"{bank_url.rstrip('/')}/api/payments",
+            json={
+                "merchant": merchant,
+                "order_id": order_id,
+                "amount_fen": amount_fen,
+                "card_number": card_number,
+            },
+            timeout=request_timeout_s,
+        )
+        outcome = "paid" if answer.ok else f"refused: {answer.text.strip()}"
+        click.echo(f"[bank app: {amount_fen / 100:.2f} yuan for {order_id} {outcome}]")
+
+    return pay
+
+
+@click.command()
+@click.argument("image")
+@click.option("--number", default="13800138000", show_default=True, help="this phone's MSISDN")
+@click.option("--smsc", "smsc_url", default="http://127.0.0.1:8070", show_default=True)
+@click.option("--bank", "bank_url", default="http://127.0.0.1:8090", show_default=True)
+@click.option("--bank-card", help="pay payment links with this bank card (else only show them)")
+@click.option("--select", "selections", multiple=True, type=int, help="menu item, in order")
+@click.option("--input", "answers", multiple=True, help="an answer to the SIM, in order")
+@click.option("--follow", type=click.FloatRange(0), help="receive SMS for this many seconds")
+@click.option("--until", "until_text", help="stop following once an SMS contains this text")
+def phone(
+    image: str,
+    number: str,
+    smsc_url: str,
+    bank_url: str,
+    bank_card: str | None,
+    selections: tuple[int, ...],
+    answers: tuple[str, ...],
+    follow: float | None,
+    until_text: str | None,
+) -> None:
+    """A phone with the SIM of IMAGE: its menu, its SMS."""
+    try:
+        sim = Sim.load(image)
+    except ImageError as error:
+        raise BadInput(str(error)) from None
+    lock = threading.Lock()
+    scripted = bool(selections or answers or follow is not None)
+    screen = PrintingScreen(list(answers)) if scripted else TerminalScreen(lock)
+    pay = bank_app(bank_url, bank_card) if bank_card else None
+    handset = Phone(sim, number, HttpGateway(smsc_url, number), screen, pay)
+    try:
+        handset.power_on()
+        if scripted:
+            _scripted(handset, sim, image, selections, follow or 0, until_text)
+            if until_text and not any(until_text in text for text in handset.inbox):
+                raise click.ClickException(f"no SMS with {until_text!r} within {follow} s")
+        else:
+            _interactive(handset, sim, image, lock)
+    except PhoneError as error:
+        raise BadInput(str(error)) from None
+    except requests.RequestException as error:
+        raise BadInput(f"cannot reach the SMS centre or the bank: {error}") from None
+    finally:
+        sim.save(image)
+
+
+def _scripted(
+    handset: Phone,
+    sim: Sim,
+    image: str,
+    selections: tuple[int, ...],
+    follow_s: float,
+    until_text: str | None,
+) -> None:
+    assert handset.menu is not None
+    click.echo(handset.menu.render())
+    for item in selections:
+        handset.select(item)
+        sim.save(image)
+    deadline = time.monotonic() + follow_s
+    while time.monotonic() < deadline:
+        if handset.receive(min(receive_wait_ms, int((deadline - time.monotonic()) * 1000))):
+            sim.save(image)
+        if until_text and any(until_text in text for text in handset.inbox):
+            return
+
+
+def _interactive(handset: Phone, sim: Sim, image: str, lock: threading.Lock) -> None:
+    stop = threading.Event()
+
+    def receive_in_background() -> None:
+        while not stop.is_set():
+            try:
+                with lock:
+                    if handset.receive():
+                        sim.save(image)
+            except (requests.RequestException, PhoneError) as error:
+                click.echo(f"[SMS: {error}]")
+            stop.wait(receive_wait_ms / 1000)
+
+    threading.Thread(target=receive_in_background, daemon=True).start()
+    try:
+        while True:
+            assert handset.menu is not None
+            click.echo(handset.menu.render())
+            choice = click.prompt("item, r = receive SMS, q = quit", default="r")
+            if choice == "q":
+                return
+            with lock:
+                try:
+                    handset.select(int(choice)) if choice.isdigit() else handset.receive()
+                except PhoneError as error:
+                    click.echo(f"[{error}]")
+                sim.save(image)
+    except (click.Abort, EOFError):
+        return
+    finally:
+        stop.set()

@@ -1,0 +1,275 @@
+"""The SIM's phone menu (SIM Toolkit) and the phone simulator, and the headline flow in one
+process: menu → top-up request SMS → order → bank payment from the link → secured packets
+→ the phone's SIM loaded → the menu shows the new balance."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from reader_sim.bank import deliver_due
+from reader_sim.phone import Phone, PhoneError, ScriptedScreen
+from reader_sim.smsc import SmsCentre
+from sim_applet.apdu import CommandApdu
+from sim_applet.personalize import personalize
+from sim_applet.sim import Sim
+from sim_applet.stk import (
+    CommandType,
+    ProactiveCommand,
+    Result,
+    TerminalResponse,
+    menu_selection,
+    parse_menu_selection,
+)
+from sim_applet.toolkit import ToolkitSettings
+from tests.helpers import Clock, purse
+from tests.test_wallet_topups import BANK_CARD, PHONE, World
+from tests.wallet_fixtures import Wallet
+from wallet_service.sms_gateway import InProcessGateway
+from wallet_service.worker import run_once
+
+SHORT_CODE = "10658888"
+SERIAL = bytes.fromhex("20260000000000009001")
+
+# --- the toolkit codec, against ETSI TS 102 384 test sequences ----------------------------
+
+
+def test_display_text_is_byte_exact_with_ts_102_384() -> None:
+    command = ProactiveCommand(1, CommandType.DISPLAY_TEXT, 0x80, text="Toolkit Test 1")
+    expected = "D01A8103012180820281028D0F04546F6F6C6B697420546573742031"  # 27.22.4.1.1
+    assert command.encode().hex().upper() == expected
+    assert ProactiveCommand.decode(bytes.fromhex(expected)) == command.__class__(
+        1, CommandType.DISPLAY_TEXT, 0x80, text="Toolkit Test 1", destination=0x02
+    )
+
+
+def test_get_input_and_set_up_menu_are_byte_exact_with_ts_102_384() -> None:
+    get_input = ProactiveCommand(
+        1, CommandType.GET_INPUT, 0x00, text="Enter 12345", response_length=(5, 5)
+    )
+    assert get_input.encode().hex().upper() == (  # 27.22.4.3.1 seq 1.1
+        "D01B8103012300820281828D0C04456E746572203132333435910205" + "05"
+    )
+    menu = ProactiveCommand(
+        1,
+        CommandType.SET_UP_MENU,
+        alpha="Toolkit Menu",
+        items=tuple((i, f"Item {i}") for i in range(1, 5)),
+    )
+    assert menu.encode().hex().upper() == (  # 27.22.4.8.1 seq 1.1
+        "D03B810301250082028182850C546F6F6C6B6974204D656E75"
+        "8F07014974656D20318F07024974656D20328F07034974656D20338F07044974656D2034"
+    )
+    assert menu_selection(2).hex().upper() == "D30782020181900102"
+    assert parse_menu_selection(menu_selection(2)) == 2
+
+
+def test_terminal_response_and_chinese_texts_round_trip() -> None:
+    display = ProactiveCommand(1, CommandType.DISPLAY_TEXT, 0x80, text="余额：30.00元")
+    answer = TerminalResponse.for_command(display)
+    assert answer.encode().hex().upper() == "810301218082028281830100"  # 27.22.4.1.1
+    assert ProactiveCommand.decode(display.encode()).text == "余额：30.00元"
+    typed = TerminalResponse(2, CommandType.GET_INPUT, 0, Result.OK, text="123456")
+    assert TerminalResponse.decode(typed.encode()) == typed
+
+
+# --- the menu on the SIM, through the phone ------------------------------------------------
+
+
+class Radio:
+    """A phone's SMS line that records what it sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
+        self.sent.append((to, user_data, udh))
+
+    def receive(self, wait_ms: int = 0) -> list:  # type: ignore[type-arg]
+        return []
+
+
+def phone_with(sim: Sim, *answers: str) -> tuple[Phone, ScriptedScreen, Radio]:
+    screen, radio = ScriptedScreen(list(answers)), Radio()
+    phone = Phone(sim, PHONE, radio, screen)
+    phone.power_on()
+    return phone, screen, radio
+
+
+def test_the_menu_in_chinese_and_english_and_the_setting_persists(tmp_path: Path) -> None:
+    sim = personalize(SERIAL, balance_fen=3050)
+    phone, screen, _ = phone_with(sim, "2")
+    assert phone.menu is not None and phone.menu.title == "公交卡"
+    assert [text for _, text in phone.menu.items][:4] == [
+        "余额查询",
+        "充值记录",
+        "乘车记录",
+        "空中充值",
+    ]
+    phone.select(1)
+    assert screen.screens[-1] == "余额：30.50元"
+    phone.select(7)  # language → English
+    assert phone.menu.title == "Bus card"
+    sim.save(tmp_path / "sim.json")
+    again, screen, _ = phone_with(Sim.load(tmp_path / "sim.json"))
+    assert again.menu is not None and again.menu.items[0] == (1, "Balance")
+    again.select(1)
+    assert screen.screens[-1] == "Balance: 30.50 yuan"
+
+
+def test_history_comes_from_the_cards_own_log() -> None:
+    from reader_sim.link import InMemoryLink
+    from tests.helpers import load, new_pos
+
+    sim = personalize(SERIAL, menu=ToolkitSettings("en"))
+    load(sim, 5000)  # at a counter
+    new_pos(fare_fen=200).present(InMemoryLink(sim))  # then a ride
+    phone, screen, _ = phone_with(sim)
+    phone.select(2)
+    assert screen.screens[-1].endswith("+50.00") and "\n" not in screen.screens[-1]
+    phone.select(3)
+    assert screen.screens[-1].endswith("-2.00")
+    fresh, screen, _ = phone_with(personalize(SERIAL, menu=ToolkitSettings("en")))
+    fresh.select(3)
+    assert screen.screens[-1] == "No rides yet"
+
+
+def test_a_top_up_request_needs_the_pin_and_carries_the_cards_mac() -> None:
+    sim = personalize(SERIAL, menu=ToolkitSettings("en"))
+    phone, screen, radio = phone_with(sim, "30", "000000")
+    phone.select(4)
+    assert screen.screens[-1] == "Wrong PIN, 2 tries left" and radio.sent == []
+    phone, screen, radio = phone_with(sim, "30", "123456")
+    phone.select(4)
+    assert screen.screens[-1].startswith("Top-up of 30.00 yuan requested")
+    [(to, user_data, udh)] = radio.sent
+    assert (to, udh, user_data[:4], len(user_data)) == (SHORT_CODE, b"", b"BUSR", 30)
+    assert purse(sim).pin_tries_left == 3  # the right PIN gives the try back
+
+
+@pytest.mark.parametrize("amount", ["0", "1001", ""])
+def test_a_top_up_amount_out_of_range_sends_nothing(amount: str) -> None:
+    phone, screen, radio = phone_with(personalize(SERIAL, menu=ToolkitSettings("en")), amount)
+    phone.select(4)
+    assert radio.sent == []
+    if amount:
+        assert screen.screens[-1] == "Enter 1 to 1000 yuan"
+
+
+def test_change_pin_from_the_menu() -> None:
+    sim = personalize(SERIAL, menu=ToolkitSettings("en"))
+    phone, screen, _ = phone_with(sim, "123456", "2468", "2486")
+    phone.select(6)
+    assert screen.screens[-1] == "The new PINs differ"
+    phone, screen, _ = phone_with(sim, "123456", "2468", "2468")
+    phone.select(6)
+    assert screen.screens[-1] == "PIN changed"
+    phone, screen, radio = phone_with(sim, "2468")
+    phone.select(5)  # report loss with the new PIN
+    assert screen.screens[-1] == "Loss report sent" and len(radio.sent) == 1
+
+
+def test_the_sim_refuses_toolkit_misuse() -> None:
+    sim = personalize(SERIAL)
+    assert sim.transmit(bytes.fromhex("8012000010"))[-2:] == bytes.fromhex("6985")  # FETCH
+    tr = TerminalResponse(1, CommandType.DISPLAY_TEXT, 0x80).encode()
+    answer = sim.transmit(CommandApdu(0x80, 0x14, 0, 0, tr).encode())
+    assert answer[-2:] == bytes.fromhex("6985")  # nothing to answer
+    phone, _, _ = phone_with(sim)
+    with pytest.raises(PhoneError):
+        phone.select(9)
+    bad = CommandApdu(0x80, 0xC2, 0, 0, menu_selection(9)).encode()
+    assert sim.transmit(bad)[-2:] == bytes.fromhex("6A80")
+    garbage = CommandApdu(0x80, 0xC2, 0, 0, bytes.fromhex("D305FFFF")).encode()
+    assert sim.transmit(garbage)[-2:] == bytes.fromhex("6A80")
+
+
+# --- the headline flow in one process --------------------------------------------------------
+
+
+class PhoneWorld(World):
+    def __init__(self, wallet: Wallet, tmp_path: Path) -> None:
+        super().__init__(wallet, tmp_path)
+        self.smsc = SmsCentre(clock=Clock(), random=random.Random(1))
+        self.gateway = InProcessGateway(self.smsc, SHORT_CODE)
+        self.screen = ScriptedScreen()
+        self.phone = Phone(
+            self.sim, PHONE, InProcessGateway(self.smsc, PHONE), self.screen, self.bank_app
+        )
+        self.phone.power_on()
+
+    def bank_app(self, merchant: str, order_id: str, amount_fen: int) -> None:
+        self.bank.pay(merchant, order_id, amount_fen, BANK_CARD)
+        deliver_due(
+            self.bank,
+            self.secret,
+            lambda url, payload, headers: (
+                self.wallet.client()
+                .post("/api/v1/bank/webhooks", data=payload, headers=headers)
+                .status_code
+            ),
+        )
+
+    def settle(self, passes: int = 8) -> None:
+        for _ in range(passes):
+            run_once(self.wallet.app, self.gateway, self.bank)
+            if not self.phone.receive():
+                run_once(self.wallet.app, self.gateway, self.bank)
+                if not self.phone.receive():
+                    return
+
+
+def test_top_up_from_the_phone_menu_end_to_end(wallet: Wallet, tmp_path: Path) -> None:
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    world.settle()
+    assert purse(world.sim).balance == 3000
+    assert any(text.startswith("充值成功 Top-up OK 30.00") for text in world.phone.inbox)
+    world.phone.select(1)
+    assert world.screen.screens[-1] == "余额：30.00元"
+    assert world.books()[f"card_float:{world.serial}"] == 3000
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000
+    world.bank.close()
+
+
+def test_a_forged_or_foreign_request_makes_no_order(wallet: Wallet, tmp_path: Path) -> None:
+    from sim_applet.personalize import IssuerKeys
+
+    world = PhoneWorld(wallet, tmp_path)
+    clone = personalize(
+        bytes.fromhex(world.serial),
+        issuer=IssuerKeys(*(bytes([n]) * 16 for n in range(1, 6))),
+        menu=ToolkitSettings("en"),
+    )
+    forger = Phone(
+        clone, PHONE, InProcessGateway(world.smsc, PHONE), ScriptedScreen(["30", "123456"])
+    )
+    forger.power_on()
+    forger.select(4)  # right serial, right phone number, wrong key
+    other = Phone(
+        world.sim, "13900000000", InProcessGateway(world.smsc, "13900000000"), ScriptedScreen()
+    )
+    other.power_on()
+    other.screen.answers[:] = ["30", "123456"]  # type: ignore[attr-defined]
+    other.select(4)  # the right card, from another phone
+    run_once(world.wallet.app, world.gateway, world.bank)
+    assert world.phone.receive() == 0 and other.receive() == 0
+    assert world.bank.webhook_log() == [] and world.phone.payment_links == []
+    world.bank.close()
+
+
+def test_loss_report_from_the_phone_puts_the_card_on_the_hot_list(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["123456"]
+    world.phone.select(5)
+    run_once(world.wallet.app, world.gateway, world.bank)
+    world.phone.receive()
+    assert world.phone.inbox == ["已挂失 Card reported lost"]
+    card = wallet.ok("GET", f"/api/v1/cards/{world.serial}")
+    assert card["status"] == "lost"
+    world.bank.close()
