@@ -82,6 +82,16 @@ def main() -> None:
     )
     print(f"clearing_peak_rss_mb: {figures['clearing_peak_rss_mb']:.0f} MB", flush=True)
 
+    from bench.ota import ota_figures, ota_workers, phones
+
+    figures = ota_figures()
+    print(
+        f"ota_topups_per_s: {figures['ota_topups_per_s']:.0f} top-ups/s  # {phones} phones, "
+        f"{ota_workers} workers, PostgreSQL, every party its own process on this machine",
+        flush=True,
+    )
+    print(f"ota_topup_median_ms: {figures['ota_topup_median_ms']:.0f} ms", flush=True)
+
     try:
         from bench.pcsc import pcsc_figures
     except ImportError as error:

@@ -9,12 +9,14 @@ argument; ``BankApp``/``app.py bank serve`` put HTTP around it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import secrets
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -69,15 +71,25 @@ class Payment:
 class Bank:
     def __init__(self, path: str | Path, clock: Callable[[], datetime] = datetime.now) -> None:
         self.clock = clock
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        # One connection shared by the HTTP threads and the webhook sender: every statement,
+        # and every transaction as a whole, holds the lock (a connection has one transaction).
+        self._connection = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.executescript(_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._connection.close()
 
-    def _transaction(self) -> immediate:
-        return immediate(self._db)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock, immediate(self._connection):
+            yield
+
+    def _execute(self, sql: str, parameters: tuple = ()) -> _Rows:
+        with self._lock:
+            return _Rows(self._connection.execute(sql, parameters).fetchall())
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -85,28 +97,26 @@ class Bank:
         if not number.isdigit() or not 12 <= len(number) <= 19 or balance_fen < 0:
             raise BankRefused("invalid_card", "a card number is 12–19 digits, balance ≥ 0")
         with self._transaction():
-            self._db.execute(
+            self._execute(
                 "INSERT OR REPLACE INTO cards VALUES (?,?,?)", (number, holder, balance_fen)
             )
 
     def add_merchant(self, merchant: str, callback_url: str) -> None:
         with self._transaction():
-            self._db.execute(
+            self._execute(
                 "INSERT INTO merchants (id, callback_url) VALUES (?,?) "
                 "ON CONFLICT(id) DO UPDATE SET callback_url = excluded.callback_url",
                 (merchant, callback_url),
             )
 
     def card_balance(self, number: str) -> int:
-        row = self._db.execute(
-            "SELECT balance_fen FROM cards WHERE number = ?", (number,)
-        ).fetchone()
+        row = self._execute("SELECT balance_fen FROM cards WHERE number = ?", (number,)).fetchone()
         if row is None:
             raise BankRefused("unknown_card", "no such card")
         return row[0]
 
     def merchant_balance(self, merchant: str) -> int:
-        return self._db.execute(
+        return self._execute(
             "SELECT balance_fen FROM merchants WHERE id = ?", (merchant,)
         ).fetchone()[0]
 
@@ -123,7 +133,7 @@ class Bank:
                 if (existing.amount_fen, existing.card_number) != (amount_fen, card_number):
                     raise BankRefused("order_conflict", "this order was paid differently")
                 return existing
-            known = self._db.execute("SELECT 1 FROM merchants WHERE id = ?", (merchant,))
+            known = self._execute("SELECT 1 FROM merchants WHERE id = ?", (merchant,))
             if known.fetchone() is None:
                 raise BankRefused("unknown_merchant", "no such merchant")
             balance = self.card_balance(card_number)
@@ -138,15 +148,15 @@ class Bank:
                 0,
                 self.clock().replace(microsecond=0),
             )
-            self._db.execute(
+            self._execute(
                 "UPDATE cards SET balance_fen = balance_fen - ? WHERE number = ?",
                 (amount_fen, card_number),
             )
-            self._db.execute(
+            self._execute(
                 "UPDATE merchants SET balance_fen = balance_fen + ? WHERE id = ?",
                 (amount_fen, merchant),
             )
-            self._db.execute(
+            self._execute(
                 "INSERT INTO payments VALUES (?,?,?,?,?,0,?)",
                 (
                     payment.id,
@@ -172,7 +182,7 @@ class Bank:
     def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
         """Refund (part of) a payment once per ``refund_key``; never more than was paid."""
         with self._transaction():
-            row = self._db.execute(
+            row = self._execute(
                 "SELECT id FROM refunds WHERE refund_key = ?", (refund_key,)
             ).fetchone()
             if row is not None:
@@ -182,19 +192,19 @@ class Bank:
                 raise BankRefused("invalid_amount", "refund exceeds what remains of the payment")
             refund_id = "ref_" + secrets.token_hex(8)
             now = self.clock().replace(microsecond=0)
-            self._db.execute(
+            self._execute(
                 "UPDATE payments SET refunded_fen = refunded_fen + ? WHERE id = ?",
                 (amount_fen, payment_id),
             )
-            self._db.execute(
+            self._execute(
                 "UPDATE cards SET balance_fen = balance_fen + ? WHERE number = ?",
                 (amount_fen, payment.card_number),
             )
-            self._db.execute(
+            self._execute(
                 "UPDATE merchants SET balance_fen = balance_fen - ? WHERE id = ?",
                 (amount_fen, payment.merchant),
             )
-            self._db.execute(
+            self._execute(
                 "INSERT INTO refunds VALUES (?,?,?,?,?,?)",
                 (refund_id, payment_id, refund_key, amount_fen, reason, now.isoformat()),
             )
@@ -212,13 +222,13 @@ class Bank:
             return refund_id
 
     def _payment_for(self, merchant: str, order_id: str) -> Payment | None:
-        row = self._db.execute(
+        row = self._execute(
             "SELECT * FROM payments WHERE merchant = ? AND order_id = ?", (merchant, order_id)
         ).fetchone()
         return None if row is None else _payment(row)
 
     def _payment(self, payment_id: str) -> Payment:
-        row = self._db.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
+        row = self._execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
         if row is None:
             raise BankRefused("unknown_payment", "no such payment")
         return _payment(row)
@@ -229,7 +239,7 @@ class Bank:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["kind", "id", "payment_id", "order_id", "amount_fen", "at"])
-        for row in self._db.execute(
+        for row in self._execute(
             "SELECT 'payment', id, id, order_id, amount_fen, paid_at FROM payments "
             "WHERE merchant = ? AND paid_at >= ? AND paid_at < ? "
             "UNION ALL SELECT 'refund', r.id, r.payment_id, p.order_id, -r.amount_fen, "
@@ -248,7 +258,7 @@ class Bank:
             {"type": event_type, "timestamp": self.clock().isoformat(), "data": data},
             separators=(",", ":"),
         )
-        self._db.execute(
+        self._execute(
             "INSERT INTO webhooks (id, merchant, event_type, payload, next_attempt_at) "
             "VALUES (?,?,?,?,?)",
             (webhook_id, merchant, event_type, payload, self.clock().isoformat()),
@@ -256,7 +266,7 @@ class Bank:
 
     def due_webhooks(self) -> list[tuple[str, str, str, str]]:
         """(webhook id, callback url, payload, merchant) of undelivered webhooks now due."""
-        return self._db.execute(
+        return self._execute(
             "SELECT w.id, m.callback_url, w.payload, w.merchant FROM webhooks w "
             "JOIN merchants m ON m.id = w.merchant WHERE w.delivered_at IS NULL "
             "AND w.attempts < ? AND w.next_attempt_at <= ? ORDER BY w.next_attempt_at",
@@ -267,27 +277,27 @@ class Bank:
         now = self.clock()
         with self._transaction():
             attempts = (
-                self._db.execute(
+                self._execute(
                     "SELECT attempts FROM webhooks WHERE id = ?", (webhook_id,)
                 ).fetchone()[0]
                 + 1
             )
             if status is not None and 200 <= status < 300:
-                self._db.execute(
+                self._execute(
                     "UPDATE webhooks SET attempts = ?, last_status = ?, delivered_at = ? "
                     "WHERE id = ?",
                     (attempts, status, now.isoformat(), webhook_id),
                 )
                 return
             delay = min(webhook_backoff_first_s * 2 ** (attempts - 1), webhook_backoff_max_s)
-            self._db.execute(
+            self._execute(
                 "UPDATE webhooks SET attempts = ?, last_status = ?, next_attempt_at = ? "
                 "WHERE id = ?",
                 (attempts, status, (now + timedelta(seconds=delay)).isoformat(), webhook_id),
             )
 
     def webhook_log(self) -> list[dict[str, Any]]:
-        rows = self._db.execute(
+        rows = self._execute(
             "SELECT id, event_type, attempts, last_status, delivered_at FROM webhooks "
             "ORDER BY next_attempt_at"
         )
@@ -295,6 +305,16 @@ class Bank:
             dict(zip(("id", "type", "attempts", "last_status", "delivered_at"), r, strict=True))
             for r in rows
         ]
+
+
+class _Rows(list):  # type: ignore[type-arg]
+    """Rows fetched while the lock was held, read like a cursor."""
+
+    def fetchone(self) -> Any:
+        return self[0] if self else None
+
+    def fetchall(self) -> list:  # type: ignore[type-arg]
+        return list(self)
 
 
 def _payment(row: tuple) -> Payment:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
@@ -15,7 +16,10 @@ sender_interval_s = 0.2
 delivery_timeout_s = 5.0
 
 
-def create_bank_app(bank: Bank, secret: str) -> Flask:
+def create_bank_app(
+    bank: Bank, secret: str, webhooks_waiting: Callable[[], None] = lambda: None
+) -> Flask:
+    """``webhooks_waiting`` is told when a payment or refund queued a webhook."""
     app = Flask("bank")
 
     def body() -> dict[str, Any]:
@@ -59,6 +63,7 @@ def create_bank_app(bank: Bank, secret: str) -> Flask:
             int(data["amount_fen"]),
             str(data["card_number"]),
         )
+        webhooks_waiting()
         return jsonify({**payment.__dict__, "paid_at": payment.paid_at.isoformat()}), 201
 
     @app.post("/api/refunds")
@@ -70,6 +75,7 @@ def create_bank_app(bank: Bank, secret: str) -> Flask:
             str(data.get("reason", "")),
             str(data["refund_key"]),
         )
+        webhooks_waiting()
         return jsonify({"refund_id": refund_id}), 201
 
     @app.get("/api/statements/<merchant>/<day>.csv")
@@ -93,13 +99,20 @@ def _post(url: str, payload: str, headers: dict[str, str]) -> int | None:
 
 
 class WebhookSender:
-    """The bank's sender thread: every ``sender_interval_s`` it delivers what is due."""
+    """The bank's sender thread: it delivers what is due when woken (a new payment) and
+    every ``sender_interval_s`` (retries)."""
 
     def __init__(self, bank: Bank, secret: str) -> None:
         self.bank, self.secret = bank, secret
-        self.stop = threading.Event()
+        self.stop, self.woken = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
 
+    def wake(self) -> None:
+        self.woken.set()
+
     def _run(self) -> None:
-        while not self.stop.wait(sender_interval_s):
-            deliver_due(self.bank, self.secret, _post)
+        while not self.stop.is_set():
+            self.woken.wait(sender_interval_s)
+            self.woken.clear()
+            if not self.stop.is_set():
+                deliver_due(self.bank, self.secret, _post)

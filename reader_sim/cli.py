@@ -393,12 +393,13 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
         the_bank.add_merchant(merchant, url)
     sender = WebhookSender(the_bank, secret)
     sender.thread.start()
-    server = make_server(host, port, create_bank_app(the_bank, secret), threaded=True)
+    server = make_server(host, port, create_bank_app(the_bank, secret, sender.wake), threaded=True)
     click.echo(f"bank on http://{host}:{port}")
     try:
         _serve_until_stopped(server)
     finally:
         sender.stop.set()
+        sender.wake()
         sender.thread.join(timeout=5)
         the_bank.close()
 

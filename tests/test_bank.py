@@ -103,7 +103,7 @@ def test_the_platform_stores_each_callback_once(wallet: Wallet, bank: Bank) -> N
     wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
     bank.pay(MERCHANT, "order-1", 3000, CARD)
     assert deliver_due(bank, secret, _deliver_to(wallet)) == 1
-    ((webhook_id, _, payload, _),) = bank._db.execute(  # the same callback, delivered again
+    ((webhook_id, _, payload, _),) = bank._execute(  # the same callback, delivered again
         "SELECT w.id, m.callback_url, w.payload, w.merchant FROM webhooks w "
         "JOIN merchants m ON m.id = w.merchant"
     ).fetchall()

@@ -5,6 +5,7 @@ retries and timeouts (an SMS can be lost whatever the gateway says)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import requests
@@ -36,7 +37,13 @@ class InProcessGateway:
 class HttpGateway:
     def __init__(self, base_url: str, short_code: str) -> None:
         self.base_url, self.short_code = base_url.rstrip("/"), short_code
-        self.session = requests.Session()
+        self._local = threading.local()  # a requests.Session per thread: not thread-safe
+
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
 
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
         answer = self.session.post(

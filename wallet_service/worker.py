@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from wallet_service.sms_gateway import SmsGateway
 log = logging.getLogger(__name__)
 steps_per_pass_max = 1_000
 poll_wait_ms = 500
+idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1
 request_timeout_s = 10.0
 
 
@@ -54,55 +56,95 @@ class PassReport:
     steps: int = 0
 
 
-def run_once(
-    app: Flask, gateway: SmsGateway, bank: topups.BankClient, wait_ms: int = 0
-) -> PassReport:
-    database = app.extensions["database"]
-    report = PassReport()
+class Worker:
+    """One worker's units of work, each its own transaction; packets leave after commit."""
 
-    def context(session) -> Context:  # type: ignore[no-untyped-def]
+    def __init__(self, app: Flask, gateway: SmsGateway, bank: topups.BankClient) -> None:
+        self.app, self.gateway, self.bank = app, gateway, bank
+        self.database = app.extensions["database"]
+
+    def _context(self, session) -> Context:  # type: ignore[no-untyped-def]
+        config = self.app.config
         return Context(
             session,
             Principal(0, "admin"),
-            app.config["CLOCK"](),
-            app.config["KEY_STORE"],
-            Path(app.config["PERSONALIZATION_DIR"]),
+            config["CLOCK"](),
+            config["KEY_STORE"],
+            Path(config["PERSONALIZATION_DIR"]),
         )
 
-    def in_transaction(work):  # type: ignore[no-untyped-def]
-        return database.run(lambda session: work(context(session)))
+    def _in_transaction(self, work):  # type: ignore[no-untyped-def]
+        return self.database.run(lambda session: work(self._context(session)))
 
-    def channel(ctx: Context) -> SmsOtaChannel:
-        return SmsOtaChannel(gateway, keyset_lookup(ctx, ctx.keys.ota_masters()))
+    def _channel(self, ctx: Context) -> SmsOtaChannel:
+        return SmsOtaChannel(self.gateway, keyset_lookup(ctx, ctx.keys.ota_masters()))
 
-    def committed_then_sent(work):  # type: ignore[no-untyped-def]
-        return ota_channel.committed_then_sent(in_transaction, channel, work)
+    def _committed_then_sent(self, work):  # type: ignore[no-untyped-def]
+        return ota_channel.committed_then_sent(self._in_transaction, self._channel, work)
 
-    report.bank_events = database.run(
-        lambda session: topups.process_bank_events(context(session), bank)
-    )
-    for sms in gateway.receive(wait_ms):
-        report.sms += 1
-        outcome = committed_then_sent(
-            lambda ctx, box, sms=sms: handle_incoming_sms(
-                ctx, box, sms, app.config["BANK_MERCHANT"]
+    def apply_bank_events(self) -> int:
+        return self._in_transaction(lambda ctx: topups.process_bank_events(ctx, self.bank))
+
+    def read_sms(self, wait_ms: int = 0) -> int:
+        """PoRs and requests from phones; waits up to ``wait_ms`` for the first."""
+        messages = self.gateway.receive(wait_ms)
+        merchant = self.app.config["BANK_MERCHANT"]
+        for sms in messages:
+            outcome = self._committed_then_sent(
+                lambda ctx, box, sms=sms: handle_incoming_sms(ctx, box, sms, merchant)
             )
-        )
-        log.info("SMS from %s: %s", sms.sender, outcome)
-    for _ in range(steps_per_pass_max):
-        result = committed_then_sent(lambda ctx, box: topups.work_once(ctx, box, bank))
-        if result is None:
-            break
-        report.steps += 1
+            log.info("SMS from %s: %s", sms.sender, outcome)
+        return len(messages)
+
+    def do_due_steps(self) -> int:
+        done = 0
+        for _ in range(steps_per_pass_max):
+            work = lambda ctx, box: topups.work_once(ctx, box, self.bank)  # noqa: E731
+            if self._committed_then_sent(work) is None:
+                break
+            done += 1
+        return done
+
+
+def run_once(
+    app: Flask, gateway: SmsGateway, bank: topups.BankClient, wait_ms: int = 0
+) -> PassReport:
+    """One pass over everything (tests, ``worker --once``)."""
+    worker = Worker(app, gateway, bank)
+    report = PassReport(bank_events=worker.apply_bank_events())
+    report.sms = worker.read_sms(wait_ms)
+    report.steps = worker.do_due_steps()
     return report
 
 
 def run_forever(
-    app: Flask, gateway: SmsGateway, bank: topups.BankClient, stop: threading.Event
+    app: Flask,
+    gateway: SmsGateway,
+    bank: topups.BankClient,
+    stop: threading.Event,
+    idle_poll_ms: int = idle_poll_ms_default,
 ) -> None:
+    """Two loops: SMS from phones (long-polled, answered at once) and the database's
+    due work (bank callbacks, packets to send), polled every ``idle_poll_ms`` when idle."""
+    worker = Worker(app, gateway, bank)
+
+    def sms_loop() -> None:
+        _repeat(stop, lambda: worker.read_sms(poll_wait_ms), 0)
+
+    def database_loop() -> None:
+        _repeat(stop, lambda: worker.apply_bank_events() + worker.do_due_steps(), idle_poll_ms)
+
+    reader = threading.Thread(target=sms_loop, name="sms", daemon=True)
+    reader.start()
+    database_loop()
+    reader.join(timeout=request_timeout_s + poll_wait_ms / 1000)
+
+
+def _repeat(stop: threading.Event, unit: Callable[[], int], idle_ms: int) -> None:
     while not stop.is_set():
         try:
-            run_once(app, gateway, bank, wait_ms=poll_wait_ms)
+            if unit() == 0 and idle_ms:
+                stop.wait(idle_ms / 1000)
         except (requests.RequestException, OSError) as error:
             log.warning("worker pass failed, retrying: %s", error)
             stop.wait(1.0)

@@ -1,0 +1,221 @@
+"""ota_topups_per_s and ota_topup_median_ms: over-the-air top-ups end to end on loopback.
+
+Every party is its own process as in production — the wallet service (gunicorn), the SMS
+centre (delay 0), the bank, two OTA workers, PostgreSQL — and the phones are simulated in
+this process (``reader_sim.phone``, one thread per phone, each with its own SIM). One
+top-up: the passenger picks "top up" on the SIM menu → request SMS → order → order SMS →
+the bank app pays the link → signed callback → packet 1 → PoR → packet 2 → PoR → loaded →
+the phone receives the confirmation. Latency is measured over exactly that span.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from sqlalchemy import create_engine, text
+
+from bench.ingest import POSTGRES_ADMIN_URL, ROOT, _start_service, _token
+from reader_sim.bank import new_webhook_secret
+from reader_sim.phone import Phone, ScriptedScreen
+from sim_applet.sim import Sim
+from wallet_service.sms_gateway import HttpGateway
+
+phones = 48
+topups_per_phone = 4
+ota_workers = 2
+server_workers = 2
+confirmation_wait_s = 30
+BANK_CARD, MERCHANT = "6222020000000777", "BUSCARD"
+
+
+PARTIES = ("service", "smsc", "bank", "worker1", "worker2")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its reaped children (gunicorn's workers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    profile = os.environ.get("BENCH_PROFILE_DIR")  # cProfile each party into this directory
+    runner = ["-m", "cProfile", "-o", f"{profile}/{args[0]}-{uuid.uuid4().hex[:4]}.prof"]
+    return subprocess.Popen(
+        [sys.executable, *(runner if profile else []), str(ROOT / "app.py"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_up(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up") from None
+            time.sleep(0.05)
+
+
+class BenchPhone:
+    def __init__(self, sim: Sim, number: str, smsc: str, bank: str) -> None:
+        self.screen = ScriptedScreen()
+        http = requests.Session()
+
+        def pay(merchant: str, order_id: str, amount_fen: int) -> None:
+            http.post(
+                f"{bank}/api/payments",
+                json={
+                    "merchant": merchant,
+                    "order_id": order_id,
+                    "amount_fen": amount_fen,
+                    "card_number": BANK_CARD,
+                },
+                timeout=10,
+            ).raise_for_status()
+
+        self.phone = Phone(sim, number, HttpGateway(smsc, number), self.screen, pay)
+        self.phone.power_on()
+
+    def top_up(self) -> float:
+        """One top-up of 1 yuan; its latency in ms."""
+        confirmed = self._confirmations()
+        started = time.perf_counter()
+        self.screen.answers[:] = ["1", "123456"]
+        self.phone.select(4)
+        deadline = time.monotonic() + confirmation_wait_s
+        while self._confirmations() == confirmed:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no confirmation for {self.phone.number}")
+            self.phone.receive(wait_ms=1000)
+        return (time.perf_counter() - started) * 1000
+
+    def _confirmations(self) -> int:
+        return sum("Top-up OK" in text for text in self.phone.inbox)
+
+
+def ota_figures() -> dict[str, float]:
+    name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
+    admin_engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    instance = Path(f"/tmp/{name}")
+    secret = new_webhook_secret()
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "WALLET_INSTANCE_DIR": str(instance),
+        "WALLET_BANK_WEBHOOK_SECRET": secret,
+        "BANK_WEBHOOK_SECRET": secret,
+    }
+    service_port, smsc_port, bank_port = _free_port(), _free_port(), _free_port()
+    base = f"http://127.0.0.1:{service_port}"
+    smsc, bank = f"http://127.0.0.1:{smsc_port}", f"http://127.0.0.1:{bank_port}"
+    processes = [_start_service(env, service_port)]
+    try:
+        processes.append(_start(["smsc", "serve", "--port", str(smsc_port)], env))
+        processes.append(
+            _start(
+                [
+                    "bank", "serve", "--port", str(bank_port), "--db",
+                    str(instance / "bank.sqlite"), "--merchant",
+                    f"{MERCHANT}={base}/api/v1/bank/webhooks",
+                ],
+                env,
+            )
+        )  # fmt: skip
+        _wait_up(f"{smsc}/stats")
+        _wait_up(f"{bank}/api/webhooks")
+        for _ in range(ota_workers):
+            processes.append(_start(["worker", "--smsc", smsc, "--bank", bank], env))
+        requests.post(
+            f"{bank}/api/cards",
+            json={"number": BANK_CARD, "holder": "Bench", "balance_fen": 10**12},
+            timeout=10,
+        ).raise_for_status()
+        handsets = _issue_phones(env, base, smsc, bank)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(handsets)) as pool:
+            latencies = [
+                ms
+                for per_phone in pool.map(
+                    lambda p: [p.top_up() for _ in range(topups_per_phone)], handsets
+                )
+                for ms in per_phone
+            ]
+        elapsed = time.perf_counter() - started
+        figures = {
+            "ota_topups_per_s": len(latencies) / elapsed,
+            "ota_topup_median_ms": statistics.median(latencies),
+        }
+        for party, process in zip(PARTIES, processes, strict=False):
+            figures[f"cpu_s_{party}"] = _cpu_seconds(process.pid)
+        figures["cpu_s_phones"] = sum(os.times()[:2])
+        return figures
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        with admin_engine.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin_engine.dispose()
+
+
+def _issue_phones(env: dict, base: str, smsc: str, bank: str) -> list[BenchPhone]:
+    admin = {"Authorization": f"Bearer {_token(env, '--role', 'admin')}"}
+    perso = Path(env["WALLET_INSTANCE_DIR"]) / "personalization"
+    handsets = []
+    lock = threading.Lock()
+    for index in range(phones):
+        number = f"1390000{index:04d}"
+        card = requests.post(
+            f"{base}/api/v1/cards",
+            json={"iccid": f"898600{index:013d}", "phone": number},
+            headers=admin,
+            timeout=10,
+        ).json()
+        requests.post(
+            f"{base}/api/v1/cards/{card['serial']}/activate", headers=admin, timeout=10
+        ).raise_for_status()
+        with lock:
+            sim = Sim.load(perso / card["image_file"])
+        handsets.append(BenchPhone(sim, number, smsc, bank))
+    return handsets
+
+
+if __name__ == "__main__":
+    figures = ota_figures()
+    print(
+        f"ota_topups_per_s: {figures['ota_topups_per_s']:.0f} top-ups/s  "
+        f"# {phones} phones x {topups_per_phone}, {ota_workers} workers, PostgreSQL"
+    )
+    print(f"ota_topup_median_ms: {figures['ota_topup_median_ms']:.0f} ms")
+    for name, value in figures.items():
+        if name.startswith("cpu_s_"):
+            print(f"{name}: {value:.1f} s")
