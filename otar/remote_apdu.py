@@ -32,9 +32,9 @@ def decode_script(script: bytes) -> list[bytes]:
 # The compact format concatenates C-APDUs with nothing between them; a card knows each
 # command's case from its INS (ISO 7816-4 §5.1), and so does this split. Project-defined:
 # a scripted SELECT always carries Le (case 4).
-_CASE_2 = {0x5C, 0xB0, 0xB2, 0x84}  # GET BALANCE, READ BINARY, READ RECORD, GET CHALLENGE
+_CASE_2 = {0x5C, 0xB0, 0xB2, 0x84, 0xCA}  # GET BALANCE, READ BINARY/RECORD, CHALLENGE, DATA
 _CASE_3 = {0x20, 0x5E, 0xDC, 0x1E, 0x18}  # VERIFY, CHANGE PIN, UPDATE CAPP, BLOCK, UNBLOCK
-_CASE_4 = {0xA4, 0x50, 0x52, 0x54, 0x5A}  # SELECT, INITIALIZE, CREDIT, DEBIT, PROVE
+_CASE_4 = {0xA4, 0x50, 0x52, 0x54, 0x5A, 0xD8}  # SELECT, INITIALIZE, CREDIT, DEBIT, PROVE, PUT KEY
 
 
 def _apdu_length(rest: bytes) -> int:

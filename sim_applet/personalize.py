@@ -137,11 +137,12 @@ def personalize(
     sim = Sim(iccid or _iccid_for(serial), [TransitPurse(state)], random_source=random_source)
     sim.toolkit_settings = menu if menu is not None else ToolkitSettings()
     if ota_masters is not None:
-        from otar.keys import derive_keyset
+        from otar.keys import derive_kek, derive_keyset
         from otar.sim_side import OtaSecurityDomain
 
         keyset = derive_keyset(*ota_masters, sim.iccid)
-        sim.ota = OtaSecurityDomain({keyset.kic_idx: keyset})
+        kek = derive_kek(ota_masters[1], sim.iccid)
+        sim.ota = OtaSecurityDomain({keyset.kic_idx: keyset}, keks={keyset.kic_idx: kek})
     return sim
 
 

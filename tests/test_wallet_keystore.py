@@ -23,6 +23,25 @@ def test_keys_come_from_a_file(tmp_path: Path) -> None:
     assert SECRET.lower() not in repr(store).lower() + repr(store.issuer_keys()).lower()
 
 
+def test_ota_masters_come_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    from otar.keys import DEMO_OTA_MASTER_KIC
+
+    other = "FEDCBA9876543210FEDCBA9876543210"
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({**{n: SECRET for n in NAMES}, "ota_kic": SECRET, "ota_kid": other}))
+    assert key_store_from(str(path), environ={}).ota_masters() == (
+        bytes.fromhex(SECRET),
+        bytes.fromhex(other),
+    )
+    environ = {f"WALLET_KEY_{n.upper()}": SECRET for n in NAMES}
+    assert key_store_from(None, environ).ota_masters()[0] == DEMO_OTA_MASTER_KIC
+    environ |= {"WALLET_KEY_OTA_KIC": other, "WALLET_KEY_OTA_KID": SECRET}
+    assert key_store_from(None, environ).ota_masters() == (
+        bytes.fromhex(other),
+        bytes.fromhex(SECRET),
+    )
+
+
 def test_keys_come_from_the_environment() -> None:
     environ = {f"WALLET_KEY_{n.upper()}": SECRET for n in NAMES}
     assert key_store_from(None, environ).issuer_keys().load == bytes.fromhex(SECRET)
@@ -38,6 +57,8 @@ def test_without_a_source_the_demo_keys_are_used() -> None:
         {n: SECRET for n in NAMES[:-1]},  # one missing
         {**{n: SECRET for n in NAMES}, "load": SECRET[:-2]},  # short
         {**{n: SECRET for n in NAMES}, "load": "zz" + SECRET[2:]},  # not hex
+        {**{n: SECRET for n in NAMES}, "ota_kic": SECRET},  # an OTA master without its pair
+        {**{n: SECRET for n in NAMES}, "ota_kic": SECRET, "ota_kid": SECRET[:-2]},
     ],
 )
 def test_a_bad_key_file_is_refused_without_echoing_keys(tmp_path: Path, document: dict) -> None:

@@ -23,9 +23,17 @@ class KeyStore(Protocol):
 
 
 class StaticKeyStore:
-    def __init__(self, issuer: IssuerKeys, driver_card_master: bytes) -> None:
+    def __init__(
+        self,
+        issuer: IssuerKeys,
+        driver_card_master: bytes,
+        ota_masters: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        from otar.keys import DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID
+
         self._issuer = issuer
         self._driver = driver_card_master
+        self._ota = ota_masters or (DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID)
 
     def issuer_keys(self) -> IssuerKeys:
         return self._issuer
@@ -35,9 +43,7 @@ class StaticKeyStore:
 
     def ota_masters(self) -> tuple[bytes, bytes]:
         """(master KIc, master KID) for per-SIM OTA keysets (otar.keys)."""
-        from otar.keys import DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID
-
-        return DEMO_OTA_MASTER_KIC, DEMO_OTA_MASTER_KID
+        return self._ota
 
     def __repr__(self) -> str:
         return "StaticKeyStore(<hidden>)"
@@ -48,8 +54,9 @@ def demo_key_store() -> StaticKeyStore:
 
 
 def key_store_from(file: str | None, environ: dict[str, str] | None = None) -> StaticKeyStore:
-    """A key file (JSON, the issuer key names plus "driver_card"), else WALLET_KEY_*
-    variables, else the documented demo keys."""
+    """A key file (JSON, the issuer key names plus "driver_card", and "ota_kic" with
+    "ota_kid" for the OTA masters), else WALLET_KEY_* variables (WALLET_KEY_OTA_KIC, …),
+    else the documented demo keys. Absent OTA masters are the demo ones."""
     environ = dict(os.environ if environ is None else environ)
     if file:
         try:
@@ -60,12 +67,14 @@ def key_store_from(file: str | None, environ: dict[str, str] | None = None) -> S
         if not isinstance(document, dict):
             raise ValueError(f"key file {file}: expected a JSON object")
         driver = document.pop("driver_card", None)
-        return StaticKeyStore(IssuerKeys.from_json(document), _key(driver, "driver_card"))
+        ota = _ota_masters(document.pop("ota_kic", None), document.pop("ota_kid", None))
+        return StaticKeyStore(IssuerKeys.from_json(document), _key(driver, "driver_card"), ota)
     names = ("load", "purchase", "tac", "maintenance", "pin_unblock")
     if any(ENV_PREFIX + name.upper() in environ for name in names):
         document = {name: environ.get(ENV_PREFIX + name.upper(), "") for name in names}
         driver = environ.get(ENV_PREFIX + "DRIVER_CARD")
-        return StaticKeyStore(IssuerKeys.from_json(document), _key(driver, "driver_card"))
+        ota = _ota_masters(environ.get(ENV_PREFIX + "OTA_KIC"), environ.get(ENV_PREFIX + "OTA_KID"))
+        return StaticKeyStore(IssuerKeys.from_json(document), _key(driver, "driver_card"), ota)
     return demo_key_store()
 
 
@@ -79,3 +88,11 @@ def _key(value: object, name: str) -> bytes:
     if len(raw) != 16:
         raise ValueError(f"key {name!r} must be 32 hex digits")
     return raw
+
+
+def _ota_masters(kic: object, kid: object) -> tuple[bytes, bytes] | None:
+    if kic is None and kid is None:
+        return None
+    if kic is None or kid is None:
+        raise ValueError("OTA master keys come as a pair: ota_kic and ota_kid")
+    return _key(kic, "ota_kic"), _key(kid, "ota_kid")

@@ -134,6 +134,7 @@ class Card(Base):
     activated_at: Mapped[datetime | None] = mapped_column(DateTime)
     replaced_by_id: Mapped[int | None] = mapped_column(ForeignKey("cards.id"))
     image_file: Mapped[str] = mapped_column(String(200))
+    ota_key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Account(Base):
@@ -397,4 +398,23 @@ class TopUpOrder(Base):
     failure: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(DateTime)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class OtaRekey(Base):
+    """Replacing a SIM's OTA keyset over the air (PUT KEY to the SIM's security domain).
+
+    States: waiting (no top-up in flight yet) → put_key_sent ⇄ probing (asking under the
+    new keys whether the SIM switched) → done (the card's key version moves) | failed."""
+
+    __tablename__ = "ota_rekeys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_serial: Mapped[str] = mapped_column(String(20), index=True)
+    from_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    counter_base: Mapped[int] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_action_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)

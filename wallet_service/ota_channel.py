@@ -16,16 +16,17 @@ from otar.packets import (
     OtaKeyset,
     PorRequest,
     PorStatus,
+    ProofOfReceipt,
     Spi,
     decode_por,
     encode_command,
 )
 from otar.remote_apdu import CompactResponse, encode_script
-from otar.sim_side import TRANSIT_TAR
+from otar.sim_side import ISD_TAR, TRANSIT_TAR
 from reader_sim.smsc import Sms
 from sim_applet.service_request import is_service_request
 from wallet_service.models import Card
-from wallet_service.services import phone_requests, topups
+from wallet_service.services import phone_requests, rekeys, topups
 from wallet_service.services.registry import Context
 from wallet_service.sms_gateway import SmsGateway
 
@@ -38,15 +39,29 @@ UNSECURED = Spi(Integrity.NONE, False, CounterMode.NONE, PorRequest.ALWAYS, Inte
 T = TypeVar("T")
 
 
+KeysetFor = Callable[..., OtaKeyset]  # (card serial, version=None: the card's current)
+
+
 class SmsOtaChannel:
-    def __init__(self, gateway: SmsGateway, keyset_for: Callable[[str], OtaKeyset]) -> None:
+    def __init__(self, gateway: SmsGateway, keyset_for: KeysetFor) -> None:
         self.gateway, self.keyset_for = gateway, keyset_for
 
-    def build(self, card_serial: str, step: int, apdus: list[bytes]) -> bytes:
+    def build(
+        self,
+        card_serial: str,
+        step: int,
+        apdus: list[bytes],
+        tar: bytes = TRANSIT_TAR,
+        version: int | None = None,
+    ) -> bytes:
         """The secured packet (keys looked up now, inside the caller's transaction)."""
-        return encode_command(
-            self.keyset_for(card_serial), SECURITY, TRANSIT_TAR, step, encode_script(apdus)
-        )
+        keyset = self.keyset_for(card_serial, version)
+        return encode_command(keyset, SECURITY, tar, step, encode_script(apdus))
+
+    def send_to_security_domain(
+        self, phone: str, card_serial: str, step: int, apdus: list[bytes], version: int
+    ) -> None:
+        self.deliver(phone, self.build(card_serial, step, apdus, ISD_TAR, version))
 
     def deliver(self, phone: str, packet: bytes, udh: bytes = COMMAND_UDH) -> None:
         self.gateway.send(phone, packet, udh)
@@ -71,6 +86,12 @@ class Outbox:
 
     def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
         self.pending.append((phone, self.channel.build(card_serial, step, apdus), COMMAND_UDH))
+
+    def send_to_security_domain(
+        self, phone: str, card_serial: str, step: int, apdus: list[bytes], version: int
+    ) -> None:
+        packet = self.channel.build(card_serial, step, apdus, ISD_TAR, version)
+        self.pending.append((phone, packet, COMMAND_UDH))
 
     def notify(self, phone: str, text: str) -> None:
         self.pending.append((phone, encode_notice(text), b""))
@@ -107,12 +128,14 @@ def committed_then_sent(
     return result
 
 
-def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> Callable[[str], OtaKeyset]:
-    def keyset_for(card_serial: str) -> OtaKeyset:
-        iccid = ctx.session.scalar(select(Card.iccid).where(Card.serial == card_serial))
-        if iccid is None:
+def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> KeysetFor:
+    def keyset_for(card_serial: str, version: int | None = None) -> OtaKeyset:
+        row = ctx.session.execute(
+            select(Card.iccid, Card.ota_key_version).where(Card.serial == card_serial)
+        ).first()
+        if row is None:
             raise LookupError(f"no card {card_serial}")
-        return derive_keyset(*masters, iccid)
+        return derive_keyset(*masters, row.iccid, version or row.ota_key_version)
 
     return keyset_for
 
@@ -134,18 +157,11 @@ def handle_incoming_sms(
     )
     if card_serial is None:
         return "unknown phone"
-    keyset = channel.keyset_for(card_serial)
-    try:
-        por = decode_por(keyset, SECURITY, sms.udh + sms.user_data)
-    except ValueError:
-        # A SIM answers a refused packet unsecured (it will not trust that packet's keys):
-        # read it so — but only a refusal may come unsecured.
-        try:
-            por = decode_por(keyset, UNSECURED, sms.udh + sms.user_data)
-        except ValueError:
-            return "forged or damaged proof of receipt"
-        if por.status is PorStatus.OK:
-            return "forged or damaged proof of receipt"
+    if sms.user_data[3:6] == ISD_TAR:
+        return rekeys.on_proof_of_receipt(ctx, channel, card_serial, sms.udh + sms.user_data)
+    por = read_por(channel.keyset_for(card_serial), sms.udh + sms.user_data)
+    if isinstance(por, str):
+        return por
     if por.status is not PorStatus.OK:
         # e.g. a duplicated SMS the SIM refused as a replay: nothing ran, nothing changes
         return f"refused by the SIM: {por.status.name}"
@@ -156,3 +172,19 @@ def handle_incoming_sms(
     return topups.on_proof_of_receipt(
         ctx, channel, card_serial, por.counter, response.last_response
     )
+
+
+def read_por(keyset: OtaKeyset, raw: bytes) -> ProofOfReceipt | str:
+    """The PoR under ``keyset``, or why not. A SIM answers a refused packet unsecured (it
+    will not trust that packet's keys): read it so — but only a refusal may come so."""
+    try:
+        return decode_por(keyset, SECURITY, raw)
+    except ValueError:
+        pass
+    try:
+        por = decode_por(keyset, UNSECURED, raw)
+    except ValueError:
+        return "forged or damaged proof of receipt"
+    if por.status is PorStatus.OK:
+        return "forged or damaged proof of receipt"
+    return por

@@ -17,7 +17,7 @@ from flask import Flask
 from wallet_service import ota_channel
 from wallet_service.auth import Principal
 from wallet_service.ota_channel import SmsOtaChannel, handle_incoming_sms, keyset_lookup
-from wallet_service.services import topups
+from wallet_service.services import rekeys, topups
 from wallet_service.services.registry import Context
 from wallet_service.sms_gateway import SmsGateway
 
@@ -97,12 +97,16 @@ class Worker:
         return len(messages)
 
     def do_due_steps(self) -> int:
+        """Due top-up steps, then due rekey steps."""
         done = 0
-        for _ in range(steps_per_pass_max):
-            work = lambda ctx, box: topups.work_once(ctx, box, self.bank)  # noqa: E731
-            if self._committed_then_sent(work) is None:
-                break
-            done += 1
+        for step in (
+            lambda ctx, box: topups.work_once(ctx, box, self.bank),
+            lambda ctx, box: rekeys.work_once(ctx, box),
+        ):
+            for _ in range(steps_per_pass_max):
+                if self._committed_then_sent(step) is None:
+                    break
+                done += 1
         return done
 
 

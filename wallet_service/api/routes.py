@@ -722,3 +722,49 @@ def card_topups(ctx: Context, serial: str) -> s.TopUpList:
 
     card = cards.card_by_serial(ctx, serial)
     return s.TopUpList(orders=[_topup_out(o) for o in topups.orders_of(ctx, card.serial)])
+
+
+def _rekey_out(rekey) -> s.RekeyOut:  # type: ignore[no-untyped-def]
+    return s.RekeyOut(
+        card_serial=rekey.card_serial,
+        from_version=rekey.from_version,
+        to_version=rekey.to_version,
+        state=rekey.state,
+        attempts=rekey.attempts,
+        created_at=rekey.created_at,
+        finished_at=rekey.finished_at,
+    )
+
+
+@endpoint(
+    cards_bp,
+    "/<serial>/ota-rekey",
+    "POST",
+    summary="Replace the SIM's OTA keyset by the next key version, over the air",
+    roles=ADMIN,
+    response=s.RekeyOut,
+    status=202,
+)
+def request_rekey(ctx: Context, serial: str) -> s.RekeyOut:
+    from wallet_service.services import rekeys
+
+    return _rekey_out(rekeys.request(ctx, serial))
+
+
+@endpoint(
+    cards_bp,
+    "/<serial>/ota-rekey",
+    "GET",
+    summary="The card's latest OTA rekey",
+    roles=ADMIN,
+    response=s.RekeyOut,
+)
+def latest_rekey(ctx: Context, serial: str) -> s.RekeyOut:
+    from wallet_service.errors import NotFound
+    from wallet_service.services import rekeys
+
+    card = cards.card_by_serial(ctx, serial)
+    rekey = rekeys.latest(ctx, card.serial)
+    if rekey is None:
+        raise NotFound("this card was never rekeyed")
+    return _rekey_out(rekey)

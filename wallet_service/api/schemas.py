@@ -444,3 +444,15 @@ class TopUpOut(BaseModel):
 
 class TopUpList(BaseModel):
     orders: list[TopUpOut]
+
+
+class RekeyOut(BaseModel):
+    """Moving a SIM to its next OTA key version (no keys here)."""
+
+    card_serial: str
+    from_version: int
+    to_version: int
+    state: str
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None

@@ -42,6 +42,7 @@ from sim_applet.structures import (
 from wallet_service import audit, ledger
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, TopUpOrder
+from wallet_service.services import rekeys
 from wallet_service.services.registry import Context
 
 OTA_TERMINAL_ID = bytes.fromhex("0000000000F0")  # project-defined: the platform as loader
@@ -51,6 +52,7 @@ order_lifetime_s = 30 * 60
 por_timeout_s = 60
 init_attempts_max = 3
 prove_backoff_max_s = 3600
+rekey_wait_s = 10
 topup_amount_fen_max = 100_000
 IN_FLIGHT = ("paid", "init_sent", "credit_sent", "proving")
 
@@ -288,6 +290,10 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
             refund=refund_id,
         )
         return "refunded"
+    if rekeys.sending_for(ctx, order.card_serial):
+        # The SIM's OTA keys are changing: a packet now might be under the wrong version.
+        order.next_action_at = ctx.now + timedelta(seconds=rekey_wait_s)
+        return "waiting for the SIM's rekey"
     if order.state in ("paid", "init_sent"):
         if order.init_attempts >= init_attempts_max:
             # Safe: from here no CREDIT can have succeeded (a CREDIT without an answer
