@@ -90,7 +90,15 @@ def main() -> None:
         f"{ota_workers} workers, PostgreSQL, every party its own process on this machine",
         flush=True,
     )
-    print(f"ota_topup_median_ms: {figures['ota_topup_median_ms']:.0f} ms", flush=True)
+    print(
+        f"ota_topup_median_ms: {figures['ota_topup_median_ms']:.0f} ms  # one phone alone",
+        flush=True,
+    )
+    print(
+        f"ota_topup_median_ms_loaded: {figures['ota_topup_median_ms_loaded']:.0f} ms  "
+        f"# {phones} phones at once",
+        flush=True,
+    )
 
     try:
         from bench.pcsc import pcsc_figures

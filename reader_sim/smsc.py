@@ -25,6 +25,7 @@ from flask import Flask, Response, jsonify, request
 user_data_bytes_max = 140  # one SMS (3GPP TS 23.040 §9.2.3.24): UDH included
 mailbox_messages_max = 10_000
 long_poll_ms_max = 30_000
+wait_slice_s_max = 1.0  # re-read the clock at least this often (tests move fake clocks)
 _MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
 
 
@@ -70,7 +71,9 @@ class SmsCentre:
     random: random.Random = field(default_factory=lambda: random.Random(0))
     _boxes: dict[str, list[tuple[datetime, Sms]]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _lock: threading.Condition = field(default_factory=threading.Condition)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # One condition per mailbox, on the one lock: a message wakes its recipient only.
+    _arrivals: dict[str, threading.Condition] = field(default_factory=dict)
     lost: int = 0
     duplicated: int = 0
 
@@ -92,8 +95,14 @@ class SmsCentre:
                 raise SmsRefused(f"mailbox of {recipient} is full")
             due = sms.submitted_at + timedelta(milliseconds=self.faults.delay_ms)
             box.extend([(due, sms)] * copies)
-            self._lock.notify_all()
+            self._arrival(recipient).notify_all()
             return sms.id
+
+    def _arrival(self, recipient: str) -> threading.Condition:
+        """(Called with the lock held.)"""
+        if recipient not in self._arrivals:
+            self._arrivals[recipient] = threading.Condition(self._lock)
+        return self._arrivals[recipient]
 
     def collect(self, recipient: str, wait_ms: int = 0) -> list[Sms]:
         """Deliver what is due for ``recipient`` (removing it), waiting up to ``wait_ms``."""
@@ -107,7 +116,10 @@ class SmsCentre:
                 if due or now >= deadline:
                     self._boxes[recipient] = [(at, sms) for at, sms in box if at > now]
                     return due
-                self._lock.wait(timeout=min((deadline - now).total_seconds(), 0.05))
+                # Sleep until the deadline, the next delayed message, or an arrival.
+                wake_at = min([deadline, *(at for at, _ in box)])
+                seconds = min((wake_at - now).total_seconds(), wait_slice_s_max)
+                self._arrival(recipient).wait(timeout=seconds)
 
 
 def create_smsc_app(centre: SmsCentre) -> Flask:

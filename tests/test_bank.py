@@ -223,3 +223,22 @@ def _stored_events(database: Path) -> int:
         count = db.execute("SELECT count(*) FROM bank_webhook_events").fetchone()[0]
     db.close()
     return count
+
+
+def test_a_stored_callback_wakes_the_workers_on_postgresql(pg_wallet: Wallet, bank: Bank) -> None:
+    """The worker LISTENs; a stored callback NOTIFYs at commit (a duplicate stores nothing
+    and wakes no one)."""
+    import psycopg
+
+    from wallet_service.services.bank_webhooks import WORK_CHANNEL
+
+    url = pg_wallet.database.engine.url.set(drivername="postgresql")
+    secret = new_webhook_secret()
+    pg_wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as listener:
+        listener.execute(f"LISTEN {WORK_CHANNEL}")
+        bank.pay(MERCHANT, "order-1", 3000, CARD)
+        assert deliver_due(bank, secret, _deliver_to(pg_wallet)) == 1
+        woke = list(listener.notifies(timeout=2.0, stop_after=1))
+        assert [n.channel for n in woke] == [WORK_CHANNEL]
+        assert list(listener.notifies(timeout=0.2)) == []

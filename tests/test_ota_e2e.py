@@ -56,15 +56,37 @@ def webhook_secret(monkeypatch: pytest.MonkeyPatch) -> str:
     return SECRET
 
 
+SMSC_FAULTS = {
+    "clean": [],
+    # every SMS twice, 30 ms late: the SIM refuses the copies (counter), the platform
+    # ignores stale PoRs; still loaded exactly once.
+    "duplicated-and-delayed": ["--duplicate", "1.0", "--delay-ms", "30"],
+}
+
+
+@pytest.fixture(params=list(SMSC_FAULTS))
+def smsc_faults(request: pytest.FixtureRequest) -> list[str]:
+    return SMSC_FAULTS[request.param]
+
+
 @pytest.fixture
-def parties(webhook_secret: str, service, tmp_path: Path) -> Iterator[dict]:  # type: ignore[no-untyped-def]
+def parties(  # type: ignore[no-untyped-def]
+    webhook_secret: str, smsc_faults: list[str], service, tmp_path: Path
+) -> Iterator[dict]:
     """SMS centre, bank and worker(s) around the ``service`` process (SQLite, then
     PostgreSQL — where two workers share the queue)."""
     base, env = service
     smsc_port, bank_port = _free_port(), _free_port()
     smsc, bank = f"http://127.0.0.1:{smsc_port}", f"http://127.0.0.1:{bank_port}"
     started = [
-        (_start(["smsc", "serve", "--port", str(smsc_port)], env, tmp_path / "smsc.log"), smsc),
+        (
+            _start(
+                ["smsc", "serve", "--port", str(smsc_port), *smsc_faults],
+                env,
+                tmp_path / "smsc.log",
+            ),
+            smsc,
+        ),
         (
             _start(
                 [
@@ -143,7 +165,7 @@ def test_top_up_from_the_phone_menu_across_processes(parties: dict) -> None:
     assert "请付款 Pay 30.00: buspay://BUSCARD/" in topped_up.stdout
     assert "bank app: 30.00 yuan" in topped_up.stdout and "paid" in topped_up.stdout
     assert "充值成功 Top-up OK 30.00, 余额 balance 30.00" in topped_up.stdout
-    [order] = _api(parties, "GET", f"/cards/{card['serial']}/topups")["orders"]
+    [order] = _api(parties, "GET", f"/cards/{card['serial']}/topups")["orders"]  # one order
     assert order["state"] == "loaded" and order["amount_fen"] == 3000 and order["tac"]
 
     balance = _phone(parties, image, "--select", "1")

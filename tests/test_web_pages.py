@@ -47,3 +47,32 @@ def test_pages_need_a_login_and_forms_need_their_csrf_token(wallet: Wallet) -> N
     assert admin.post("/clearing", data={"day": "2026-11-25"}).status_code == 400
     assert admin.get("/logout").status_code == 302
     assert admin.get("/").status_code == 302
+
+
+def test_the_three_way_match_from_an_uploaded_bank_statement(wallet: Wallet) -> None:
+    import io
+
+    admin = logged_in(wallet, wallet.admin_token)
+    csrf = admin.get("/reconciliation?lang=en").get_data(as_text=True)
+    token = csrf.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    statement = (
+        "kind,id,payment_id,order_id,amount_fen,at\r\n"
+        "payment,pay_1,pay_1,NOSUCH-ORDER,3000,2026-11-24T10:00:00\r\n"
+    )
+    answer = admin.post(
+        "/reconciliation?lang=en",
+        data={
+            "csrf": token,
+            "day": "2026-11-24",
+            "statement": (io.BytesIO(statement.encode()), "statement.csv"),
+        },
+        content_type="multipart/form-data",
+    ).get_data(as_text=True)
+    assert 'id="match-result"' in answer and "Differences found" in answer
+    assert "paid_unknown_order" in answer and "NOSUCH-ORDER" in answer
+    broken = admin.post(
+        "/reconciliation?lang=en",
+        data={"csrf": token, "day": "2026-11-24", "statement": (io.BytesIO(b"x,y\n"), "s.csv")},
+        content_type="multipart/form-data",
+    ).get_data(as_text=True)
+    assert 'id="match-error"' in broken and "header" in broken

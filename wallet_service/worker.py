@@ -24,6 +24,8 @@ from wallet_service.sms_gateway import SmsGateway
 log = logging.getLogger(__name__)
 steps_per_pass_max = 1_000
 poll_wait_ms = 500
+retry_wait_s = 1.0
+notify_wait_s = 1.0
 idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1
 request_timeout_s = 10.0
 
@@ -62,6 +64,8 @@ class Worker:
     def __init__(self, app: Flask, gateway: SmsGateway, bank: topups.BankClient) -> None:
         self.app, self.gateway, self.bank = app, gateway, bank
         self.database = app.extensions["database"]
+        self._idle = True
+        self.woken = threading.Event()  # set by LISTEN/NOTIFY: work was stored
 
     def _context(self, session) -> Context:  # type: ignore[no-untyped-def]
         config = self.app.config
@@ -95,6 +99,21 @@ class Worker:
             )
             log.info("SMS from %s: %s", sms.sender, outcome)
         return len(messages)
+
+    def anything_due(self) -> bool:
+        """A cheap look before the claiming transactions (an idle worker polls)."""
+        return self._in_transaction(
+            lambda ctx: topups.anything_due(ctx) or rekeys.anything_due(ctx)
+        )
+
+    def do_due_work(self) -> int:
+        """Callbacks and due steps. After an idle pass, one cheap look first: a busy
+        worker goes straight to claiming (the look would only add a transaction)."""
+        if self._idle and not self.anything_due():
+            return 0
+        done = self.apply_bank_events() + self.do_due_steps()
+        self._idle = done == 0
+        return done
 
     def do_due_steps(self) -> int:
         """Due top-up steps, then due rekey steps."""
@@ -136,19 +155,63 @@ def run_forever(
         _repeat(stop, lambda: worker.read_sms(poll_wait_ms), 0)
 
     def database_loop() -> None:
-        _repeat(stop, lambda: worker.apply_bank_events() + worker.do_due_steps(), idle_poll_ms)
+        _repeat(stop, worker.do_due_work, idle_poll_ms, worker.woken)
 
     reader = threading.Thread(target=sms_loop, name="sms", daemon=True)
     reader.start()
+    listener = _listen_for_work(app, worker.woken, stop)
     database_loop()
+    if listener is not None:
+        listener.join(timeout=notify_wait_s * 2)
     reader.join(timeout=request_timeout_s + poll_wait_ms / 1000)
 
 
-def _repeat(stop: threading.Event, unit: Callable[[], int], idle_ms: int) -> None:
+def _listen_for_work(
+    app: Flask, woken: threading.Event, stop: threading.Event
+) -> threading.Thread | None:
+    """On PostgreSQL, a stored bank callback NOTIFYs: the database loop wakes at once
+    instead of at its next poll. Polling stays as the fallback (a lost connection)."""
+    import psycopg
+
+    from wallet_service.services.bank_webhooks import WORK_CHANNEL
+
+    url = app.extensions["database"].engine.url
+    if url.get_backend_name() != "postgresql":
+        return None
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {WORK_CHANNEL}")
+                    while not stop.is_set():
+                        for _ in connection.notifies(timeout=notify_wait_s, stop_after=1):
+                            woken.set()
+            except psycopg.Error as error:
+                log.warning("LISTEN failed, polling meanwhile: %s", error)
+                stop.wait(retry_wait_s)
+
+    thread = threading.Thread(target=listen, name="listen", daemon=True)
+    thread.start()
+    return thread
+
+
+def _repeat(
+    stop: threading.Event,
+    unit: Callable[[], int],
+    idle_ms: int,
+    woken: threading.Event | None = None,
+) -> None:
     while not stop.is_set():
         try:
             if unit() == 0 and idle_ms:
-                stop.wait(idle_ms / 1000)
+                (woken or stop).wait(idle_ms / 1000)
+                if woken is not None:
+                    woken.clear()
         except (requests.RequestException, OSError) as error:
             log.warning("worker pass failed, retrying: %s", error)
-            stop.wait(1.0)
+            stop.wait(retry_wait_s)
+        except Exception:  # a database outage, a bug in one unit: log it, keep the loop
+            log.exception("worker unit failed; its transaction rolled back, retrying")
+            stop.wait(retry_wait_s)

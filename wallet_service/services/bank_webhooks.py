@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -52,4 +52,15 @@ def receive(
         )
     )
     ctx.session.flush()
+    work_waiting(ctx.session)
     return {"webhook_id": webhook_id, "duplicate": False}
+
+
+WORK_CHANNEL = "wallet_work"
+
+
+def work_waiting(session: Any) -> None:
+    """Wake the OTA workers (PostgreSQL LISTEN/NOTIFY, delivered at commit — never for a
+    rolled-back event). On SQLite the workers poll."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {WORK_CHANNEL}"))

@@ -100,6 +100,11 @@ def latest(ctx: Context, serial: str) -> OtaRekey | None:
 # --- the worker's side ---------------------------------------------------------------------
 
 
+def anything_due(ctx: Context) -> bool:
+    due = select(OtaRekey.id).where(OtaRekey.state.in_(OPEN), OtaRekey.next_action_at <= ctx.now)
+    return ctx.session.scalar(due.limit(1)) is not None
+
+
 def work_once(ctx: Context, channel: Any) -> str | None:
     """The next due rekey step, or None. Claimed like orders (SKIP LOCKED)."""
     rekey = ctx.session.scalar(

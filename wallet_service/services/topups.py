@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import literal, select
 
 from sim_applet.crypto import Algorithm
 from sim_applet.issuer import LoadAuthorization, Mac1Invalid, authorize_load
@@ -237,16 +237,27 @@ def _post(
 # --- the worker ----------------------------------------------------------------------------
 
 
+def _due(ctx: Context):  # type: ignore[no-untyped-def]
+    return (
+        TopUpOrder.next_action_at <= ctx.now,
+        TopUpOrder.state.in_((*IN_FLIGHT, "created", "refunding")),
+    )
+
+
+def anything_due(ctx: Context) -> bool:
+    """One cheap read for an idle worker: a callback to apply or an order step due."""
+    event = select(literal(1)).where(BankWebhookEvent.processed_at.is_(None))
+    order = select(literal(1)).where(*_due(ctx))
+    return ctx.session.scalar(event.union_all(order).limit(1)) is not None
+
+
 def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
     """Do the next due step of one order; None when nothing is due. Orders are claimed
     with SKIP LOCKED, so several workers share the queue and a killed one leaves its
     order to the next (its transaction never committed)."""
     order = ctx.session.scalar(
         select(TopUpOrder)
-        .where(
-            TopUpOrder.next_action_at <= ctx.now,
-            TopUpOrder.state.in_((*IN_FLIGHT, "created", "refunding")),
-        )
+        .where(*_due(ctx))
         .order_by(TopUpOrder.next_action_at)
         .limit(1)
         .with_for_update(skip_locked=True)

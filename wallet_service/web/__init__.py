@@ -26,8 +26,8 @@ from sqlalchemy import case, func, select
 
 from wallet_service import ledger
 from wallet_service.auth import Principal, authenticate
-from wallet_service.errors import DomainError, Forbidden, Unauthorized
-from wallet_service.models import BusinessHall, CounterLoad, Operator
+from wallet_service.errors import DomainError, Forbidden, InvalidInput, Unauthorized
+from wallet_service.models import BusinessHall, CounterLoad, Operator, TopUpOrder
 from wallet_service.services import clearing, pos_api, registry, reports
 from wallet_service.services.cards import blacklist_since
 from wallet_service.services.registry import Context
@@ -347,10 +347,27 @@ def devices_page(ctx: Context) -> str:
     return _render(ctx, "devices.html", operator=operator, devices=devices)
 
 
-@web.route("/reconciliation")
+@web.route("/reconciliation", methods=["GET", "POST"])
 @page
 def reconciliation_page(ctx: Context) -> str:
+    """Counter top-ups against the ledger, OTA orders by state, and the daily three-way
+    match of an uploaded bank statement against orders and confirmed loads."""
     ctx.principal.require("admin")
+    match, message = None, None
+    day_text = request.values.get("day") or (ctx.now.date() - timedelta(days=1)).isoformat()
+    try:
+        day = date.fromisoformat(day_text)
+    except ValueError:
+        abort(400)
+    if request.method == "POST":
+        from wallet_service.services import reconciliation
+
+        upload = request.files.get("statement")
+        try:
+            text = upload.read().decode("utf-8") if upload else ""
+            match = reconciliation.reconcile(ctx, day, text)
+        except (InvalidInput, UnicodeDecodeError) as error:
+            message = str(error)
     rows = ctx.session.execute(
         select(
             BusinessHall.code,
@@ -381,10 +398,26 @@ def reconciliation_page(ctx: Context) -> str:
         balanced = True
     except AssertionError:
         balanced = False
+    topups = [
+        {"state": state, "orders": count, "amount_fen": int(amount or 0)}
+        for state, count, amount in ctx.session.execute(
+            select(TopUpOrder.state, func.count(), func.sum(TopUpOrder.amount_fen))
+            .group_by(TopUpOrder.state)
+            .order_by(TopUpOrder.state)
+        )
+    ]
+    from wallet_service.services.topups import TOPUP_PENDING
+
+    pending = ledger.open_account(ctx.session, TOPUP_PENDING, "platform")
     return _render(
         ctx,
         "reconciliation.html",
         halls=halls,
         balanced=balanced,
         generated=datetime.now().replace(microsecond=0),
+        topups=topups,
+        topup_pending_fen=pending.credits_fen - pending.debits_fen,
+        day=day,
+        match=match,
+        message=message,
     )
