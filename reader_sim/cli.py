@@ -393,13 +393,7 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
         the_bank.add_merchant(merchant, url)
     sender = WebhookSender(the_bank, secret)
     sender.thread.start()
-    server = make_server(
-        host,
-        port,
-        create_bank_app(the_bank, secret, sender.wake),
-        threaded=True,
-        request_handler=KeepAliveHandler(),
-    )
+    server = make_server(host, port, create_bank_app(the_bank, secret, sender.wake), threaded=True)
     click.echo(f"bank on http://{host}:{port}")
     try:
         _serve_until_stopped(server)
@@ -433,22 +427,9 @@ def smsc_serve(
     from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
 
     centre = SmsCentre(Faults(delay_ms, loss, duplicate), random=random.Random(seed))
-    server = make_server(
-        host, port, create_smsc_app(centre), threaded=True, request_handler=KeepAliveHandler()
-    )
+    server = make_server(host, port, create_smsc_app(centre), threaded=True)
     click.echo(f"SMS centre on http://{host}:{port}")
     _serve_until_stopped(server)
-
-
-def KeepAliveHandler():  # type: ignore[no-untyped-def]
-    """HTTP/1.1 keep-alive: one thread per client connection, not one per request (the
-    SMS centre is polled by every phone and worker)."""
-    from werkzeug.serving import WSGIRequestHandler
-
-    class Handler(WSGIRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-    return Handler
 
 
 def _serve_until_stopped(server) -> None:  # type: ignore[no-untyped-def]

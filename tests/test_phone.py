@@ -273,3 +273,38 @@ def test_loss_report_from_the_phone_puts_the_card_on_the_hot_list(
     card = wallet.ok("GET", f"/api/v1/cards/{world.serial}")
     assert card["status"] == "lost"
     world.bank.close()
+
+
+def test_the_worker_running_forever_serves_the_phone(wallet: Wallet, tmp_path: Path) -> None:
+    """``run_forever`` (the SMS loop and the database loop side by side) in a thread."""
+    import threading
+    import time
+
+    from wallet_service.worker import run_forever
+
+    world = PhoneWorld(wallet, tmp_path)
+    wallet.app.config["CLOCK"] = _real_now  # a worker runs on real time: long polls, waits
+    world.smsc.clock = _real_now
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=run_forever, args=(wallet.app, world.gateway, world.bank, stop), daemon=True
+    )
+    worker.start()
+    try:
+        world.screen.answers[:] = ["12", "123456"]
+        world.phone.select(4)
+        deadline = time.monotonic() + 20
+        while not any("Top-up OK" in text for text in world.phone.inbox):
+            assert time.monotonic() < deadline, world.phone.inbox
+            world.phone.receive(wait_ms=200)
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+    assert purse(world.sim).balance == 1200
+    world.bank.close()
+
+
+def _real_now():  # type: ignore[no-untyped-def]
+    from datetime import datetime
+
+    return datetime.now().replace(microsecond=0)

@@ -64,7 +64,6 @@ class Worker:
     def __init__(self, app: Flask, gateway: SmsGateway, bank: topups.BankClient) -> None:
         self.app, self.gateway, self.bank = app, gateway, bank
         self.database = app.extensions["database"]
-        self._idle = True
         self.woken = threading.Event()  # set by LISTEN/NOTIFY: work was stored
 
     def _context(self, session) -> Context:  # type: ignore[no-untyped-def]
@@ -100,28 +99,36 @@ class Worker:
             log.info("SMS from %s: %s", sms.sender, outcome)
         return len(messages)
 
-    def anything_due(self) -> bool:
-        """A cheap look before the claiming transactions (an idle worker polls)."""
+    def due_kinds(self) -> set[str]:
+        """One cheap transaction: which kinds of work wait (so no claim runs empty)."""
         return self._in_transaction(
-            lambda ctx: topups.anything_due(ctx) or rekeys.anything_due(ctx)
+            lambda ctx: topups.due_kinds(ctx) | ({"rekeys"} if rekeys.anything_due(ctx) else set())
         )
 
     def do_due_work(self) -> int:
-        """Callbacks and due steps. After an idle pass, one cheap look first: a busy
-        worker goes straight to claiming (the look would only add a transaction)."""
-        if self._idle and not self.anything_due():
-            return 0
-        done = self.apply_bank_events() + self.do_due_steps()
-        self._idle = done == 0
-        return done
+        """Callbacks, then due steps — only the kinds that are waiting."""
+        kinds = self.due_kinds()
+        done = self.apply_bank_events() if "events" in kinds else 0
+        return done + self.do_due_steps(kinds | ({"orders"} if done else set()))
 
-    def do_due_steps(self) -> int:
-        """Due top-up steps, then due rekey steps."""
+    def do_due_steps(self, kinds: set[str] | None = None) -> int:
+        """Packet-sending steps in batches, refunds one at a time, then rekey steps."""
+        kinds = {"orders", "refunds", "rekeys"} if kinds is None else kinds
         done = 0
-        for step in (
-            lambda ctx, box: topups.work_once(ctx, box, self.bank),
-            lambda ctx, box: rekeys.work_once(ctx, box),
+        if "orders" in kinds:
+            for _ in range(steps_per_pass_max):
+                batch = self._committed_then_sent(
+                    lambda ctx, box: topups.work_batch(ctx, box, self.bank)
+                )
+                done += len(batch)
+                if len(batch) < topups.orders_per_batch:
+                    break
+        for kind, step in (
+            ("refunds", lambda ctx, box: topups.refund_once(ctx, box, self.bank)),
+            ("rekeys", lambda ctx, box: rekeys.work_once(ctx, box)),
         ):
+            if kind not in kinds:
+                continue
             for _ in range(steps_per_pass_max):
                 if self._committed_then_sent(step) is None:
                     break

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import literal, select
+from sqlalchemy import exists, select
 
 from sim_applet.crypto import Algorithm
 from sim_applet.issuer import LoadAuthorization, Mac1Invalid, authorize_load
@@ -237,24 +237,46 @@ def _post(
 # --- the worker ----------------------------------------------------------------------------
 
 
-def _due(ctx: Context):  # type: ignore[no-untyped-def]
-    return (
-        TopUpOrder.next_action_at <= ctx.now,
-        TopUpOrder.state.in_((*IN_FLIGHT, "created", "refunding")),
-    )
+SENDING_STATES = (*IN_FLIGHT, "created")  # steps that only send packets (batched)
+orders_per_batch = 20
 
 
-def anything_due(ctx: Context) -> bool:
-    """One cheap read for an idle worker: a callback to apply or an order step due."""
-    event = select(literal(1)).where(BankWebhookEvent.processed_at.is_(None))
-    order = select(literal(1)).where(*_due(ctx))
-    return ctx.session.scalar(event.union_all(order).limit(1)) is not None
+def _due(ctx: Context, states: tuple[str, ...] = (*SENDING_STATES, "refunding")):  # type: ignore[no-untyped-def]
+    return (TopUpOrder.next_action_at <= ctx.now, TopUpOrder.state.in_(states))
+
+
+def due_kinds(ctx: Context) -> set[str]:
+    """One cheap read: which kinds of work are waiting — "events" (bank callbacks),
+    "orders" (steps that send packets), "refunds"."""
+    waiting = ctx.session.execute(
+        select(
+            exists().where(BankWebhookEvent.processed_at.is_(None)),
+            exists().where(*_due(ctx, SENDING_STATES)),
+            exists().where(*_due(ctx, ("refunding",))),
+        )
+    ).one()
+    return {kind for kind, due in zip(("events", "orders", "refunds"), waiting, strict=True) if due}
+
+
+def work_batch(
+    ctx: Context, channel: OtaChannel, bank: BankClient, limit: int = orders_per_batch
+) -> list[WorkResult]:
+    """The due packet-sending steps of up to ``limit`` orders, in one transaction (claimed
+    with SKIP LOCKED: several workers share the queue; a killed worker's batch was never
+    committed, and its packets never left)."""
+    orders = ctx.session.scalars(
+        select(TopUpOrder)
+        .where(*_due(ctx, SENDING_STATES))
+        .order_by(TopUpOrder.next_action_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [WorkResult(order.id, _step(ctx, order, channel, bank)) for order in orders]
 
 
 def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
-    """Do the next due step of one order; None when nothing is due. Orders are claimed
-    with SKIP LOCKED, so several workers share the queue and a killed one leaves its
-    order to the next (its transaction never committed)."""
+    """Do the next due step of one order; None when nothing is due. A refund (a call to
+    the bank) always goes alone, so one failing refund holds up no other order."""
     order = ctx.session.scalar(
         select(TopUpOrder)
         .where(*_due(ctx))
@@ -266,6 +288,17 @@ def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult
         return None
     action = _step(ctx, order, channel, bank)
     return WorkResult(order.id, action)
+
+
+def refund_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
+    order = ctx.session.scalar(
+        select(TopUpOrder)
+        .where(*_due(ctx, ("refunding",)))
+        .order_by(TopUpOrder.next_action_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    return None if order is None else WorkResult(order.id, _step(ctx, order, channel, bank))
 
 
 def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
