@@ -44,10 +44,16 @@ PARTIES = ("service", "smsc", "bank", "worker1", "worker2")
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its reaped children (gunicorn's workers)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(value) for value in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of a process and its live children (gunicorn's workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # itself, or its child
+            total += sum(int(value) for value in fields[11:13])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -159,6 +165,7 @@ def ota_figures() -> dict[str, float]:
         handsets = _issue_phones(env, base, smsc, bank)
         # One phone alone: the flow's own latency (no queue in front of it).
         alone = [handsets[0].top_up() for _ in range(single_phone_topups)]
+        commits_before = _commits(admin_engine, name)
         started = time.perf_counter()
         with ThreadPoolExecutor(len(handsets)) as pool:
             latencies = [
@@ -169,10 +176,12 @@ def ota_figures() -> dict[str, float]:
                 for ms in per_phone
             ]
         elapsed = time.perf_counter() - started
+        commits = _commits(admin_engine, name) - commits_before
         figures = {
             "ota_topups_per_s": len(latencies) / elapsed,
             "ota_topup_median_ms": statistics.median(alone),
             "ota_topup_median_ms_loaded": statistics.median(latencies),
+            "pg_commits_per_topup": commits / len(latencies),
         }
         for party, process in zip(PARTIES, processes, strict=False):
             figures[f"cpu_s_{party}"] = _cpu_seconds(process.pid)
@@ -189,6 +198,16 @@ def ota_figures() -> dict[str, float]:
         with admin_engine.connect() as connection:
             connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin_engine.dispose()
+
+
+def _commits(admin_engine, database: str) -> int:  # type: ignore[no-untyped-def]
+    """Transactions committed in ``database`` so far (PostgreSQL's statistics collector)."""
+    with admin_engine.connect() as connection:
+        connection.execute(text("SELECT pg_stat_clear_snapshot()"))
+        return connection.scalar(
+            text("SELECT xact_commit FROM pg_stat_database WHERE datname = :name"),
+            {"name": database},
+        )
 
 
 def _issue_phones(env: dict, base: str, smsc: str, bank: str) -> list[BenchPhone]:
@@ -224,6 +243,7 @@ if __name__ == "__main__":
         f"ota_topup_median_ms_loaded: {figures['ota_topup_median_ms_loaded']:.0f} ms"
         f"  # {phones} phones at once"
     )
+    print(f"pg_commits_per_topup: {figures['pg_commits_per_topup']:.1f}")
     for name, value in figures.items():
         if name.startswith("cpu_s_"):
             print(f"{name}: {value:.1f} s")

@@ -6,6 +6,7 @@ The core (``SmsCentre``) keeps mailboxes in memory and takes its clock and rando
 arguments; ``create_smsc_app`` puts HTTP around it for ``app.py smsc serve``:
 
     POST /submit   {"from": MSISDN, "to": MSISDN, "user_data": HEX, "udh": HEX?} → {"id"}
+                   {"messages": [those, …]} → {"ids"}: all accepted, or none
     GET  /inbox/<msisdn>?wait_ms=N  → {"messages": [...]} (delivered: removed from the box)
 """
 
@@ -24,6 +25,7 @@ from flask import Flask, Response, jsonify, request
 
 user_data_bytes_max = 140  # one SMS (3GPP TS 23.040 §9.2.3.24): UDH included
 mailbox_messages_max = 10_000
+submit_batch_max = 100  # messages in one POST /submit
 long_poll_ms_max = 30_000
 wait_slice_s_max = 1.0  # re-read the clock at least this often (tests move fake clocks)
 _MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
@@ -31,6 +33,14 @@ _MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
 
 class SmsRefused(ValueError):
     pass
+
+
+def _check(sender: str, recipient: str, user_data: bytes, udh: bytes) -> None:
+    for address in (sender, recipient):
+        if not _MSISDN.match(address):
+            raise SmsRefused(f"not an MSISDN: {address!r}")
+    if len(udh) + len(user_data) > user_data_bytes_max:
+        raise SmsRefused(f"more than {user_data_bytes_max} bytes of user data")
 
 
 @dataclass(frozen=True)
@@ -78,25 +88,33 @@ class SmsCentre:
     duplicated: int = 0
 
     def submit(self, sender: str, recipient: str, user_data: bytes, udh: bytes = b"") -> int:
-        for address in (sender, recipient):
-            if not _MSISDN.match(address):
-                raise SmsRefused(f"not an MSISDN: {address!r}")
-        if len(udh) + len(user_data) > user_data_bytes_max:
-            raise SmsRefused(f"more than {user_data_bytes_max} bytes of user data")
+        return self.submit_many([(sender, recipient, user_data, udh)])[0]
+
+    def submit_many(self, messages: list[tuple[str, str, bytes, bytes]]) -> list[int]:
+        """Accept a batch — all of it or, if one is malformed, none of it (what an HTTP
+        gateway's multi-message submit does); each then meets the faults on its own."""
+        if len(messages) > submit_batch_max:
+            raise SmsRefused(f"more than {submit_batch_max} messages in one submit")
+        for sender, recipient, user_data, udh in messages:
+            _check(sender, recipient, user_data, udh)
         with self._lock:
-            sms = Sms(next(self._ids), sender, recipient, udh, user_data, self.clock())
-            if self.random.random() < self.faults.loss_rate:
-                self.lost += 1
-                return sms.id  # accepted, then lost: the sender cannot tell
-            copies = 2 if self.random.random() < self.faults.duplicate_rate else 1
-            self.duplicated += copies - 1
-            box = self._boxes.setdefault(recipient, [])
-            if len(box) + copies > mailbox_messages_max:
-                raise SmsRefused(f"mailbox of {recipient} is full")
-            due = sms.submitted_at + timedelta(milliseconds=self.faults.delay_ms)
-            box.extend([(due, sms)] * copies)
-            self._arrival(recipient).notify_all()
-            return sms.id
+            return [self._store(*message) for message in messages]
+
+    def _store(self, sender: str, recipient: str, user_data: bytes, udh: bytes) -> int:
+        """(Called with the lock held.)"""
+        sms = Sms(next(self._ids), sender, recipient, udh, user_data, self.clock())
+        if self.random.random() < self.faults.loss_rate:
+            self.lost += 1
+            return sms.id  # accepted, then lost: the sender cannot tell
+        copies = 2 if self.random.random() < self.faults.duplicate_rate else 1
+        self.duplicated += copies - 1
+        box = self._boxes.setdefault(recipient, [])
+        if len(box) + copies > mailbox_messages_max:
+            raise SmsRefused(f"mailbox of {recipient} is full")
+        due = sms.submitted_at + timedelta(milliseconds=self.faults.delay_ms)
+        box.extend([(due, sms)] * copies)
+        self._arrival(recipient).notify_all()
+        return sms.id
 
     def _arrival(self, recipient: str) -> threading.Condition:
         """(Called with the lock held.)"""
@@ -136,15 +154,10 @@ def create_smsc_app(centre: SmsCentre) -> Flask:
     @app.post("/submit")
     def submit():  # type: ignore[no-untyped-def]
         data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            raise SmsRefused("send a JSON object")
-        sms_id = centre.submit(
-            str(data["from"]),
-            str(data["to"]),
-            bytes.fromhex(str(data["user_data"])),
-            bytes.fromhex(str(data.get("udh", ""))),
-        )
-        return jsonify({"id": sms_id}), 202
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            ids = centre.submit_many([_message(item) for item in data["messages"]])
+            return jsonify({"ids": ids}), 202
+        return jsonify({"id": centre.submit_many([_message(data)])[0]}), 202
 
     @app.get("/inbox/<msisdn>")
     def inbox(msisdn: str):  # type: ignore[no-untyped-def]
@@ -156,3 +169,14 @@ def create_smsc_app(centre: SmsCentre) -> Flask:
         return jsonify({"lost": centre.lost, "duplicated": centre.duplicated})
 
     return app
+
+
+def _message(data: Any) -> tuple[str, str, bytes, bytes]:
+    if not isinstance(data, dict):
+        raise SmsRefused('send a JSON object (or {"messages": [objects]})')
+    return (
+        str(data["from"]),
+        str(data["to"]),
+        bytes.fromhex(str(data["user_data"])),
+        bytes.fromhex(str(data.get("udh", ""))),
+    )

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from reader_sim.bank import deliver_due
 from reader_sim.phone import Phone, PhoneError, ScriptedScreen
@@ -27,6 +28,7 @@ from sim_applet.toolkit import ToolkitSettings
 from tests.helpers import Clock, purse
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet
+from wallet_service.models import Card, TopUpOrder
 from wallet_service.sms_gateway import InProcessGateway
 from wallet_service.worker import run_once
 
@@ -272,6 +274,40 @@ def test_loss_report_from_the_phone_puts_the_card_on_the_hot_list(
     assert world.phone.inbox == ["已挂失 Card reported lost"]
     card = wallet.ok("GET", f"/api/v1/cards/{world.serial}")
     assert card["status"] == "lost"
+    world.bank.close()
+
+
+def test_a_message_that_fails_is_dropped_alone_with_its_packets(
+    wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker handles what one receive brought in one transaction, each message in
+    its savepoint: the loss report below fails after doing its work — its card change and
+    its notice vanish, while the top-up request before it stands."""
+    import wallet_service.worker as worker_module
+
+    real = worker_module.handle_incoming_sms
+    outcomes: list[str] = []
+
+    def failing_after_loss_reports(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+        outcomes.append(real(ctx, box, sms, merchant))
+        if ctx.session.scalar(select(Card.status)) == "lost":
+            raise RuntimeError("a bug after the work was done")
+        return outcomes[-1]
+
+    monkeypatch.setattr(worker_module, "handle_incoming_sms", failing_after_loss_reports)
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["12", "123456"]
+    world.phone.select(4)  # a top-up request …
+    world.screen.answers[:] = ["123456"]
+    world.phone.select(5)  # … then a loss report, both waiting for the worker
+    worker = worker_module.Worker(wallet.app, world.gateway, world.bank)
+    assert worker.read_sms() == 2 and len(outcomes) == 2
+    world.phone.receive()
+    assert [link[2] for link in world.phone.payment_links] == [1200]
+    assert not any("lost" in text for text in world.phone.inbox)
+    assert wallet.ok("GET", f"/api/v1/cards/{world.serial}")["status"] == "active"
+    with wallet.database.transaction() as session:
+        assert session.scalar(select(TopUpOrder.state)) == "created"
     world.bank.close()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from reader_sim.smsc import Faults, SmsCentre, SmsRefused
+from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
 from tests.helpers import Clock
 from tests.wallet_fixtures import _free_port
 from wallet_service.sms_gateway import HttpGateway, InProcessGateway
@@ -59,6 +59,18 @@ def test_bad_submissions_are_refused(sender: str, recipient: str, user_data: byt
         centre().submit(sender, recipient, user_data)
 
 
+def test_a_batch_is_accepted_whole_or_not_at_all() -> None:
+    smsc = centre()
+    good = (PLATFORM, PHONE, b"\x01", b"")
+    with pytest.raises(SmsRefused):
+        smsc.submit_many([good, (PLATFORM, "12", b"\x02", b"")])
+    with pytest.raises(SmsRefused):
+        smsc.submit_many([good] * (submit_batch_max + 1))
+    assert smsc.collect(PHONE) == []
+    ids = smsc.submit_many([good, (PLATFORM, PHONE, b"\x02", b"")])
+    assert [sms.id for sms in smsc.collect(PHONE)] == ids
+
+
 def test_the_in_process_gateway_talks_both_ways() -> None:
     smsc = centre()
     gateway = InProcessGateway(smsc, PLATFORM)
@@ -97,6 +109,14 @@ def test_the_http_gateway_against_smsc_serve() -> None:
         gateway.send(PHONE, b"\x01\x02")
         phone_box = requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"]
         assert phone_box[0]["user_data"] == "0102"
+        gateway.send_many([(PHONE, bytes([n]), b"") for n in range(submit_batch_max + 5)])
+        phone_box = requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"]
+        assert [m["user_data"] for m in phone_box] == [
+            f"{n:02x}" for n in range(submit_batch_max + 5)
+        ]
+        half_bad = {"messages": [{"from": PLATFORM, "to": PHONE, "user_data": "01"}, {"to": 1}]}
+        assert requests.post(f"{base}/submit", json=half_bad, timeout=5).status_code == 422
+        assert requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"] == []
         requests.post(
             f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "beef"}, timeout=5
         )

@@ -109,3 +109,40 @@ def test_concurrent_confirmations_post_a_load_once(pg_wallet: Wallet) -> None:
     with pg_wallet.database.transaction() as session:
         assert session.scalar(select(func.count()).select_from(Transfer)) == 1
     assert pg_wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_concurrent_postings_on_one_account_all_count(pg_wallet: Wallet) -> None:
+    """Many transfers into one hot account at once (the platform's pooled accounts see
+    every top-up): none may overwrite another's total."""
+    from datetime import datetime
+
+    from wallet_service import ledger
+    from wallet_service.models import Account
+
+    postings_per_thread = 25
+
+    def post_many(thread: int) -> None:
+        for n in range(postings_per_thread):
+            with pg_wallet.database.transaction() as session:
+                ledger.post(
+                    session,
+                    debit=ledger.open_account(session, ledger.HALL_CASH, f"H{thread}"),
+                    credit=ledger.open_account(session, ledger.CARD_FLOAT, "HOT"),
+                    amount_fen=n + 1,
+                    kind="test",
+                    reference=f"hot:{thread}:{n}",
+                    at=datetime(2026, 11, 25),
+                )
+
+    for thread in range(THREADS):  # the accounts exist first: only the totals race
+        with pg_wallet.database.transaction() as session:
+            ledger.open_account(session, ledger.HALL_CASH, f"H{thread}")
+    with pg_wallet.database.transaction() as session:
+        ledger.open_account(session, ledger.CARD_FLOAT, "HOT")
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(post_many, range(THREADS)))
+    expected = THREADS * postings_per_thread * (postings_per_thread + 1) // 2
+    with pg_wallet.database.transaction() as session:
+        hot = session.scalars(select(Account).where(Account.code == "card_float:HOT")).one()
+        assert (hot.credits_fen, hot.debits_fen) == (expected, 0)
+    assert pg_wallet.ok("GET", "/api/v1/ledger")["balanced"]

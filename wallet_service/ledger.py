@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from wallet_service.models import Account, Transfer
 
@@ -50,13 +51,22 @@ def post(
 ) -> Transfer:
     assert amount_fen > 0, "a transfer moves a positive amount"
     assert debit.id != credit.id, "a transfer moves money between two accounts"
-    # Lock both rows in id order so two transfers on the same pair never deadlock.
-    for account_id in sorted((debit.id, credit.id)):
-        session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
-    session.refresh(debit)
-    session.refresh(credit)
-    debit.debits_fen += amount_fen
-    credit.credits_fen += amount_fen
+    # Each account's total moves inside the database (UPDATE … RETURNING: the row lock is
+    # taken and no stale read can be posted); both rows in id order, so two transfers on
+    # the same pair never deadlock.
+    movements = sorted(
+        ((debit, Account.debits_fen), (credit, Account.credits_fen)),
+        key=lambda movement: movement[0].id,
+    )
+    for account, total in movements:
+        moved = session.execute(
+            update(Account)
+            .where(Account.id == account.id)
+            .values({total: total + amount_fen})
+            .returning(total),
+            execution_options={"synchronize_session": False},
+        ).scalar_one()
+        set_committed_value(account, total.key, moved)
     transfer = Transfer(
         debit_account_id=debit.id,
         credit_account_id=credit.id,

@@ -96,10 +96,17 @@ class Outbox:
     def notify(self, phone: str, text: str) -> None:
         self.pending.append((phone, encode_notice(text), b""))
 
+    def mark(self) -> int:
+        return len(self.pending)
+
+    def discard_since(self, mark: int) -> None:
+        """A unit of work rolled back (its savepoint): its packets must never leave."""
+        del self.pending[mark:]
+
     def flush(self) -> None:
         pending, self.pending = self.pending, []
-        for phone, packet, udh in pending:
-            self.channel.deliver(phone, packet, udh)
+        if pending:
+            self.channel.gateway.send_many(pending)
 
 
 notice_chars_max = 70  # one SMS in UCS2 (TS 23.038): 140 bytes

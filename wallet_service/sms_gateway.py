@@ -10,15 +10,18 @@ from typing import Protocol
 
 import requests
 
-from reader_sim.smsc import Sms, SmsCentre
+from reader_sim.smsc import Sms, SmsCentre, submit_batch_max
 
 request_timeout_s = 10.0
+Outgoing = tuple[str, bytes, bytes]  # (to, user_data, udh)
 
 
 class SmsGateway(Protocol):
     short_code: str
 
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None: ...
+
+    def send_many(self, messages: list[Outgoing]) -> None: ...
 
     def receive(self, wait_ms: int = 0) -> list[Sms]: ...
 
@@ -29,6 +32,9 @@ class InProcessGateway:
 
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
         self.centre.submit(self.short_code, to, user_data, udh)
+
+    def send_many(self, messages: list[Outgoing]) -> None:
+        self.centre.submit_many([(self.short_code, *message) for message in messages])
 
     def receive(self, wait_ms: int = 0) -> list[Sms]:
         return self.centre.collect(self.short_code, wait_ms)
@@ -43,19 +49,23 @@ class HttpGateway:
     def session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
+            self._local.session.trust_env = False  # no proxy lookup per request: loopback
         return self._local.session
 
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
-        answer = self.session.post(
-            f"{self.base_url}/submit",
-            json={
-                "from": self.short_code,
-                "to": to,
-                "user_data": user_data.hex(),
-                "udh": udh.hex(),
-            },
-            timeout=request_timeout_s,
-        )
+        self._submit(self._json(to, user_data, udh))
+
+    def send_many(self, messages: list[Outgoing]) -> None:
+        """A step's or a batch's SMS in as few requests as the SMS centre takes."""
+        for start in range(0, len(messages), submit_batch_max):
+            chunk = messages[start : start + submit_batch_max]
+            self._submit({"messages": [self._json(*message) for message in chunk]})
+
+    def _json(self, to: str, user_data: bytes, udh: bytes) -> dict[str, str]:
+        return {"from": self.short_code, "to": to, "user_data": user_data.hex(), "udh": udh.hex()}
+
+    def _submit(self, body: dict) -> None:
+        answer = self.session.post(f"{self.base_url}/submit", json=body, timeout=request_timeout_s)
         answer.raise_for_status()
 
     def receive(self, wait_ms: int = 0) -> list[Sms]:

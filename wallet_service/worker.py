@@ -13,10 +13,12 @@ from pathlib import Path
 
 import requests
 from flask import Flask
+from sqlalchemy.exc import DBAPIError
 
+from reader_sim.smsc import Sms
 from wallet_service import ota_channel
 from wallet_service.auth import Principal
-from wallet_service.ota_channel import SmsOtaChannel, handle_incoming_sms, keyset_lookup
+from wallet_service.ota_channel import Outbox, SmsOtaChannel, handle_incoming_sms, keyset_lookup
 from wallet_service.services import rekeys, topups
 from wallet_service.services.registry import Context
 from wallet_service.sms_gateway import SmsGateway
@@ -26,7 +28,8 @@ steps_per_pass_max = 1_000
 poll_wait_ms = 500
 retry_wait_s = 1.0
 notify_wait_s = 1.0
-idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1
+idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1 (no NOTIFY)
+idle_poll_ms_listening = 250  # with LISTEN/NOTIFY a callback wakes the loop; timeouts are slow
 request_timeout_s = 10.0
 
 
@@ -89,27 +92,37 @@ class Worker:
         return self._in_transaction(lambda ctx: topups.process_bank_events(ctx, self.bank))
 
     def read_sms(self, wait_ms: int = 0) -> int:
-        """PoRs and requests from phones; waits up to ``wait_ms`` for the first."""
-        messages = self.gateway.receive(wait_ms)
+        """PoRs and requests from phones (waiting up to ``wait_ms`` for the first): all
+        that came, in one transaction, each message in its own savepoint — one that fails
+        is logged and dropped with its packets, and the others stand. Sorted by sender, so
+        two workers lock the same orders in the same order."""
+        messages = sorted(self.gateway.receive(wait_ms), key=lambda sms: (sms.sender, sms.id))
+        if not messages:
+            return 0
         merchant = self.app.config["BANK_MERCHANT"]
-        for sms in messages:
-            outcome = self._committed_then_sent(
-                lambda ctx, box, sms=sms: handle_incoming_sms(ctx, box, sms, merchant)
-            )
+        outcomes = self._committed_then_sent(
+            lambda ctx, box: [_handle_one(ctx, box, sms, merchant) for sms in messages]
+        )
+        for sms, outcome in zip(messages, outcomes, strict=True):
             log.info("SMS from %s: %s", sms.sender, outcome)
         return len(messages)
 
-    def due_kinds(self) -> set[str]:
-        """One cheap transaction: which kinds of work wait (so no claim runs empty)."""
-        return self._in_transaction(
-            lambda ctx: topups.due_kinds(ctx) | ({"rekeys"} if rekeys.anything_due(ctx) else set())
-        )
-
     def do_due_work(self) -> int:
-        """Callbacks, then due steps — only the kinds that are waiting."""
-        kinds = self.due_kinds()
-        done = self.apply_bank_events() if "events" in kinds else 0
-        return done + self.do_due_steps(kinds | ({"orders"} if done else set()))
+        """Bank callbacks applied and due packets sent, one transaction per batch; then
+        refunds and rekey steps, when that transaction saw any due."""
+        done, rare_kinds = 0, set()
+        for _ in range(steps_per_pass_max):
+            events, steps, rare_kinds = self._committed_then_sent(self._callbacks_and_packets)
+            done += events + steps
+            if events < topups.events_per_batch and steps < topups.orders_per_batch:
+                break
+        return done + self.do_due_steps(rare_kinds)
+
+    def _callbacks_and_packets(self, ctx: Context, box: Outbox) -> tuple[int, int, set[str]]:
+        events = topups.process_bank_events(ctx, self.bank)
+        steps = len(topups.work_batch(ctx, box, self.bank))
+        due = (("refunds", topups.refunds_due(ctx)), ("rekeys", rekeys.anything_due(ctx)))
+        return events, steps, {kind for kind, is_due in due if is_due}
 
     def do_due_steps(self, kinds: set[str] | None = None) -> int:
         """Packet-sending steps in batches, refunds one at a time, then rekey steps."""
@@ -136,6 +149,19 @@ class Worker:
         return done
 
 
+def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
+    mark = box.mark()
+    try:
+        with ctx.session.begin_nested():
+            return handle_incoming_sms(ctx, box, sms, merchant)
+    except DBAPIError:
+        raise  # the database's own trouble (a deadlock, an outage): the whole batch again
+    except Exception:  # a bug or a message nobody foresaw: this one only
+        box.discard_since(mark)
+        log.exception("SMS from %s not handled", sms.sender)
+        return "failed"
+
+
 def run_once(
     app: Flask, gateway: SmsGateway, bank: topups.BankClient, wait_ms: int = 0
 ) -> PassReport:
@@ -152,22 +178,22 @@ def run_forever(
     gateway: SmsGateway,
     bank: topups.BankClient,
     stop: threading.Event,
-    idle_poll_ms: int = idle_poll_ms_default,
+    idle_poll_ms: int | None = None,
 ) -> None:
     """Two loops: SMS from phones (long-polled, answered at once) and the database's
-    due work (bank callbacks, packets to send), polled every ``idle_poll_ms`` when idle."""
+    due work (bank callbacks, packets to send), polled every ``idle_poll_ms`` when idle
+    (by default: 20 ms, or 250 ms where LISTEN/NOTIFY wakes it as a callback is stored)."""
     worker = Worker(app, gateway, bank)
 
     def sms_loop() -> None:
         _repeat(stop, lambda: worker.read_sms(poll_wait_ms), 0)
 
-    def database_loop() -> None:
-        _repeat(stop, worker.do_due_work, idle_poll_ms, worker.woken)
-
     reader = threading.Thread(target=sms_loop, name="sms", daemon=True)
     reader.start()
     listener = _listen_for_work(app, worker.woken, stop)
-    database_loop()
+    if idle_poll_ms is None:
+        idle_poll_ms = idle_poll_ms_default if listener is None else idle_poll_ms_listening
+    _repeat(stop, worker.do_due_work, idle_poll_ms, worker.woken)
     if listener is not None:
         listener.join(timeout=notify_wait_s * 2)
     reader.join(timeout=request_timeout_s + poll_wait_ms / 1000)
@@ -212,10 +238,10 @@ def _repeat(
 ) -> None:
     while not stop.is_set():
         try:
+            if woken is not None:
+                woken.clear()  # before the pass: a wake-up during it means "look again"
             if unit() == 0 and idle_ms:
                 (woken or stop).wait(idle_ms / 1000)
-                if woken is not None:
-                    woken.clear()
         except (requests.RequestException, OSError) as error:
             log.warning("worker pass failed, retrying: %s", error)
             stop.wait(retry_wait_s)

@@ -146,12 +146,16 @@ def orders_of(ctx: Context, card_serial: str) -> list[TopUpOrder]:
 # --- bank callbacks ------------------------------------------------------------------------
 
 
-def process_bank_events(ctx: Context, bank: BankClient) -> int:
+events_per_batch = 100
+
+
+def process_bank_events(ctx: Context, bank: BankClient, limit: int = events_per_batch) -> int:
     """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once."""
     events = ctx.session.scalars(
         select(BankWebhookEvent)
         .where(BankWebhookEvent.processed_at.is_(None))
         .order_by(BankWebhookEvent.received_at)
+        .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
     for event in events:
@@ -245,17 +249,8 @@ def _due(ctx: Context, states: tuple[str, ...] = (*SENDING_STATES, "refunding"))
     return (TopUpOrder.next_action_at <= ctx.now, TopUpOrder.state.in_(states))
 
 
-def due_kinds(ctx: Context) -> set[str]:
-    """One cheap read: which kinds of work are waiting — "events" (bank callbacks),
-    "orders" (steps that send packets), "refunds"."""
-    waiting = ctx.session.execute(
-        select(
-            exists().where(BankWebhookEvent.processed_at.is_(None)),
-            exists().where(*_due(ctx, SENDING_STATES)),
-            exists().where(*_due(ctx, ("refunding",))),
-        )
-    ).one()
-    return {kind for kind, due in zip(("events", "orders", "refunds"), waiting, strict=True) if due}
+def refunds_due(ctx: Context) -> bool:
+    return ctx.session.scalar(select(exists().where(*_due(ctx, ("refunding",))))) or False
 
 
 def work_batch(
