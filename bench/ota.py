@@ -65,12 +65,14 @@ def _free_port() -> int:
 def _start(args: list[str], env: dict) -> subprocess.Popen:
     profile = os.environ.get("BENCH_PROFILE_DIR")  # cProfile each party into this directory
     runner = ["-m", "cProfile", "-o", f"{profile}/{args[0]}-{uuid.uuid4().hex[:4]}.prof"]
-    return subprocess.Popen(
-        [sys.executable, *(runner if profile else []), str(ROOT / "app.py"), *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    logs = os.environ.get("BENCH_LOG_DIR")  # each party's output into this directory
+    command = [sys.executable, *(runner if profile else []), str(ROOT / "app.py"), *args]
+    if not logs:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    with open(f"{logs}/{args[0]}-{uuid.uuid4().hex[:4]}.log", "wb") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
 def _wait_up(url: str) -> None:
@@ -89,18 +91,21 @@ class BenchPhone:
     def __init__(self, sim: Sim, number: str, smsc: str, bank: str) -> None:
         self.screen = ScriptedScreen()
         http = requests.Session()
+        http.trust_env = False  # no proxy lookup per request: loopback
 
         def pay(merchant: str, order_id: str, amount_fen: int) -> None:
-            http.post(
-                f"{bank}/api/payments",
-                json={
-                    "merchant": merchant,
-                    "order_id": order_id,
-                    "amount_fen": amount_fen,
-                    "card_number": BANK_CARD,
-                },
-                timeout=10,
-            ).raise_for_status()
+            payment = {
+                "merchant": merchant,
+                "order_id": order_id,
+                "amount_fen": amount_fen,
+                "card_number": BANK_CARD,
+            }
+            try:
+                answer = http.post(f"{bank}/api/payments", json=payment, timeout=10)
+            except requests.ConnectionError:  # a kept-alive connection closed as reused;
+                # the bank pays an order once, so asking again is safe
+                answer = http.post(f"{bank}/api/payments", json=payment, timeout=10)
+            answer.raise_for_status()
 
         self.phone = Phone(sim, number, HttpGateway(smsc, number), self.screen, pay)
         self.phone.power_on()

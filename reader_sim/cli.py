@@ -379,8 +379,6 @@ def bank() -> None:
 )
 def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple[str, ...]) -> None:
     """Serve the bank over HTTP and send its webhooks."""
-    from werkzeug.serving import make_server
-
     from reader_sim.bank import Bank
     from reader_sim.bank_http import WebhookSender, create_bank_app
 
@@ -393,10 +391,9 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
         the_bank.add_merchant(merchant, url)
     sender = WebhookSender(the_bank, secret)
     sender.thread.start()
-    server = make_server(host, port, create_bank_app(the_bank, secret, sender.wake), threaded=True)
     click.echo(f"bank on http://{host}:{port}")
     try:
-        _serve_until_stopped(server)
+        _serve_until_stopped(host, port, create_bank_app(the_bank, secret, sender.wake))
     finally:
         sender.stop.set()
         sender.wake()
@@ -422,29 +419,39 @@ def smsc_serve(
     """Serve the SMS centre over HTTP."""
     import random
 
-    from werkzeug.serving import make_server
-
     from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
 
     centre = SmsCentre(Faults(delay_ms, loss, duplicate), random=random.Random(seed))
-    server = make_server(host, port, create_smsc_app(centre), threaded=True)
     click.echo(f"SMS centre on http://{host}:{port}")
-    _serve_until_stopped(server)
+    _serve_until_stopped(host, port, create_smsc_app(centre))
 
 
-def _serve_until_stopped(server) -> None:  # type: ignore[no-untyped-def]
-    """Serve from a thread until SIGTERM or Ctrl-C: shutdown() must not run on the serving
-    thread itself (it waits for that loop to end)."""
+server_threads = 128  # requests at once: each long-polling phone holds one while it waits
+keep_alive_connections_max = 1024  # idle ones kept open (cheroot's default, 10, would close
+# the connections of most phones between polls — and a client reusing one just as it is
+# closed sees "connection reset")
+
+
+def _serve_until_stopped(host: str, port: int, app) -> None:  # type: ignore[no-untyped-def]
+    """Serve ``app`` until SIGTERM or Ctrl-C with cheroot: a pool of threads, and HTTP
+    keep-alive (werkzeug's development server closes every connection — a new TCP
+    connection per SMS). Idle keep-alive connections wait in a selector, not in a thread.
+    Served from a thread, because stop() must not run on the serving thread itself."""
+    from cheroot.wsgi import Server
+
+    server = Server((host, port), app, numthreads=server_threads)
+    server.keep_alive_conn_limit = keep_alive_connections_max
+    server.prepare()  # binds now: the port is taken before we say we are up
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    threading.Thread(target=server.serve, name="http", daemon=True).start()
     try:
         while not stopped.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        server.shutdown()
+        server.stop()
 
 
 def _ota_domain(sim: Sim):  # type: ignore[no-untyped-def]

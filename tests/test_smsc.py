@@ -129,3 +129,41 @@ def test_the_http_gateway_against_smsc_serve() -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
     assert process.returncode == 0
+
+
+def test_the_http_gateway_tries_a_broken_connection_once_more_on_a_new_one() -> None:
+    """A kept-alive connection the server drops as the next request arrives (unanswered):
+    the gateway asks again on a fresh connection instead of failing the worker's pass."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    answer = (
+        b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 8\r\nConnection: keep-alive\r\n\r\n{"id":1}'
+    )
+    requests_seen: list[int] = []  # per connection: how many requests it carried
+
+    def serve() -> None:
+        first, _ = listener.accept()
+        first.recv(65536)
+        first.sendall(answer)
+        first.recv(65536)  # the second request on the kept-alive connection …
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        first.close()  # … is dropped unanswered (RST)
+        requests_seen.append(2)
+        second, _ = listener.accept()
+        second.recv(65536)
+        second.sendall(answer)
+        requests_seen.append(1)
+        second.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    gateway = HttpGateway(f"http://127.0.0.1:{port}", PLATFORM)
+    gateway.send(PHONE, b"\x01")
+    gateway.send(PHONE, b"\x02")  # would raise ConnectionError without the second try
+    server.join(timeout=5)
+    listener.close()
+    assert requests_seen == [2, 1]

@@ -1,7 +1,9 @@
 """How the platform reaches phones: an SMS gateway adapter (ota.md §4). In-process over an
 ``SmsCentre`` for unit tests, HTTP to ``app.py smsc serve`` for the demo; an SMPP client
-toward a real SMSC is the natural next adapter. Nothing here retries: the OTA worker owns
-retries and timeouts (an SMS can be lost whatever the gateway says)."""
+toward a real SMSC is the natural next adapter. Nothing here retries an answered request:
+the OTA worker owns retries and timeouts (an SMS can be lost whatever the gateway says).
+Only a broken connection is tried once more, on a new one — a kept-alive connection the
+SMS centre closes just as it is reused fails that way, before the request was read."""
 
 from __future__ import annotations
 
@@ -65,18 +67,26 @@ class HttpGateway:
         return {"from": self.short_code, "to": to, "user_data": user_data.hex(), "udh": udh.hex()}
 
     def _submit(self, body: dict) -> None:
-        answer = self.session.post(f"{self.base_url}/submit", json=body, timeout=request_timeout_s)
+        self._request("POST", "/submit", json=body, timeout=request_timeout_s)
+
+    def _request(self, method: str, path: str, **options) -> requests.Response:  # type: ignore[no-untyped-def]
+        try:
+            answer = self.session.request(method, self.base_url + path, **options)
+        except requests.ConnectionError:
+            del self._local.session  # its pooled connection is dead: start afresh
+            answer = self.session.request(method, self.base_url + path, **options)
         answer.raise_for_status()
+        return answer
 
     def receive(self, wait_ms: int = 0) -> list[Sms]:
         from datetime import datetime
 
-        answer = self.session.get(
-            f"{self.base_url}/inbox/{self.short_code}",
+        answer = self._request(
+            "GET",
+            f"/inbox/{self.short_code}",
             params={"wait_ms": wait_ms},
             timeout=request_timeout_s + wait_ms / 1000,
         )
-        answer.raise_for_status()
         return [
             Sms(
                 m["id"],
