@@ -41,19 +41,41 @@ BANK_CARD, MERCHANT = "6222020000000777", "BUSCARD"
 
 
 PARTIES = ("service", "smsc", "bank", "worker1", "worker2")
+PLATFORM = ("service", "workers", "postgres")  # what an integrator runs
+SIMULATORS = ("smsc", "bank", "phones")  # what stands in for the outside world
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live children (gunicorn's workers)."""
-    total = 0.0
+def _cpu_by_party(processes: list[subprocess.Popen], admin_engine, database: str):  # type: ignore[no-untyped-def]
+    """CPU seconds (user + system) so far: each party, the workers together, the
+    PostgreSQL backends serving ``database``, and the phones (threads of this process)."""
+    ticks = _ticks_by_process()
+    per_second = os.sysconf("SC_CLK_TCK")
+
+    def tree(pid: int) -> float:  # a process and its live children (gunicorn's workers)
+        own = ticks.get(pid, (0, 0))[0]
+        return (own + sum(t for t, parent in ticks.values() if parent == pid)) / per_second
+
+    cpu = {party: tree(p.pid) for party, p in zip(PARTIES, processes, strict=False)}
+    cpu["workers"] = sum(cpu.pop(party, 0.0) for party in PARTIES if party.startswith("worker"))
+    with admin_engine.connect() as connection:
+        backends = connection.scalars(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": database}
+        ).all()
+    cpu["postgres"] = sum(ticks.get(pid, (0, 0))[0] for pid in backends) / per_second
+    cpu["phones"] = sum(os.times()[:2])
+    return cpu
+
+
+def _ticks_by_process() -> dict[int, tuple[int, int]]:
+    """pid → (user + system clock ticks, parent pid), read from /proc."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if stat.parent.name == str(pid) or fields[1] == str(pid):  # itself, or its child
-            total += sum(int(value) for value in fields[11:13])
-    return total / os.sysconf("SC_CLK_TCK")
+        found[int(stat.parent.name)] = (int(fields[11]) + int(fields[12]), int(fields[1]))
+    return found
 
 
 def _free_port() -> int:
@@ -171,6 +193,7 @@ def ota_figures() -> dict[str, float]:
         # One phone alone: the flow's own latency (no queue in front of it).
         alone = [handsets[0].top_up() for _ in range(single_phone_topups)]
         commits_before = _commits(admin_engine, name)
+        cpu_before = _cpu_by_party(processes, admin_engine, name)
         started = time.perf_counter()
         with ThreadPoolExecutor(len(handsets)) as pool:
             latencies = [
@@ -182,15 +205,16 @@ def ota_figures() -> dict[str, float]:
             ]
         elapsed = time.perf_counter() - started
         commits = _commits(admin_engine, name) - commits_before
+        cpu_after = _cpu_by_party(processes, admin_engine, name)
         figures = {
             "ota_topups_per_s": len(latencies) / elapsed,
             "ota_topup_median_ms": statistics.median(alone),
             "ota_topup_median_ms_loaded": statistics.median(latencies),
             "pg_commits_per_topup": commits / len(latencies),
         }
-        for party, process in zip(PARTIES, processes, strict=False):
-            figures[f"cpu_s_{party}"] = _cpu_seconds(process.pid)
-        figures["cpu_s_phones"] = sum(os.times()[:2])
+        for party, seconds in cpu_after.items():
+            used_ms = (seconds - cpu_before.get(party, 0.0)) * 1000
+            figures[f"cpu_ms_per_topup_{party}"] = used_ms / len(latencies)
         return figures
     finally:
         for process in processes:
@@ -237,6 +261,20 @@ def _issue_phones(env: dict, base: str, smsc: str, bank: str) -> list[BenchPhone
     return handsets
 
 
+def cpu_lines(figures: dict[str, float]) -> list[str]:
+    """CPU per top-up over the loaded run: the platform's own cost, and the simulators'."""
+
+    def per_topup(parties: tuple[str, ...]) -> str:
+        parts = ", ".join(f"{p} {figures[f'cpu_ms_per_topup_{p}']:.1f}" for p in parties)
+        total = sum(figures[f"cpu_ms_per_topup_{p}"] for p in parties)
+        return f"{total:.1f} ms  # {parts}"
+
+    return [
+        f"ota_platform_cpu_ms_per_topup: {per_topup(PLATFORM)}",
+        f"ota_simulators_cpu_ms_per_topup: {per_topup(SIMULATORS)}",
+    ]
+
+
 if __name__ == "__main__":
     figures = ota_figures()
     print(
@@ -249,6 +287,4 @@ if __name__ == "__main__":
         f"  # {phones} phones at once"
     )
     print(f"pg_commits_per_topup: {figures['pg_commits_per_topup']:.1f}")
-    for name, value in figures.items():
-        if name.startswith("cpu_s_"):
-            print(f"{name}: {value:.1f} s")
+    print("\n".join(cpu_lines(figures)))

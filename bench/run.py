@@ -82,7 +82,7 @@ def main() -> None:
     )
     print(f"clearing_peak_rss_mb: {figures['clearing_peak_rss_mb']:.0f} MB", flush=True)
 
-    from bench.ota import ota_figures, ota_workers, phones
+    from bench.ota import cpu_lines, ota_figures, ota_workers, phones
 
     figures = ota_figures()
     print(
@@ -99,6 +99,7 @@ def main() -> None:
         f"# {phones} phones at once",
         flush=True,
     )
+    print("\n".join(cpu_lines(figures)), flush=True)
 
     try:
         from bench.pcsc import pcsc_figures
