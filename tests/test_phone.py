@@ -311,6 +311,37 @@ def test_a_message_that_fails_is_dropped_alone_with_its_packets(
     world.bank.close()
 
 
+def test_a_message_the_database_refuses_is_dropped_alone(
+    pg_wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL refuses a statement (bad data, not a race): that message's savepoint
+    rolls back and the transaction goes on with the others."""
+    from sqlalchemy import text
+
+    import wallet_service.worker as worker_module
+
+    real = worker_module.handle_incoming_sms
+
+    def refused_after_loss_reports(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+        outcome = real(ctx, box, sms, merchant)
+        if ctx.session.scalar(select(Card.status)) == "lost":
+            ctx.session.execute(text("SELECT 1 / 0"))  # division_by_zero: a DataError
+        return outcome
+
+    monkeypatch.setattr(worker_module, "handle_incoming_sms", refused_after_loss_reports)
+    world = PhoneWorld(pg_wallet, tmp_path)
+    world.screen.answers[:] = ["123456"]
+    world.phone.select(5)  # a loss report the database refuses …
+    world.screen.answers[:] = ["12", "123456"]
+    world.phone.select(4)  # … then a top-up request
+    worker = worker_module.Worker(pg_wallet.app, world.gateway, world.bank)
+    assert worker.read_sms() == 2
+    world.phone.receive()
+    assert [link[2] for link in world.phone.payment_links] == [1200]
+    assert pg_wallet.ok("GET", f"/api/v1/cards/{world.serial}")["status"] == "active"
+    world.bank.close()
+
+
 def test_the_worker_running_forever_serves_the_phone(wallet: Wallet, tmp_path: Path) -> None:
     """``run_forever`` (the SMS loop and the database loop side by side) in a thread."""
     import threading

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 from flask import Flask
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
@@ -154,9 +154,9 @@ def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
     try:
         with ctx.session.begin_nested():
             return handle_incoming_sms(ctx, box, sms, merchant)
-    except DBAPIError:
-        raise  # the database's own trouble (a deadlock, an outage): the whole batch again
-    except Exception:  # a bug or a message nobody foresaw: this one only
+    except (OperationalError, IntegrityError):
+        raise  # a lost race, a deadlock or an outage: the whole batch again (Database.run)
+    except Exception:  # a bug, bad data the database refused: this message only
         box.discard_since(mark)
         log.exception("SMS from %s not handled", sms.sender)
         return "failed"
