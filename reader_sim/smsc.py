@@ -16,6 +16,7 @@ import itertools
 import random
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -98,19 +99,22 @@ class SmsCentre:
         for sender, recipient, user_data, udh in messages:
             _check(sender, recipient, user_data, udh)
         with self._lock:
+            arriving = Counter(recipient for _, recipient, _, _ in messages)
+            for recipient, count in arriving.items():
+                if len(self._boxes.get(recipient, [])) + count > mailbox_messages_max:
+                    raise SmsRefused(f"mailbox of {recipient} is full")
             return [self._store(*message) for message in messages]
 
     def _store(self, sender: str, recipient: str, user_data: bytes, udh: bytes) -> int:
-        """(Called with the lock held.)"""
+        """(Called with the lock held, room for one copy checked.)"""
         sms = Sms(next(self._ids), sender, recipient, udh, user_data, self.clock())
         if self.random.random() < self.faults.loss_rate:
             self.lost += 1
             return sms.id  # accepted, then lost: the sender cannot tell
-        copies = 2 if self.random.random() < self.faults.duplicate_rate else 1
-        self.duplicated += copies - 1
         box = self._boxes.setdefault(recipient, [])
-        if len(box) + copies > mailbox_messages_max:
-            raise SmsRefused(f"mailbox of {recipient} is full")
+        duplicate = self.random.random() < self.faults.duplicate_rate
+        copies = 2 if duplicate and len(box) < mailbox_messages_max - 1 else 1
+        self.duplicated += copies - 1
         due = sms.submitted_at + timedelta(milliseconds=self.faults.delay_ms)
         box.extend([(due, sms)] * copies)
         self._arrival(recipient).notify_all()

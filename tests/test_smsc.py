@@ -71,6 +71,23 @@ def test_a_batch_is_accepted_whole_or_not_at_all() -> None:
     assert [sms.id for sms in smsc.collect(PHONE)] == ids
 
 
+def test_a_batch_that_would_overflow_a_mailbox_stores_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import reader_sim.smsc as smsc_module
+
+    monkeypatch.setattr(smsc_module, "mailbox_messages_max", 3)
+    smsc = centre(duplicate_rate=1.0)
+    smsc.submit(PLATFORM, PHONE, b"\x01")  # two copies: one place left
+    with pytest.raises(SmsRefused):
+        smsc.submit_many(
+            [(PLATFORM, "13900000000", b"\x02", b""), *[(PLATFORM, PHONE, b"\x03", b"")] * 2]
+        )
+    assert smsc.collect("13900000000") == []
+    smsc.submit(PLATFORM, PHONE, b"\x04")  # fits once: its copy is not made
+    assert [sms.user_data for sms in smsc.collect(PHONE)] == [b"\x01", b"\x01", b"\x04"]
+
+
 def test_the_in_process_gateway_talks_both_ways() -> None:
     smsc = centre()
     gateway = InProcessGateway(smsc, PLATFORM)
