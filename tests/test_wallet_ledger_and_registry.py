@@ -154,3 +154,13 @@ def test_no_key_appears_in_an_api_answer_or_the_audit_trail(wallet: Wallet) -> N
     for secret in secrets_hex:
         assert secret not in text
     assert "<hidden>" in repr(wallet.app.config["KEY_STORE"])
+
+
+def test_open_accounts_finds_and_creates_in_the_order_asked(wallet: Wallet) -> None:
+    with wallet.database.transaction() as session:
+        cash = ledger.open_account(session, ledger.HALL_CASH, "H1")
+        float_, again = ledger.open_accounts(
+            session, (ledger.CARD_FLOAT, "C9"), (ledger.HALL_CASH, "H1")
+        )
+        assert again.id == cash.id and float_.code == "card_float:C9" and float_.id is not None
+        assert ledger.open_accounts(session, (ledger.HALL_CASH, "H1"))[0].id == cash.id

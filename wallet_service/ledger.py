@@ -39,6 +39,17 @@ def open_account(session: Session, kind: str, owner: str) -> Account:
     return account
 
 
+def open_accounts(session: Session, *kinds_and_owners: tuple[str, str]) -> list[Account]:
+    """Several accounts in one query (a posting's two), created where missing; in the
+    order asked."""
+    codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
+    found = {a.code: a for a in session.scalars(select(Account).where(Account.code.in_(codes)))}
+    return [
+        found[code] if code in found else open_account(session, kind, owner)
+        for code, (kind, owner) in zip(codes, kinds_and_owners, strict=True)
+    ]
+
+
 def post(
     session: Session,
     *,

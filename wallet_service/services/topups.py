@@ -195,7 +195,6 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
         return
     if order.state != "created":
         return  # the same payment told twice, or after expiry handling
-    order.payment_id = str(data.get("payment_id"))
     _post(
         ctx,
         ledger.BANK_SETTLEMENT,
@@ -205,6 +204,7 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
         amount,
         f"topup_paid:{order.id}",
     )
+    order.payment_id = str(data.get("payment_id"))  # after the posting: one UPDATE, not two
     if amount != order.amount_fen or ctx.now > order.expires_at:
         order.amount_fen = amount  # what the bank holds is what goes back
         _to_refund(ctx, order, "amount mismatch" if amount != order.amount_fen else "expired")
@@ -227,10 +227,13 @@ def _post(
     amount: int,
     reference: str,
 ) -> None:
+    debit, credit = ledger.open_accounts(
+        ctx.session, (debit_kind, debit_owner), (credit_kind, credit_owner)
+    )
     ledger.post(
         ctx.session,
-        debit=ledger.open_account(ctx.session, debit_kind, debit_owner),
-        credit=ledger.open_account(ctx.session, credit_kind, credit_owner),
+        debit=debit,
+        credit=credit,
         amount_fen=amount,
         kind=reference.split(":")[0],
         reference=reference,
@@ -342,23 +345,25 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
         order.attempts += 1
         order.init_attempts += 1
         request = InitializeRequest(LOAD_KEY_INDEX, order.amount_fen, OTA_TERMINAL_ID)
-        channel.send(
-            order.phone,
-            order.card_serial,
-            _step_id(order),
-            [select_by_aid(TRANSIT_AID).encode(), initialize_for_load(request).encode()],
-        )
+        with ctx.session.no_autoflush:  # the order is written once, with its new state
+            channel.send(
+                order.phone,
+                order.card_serial,
+                _step_id(order),
+                [select_by_aid(TRANSIT_AID).encode(), initialize_for_load(request).encode()],
+            )
         _wait(ctx, order, "init_sent", por_timeout_s)
         return "packet 1 sent"
     if order.state in ("credit_sent", "proving"):
         order.attempts += 1
         prove = get_transaction_prove(TYPE_LOAD, (order.online_ctc or 0) + 1)
-        channel.send(
-            order.phone,
-            order.card_serial,
-            _step_id(order),
-            [select_by_aid(TRANSIT_AID).encode(), prove.encode()],
-        )
+        with ctx.session.no_autoflush:
+            channel.send(
+                order.phone,
+                order.card_serial,
+                _step_id(order),
+                [select_by_aid(TRANSIT_AID).encode(), prove.encode()],
+            )
         backoff = min(por_timeout_s * 2 ** max(order.attempts - 1, 0), prove_backoff_max_s)
         _wait(ctx, order, "proving", backoff)
         return "packet 3 sent"
@@ -454,7 +459,8 @@ def _initialized(ctx: Context, order: TopUpOrder, channel: OtaChannel, data: byt
     )
     order.attempts += 1
     credit = CreditForLoadRequest(date_bcd, time_bcd, authorization.mac2(date_bcd, time_bcd))
-    channel.send(order.phone, order.card_serial, _step_id(order), [credit.command().encode()])
+    with ctx.session.no_autoflush:
+        channel.send(order.phone, order.card_serial, _step_id(order), [credit.command().encode()])
     _wait(ctx, order, "credit_sent", por_timeout_s)
     return "packet 2 sent"
 
