@@ -211,3 +211,23 @@ def test_ota_keys_encode_and_a_packet_handed_to_the_sim(card_image: Path) -> Non
     replay = run("card", "ota", str(card_image), packet)
     assert replay.stdout.strip().endswith("02")  # PoR status: counter low, nothing ran
     assert run("card", "ota", str(card_image), "zz").returncode == 2
+
+
+def test_a_worker_pass_with_the_sms_centre_down_says_so_in_one_line(tmp_path: Path) -> None:
+    import os
+
+    from tests.wallet_fixtures import _free_port
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "worker", "--once"]
+        + ["--smsc", f"http://127.0.0.1:{_free_port()}", "--bank", "http://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},  # SQLite in tmp
+            "WALLET_INSTANCE_DIR": str(tmp_path),
+        },
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: pass not done:") and "Traceback" not in result.stderr

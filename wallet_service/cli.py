@@ -196,7 +196,12 @@ def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
     app = create_app()
     gateway, bank = HttpGateway(smsc_url, short_code), HttpBankClient(bank_url)
     if once:
-        click.echo(run_once(app, gateway, bank))
+        import requests
+
+        try:
+            click.echo(run_once(app, gateway, bank))
+        except requests.RequestException as error:  # the SMS centre or the bank is down
+            raise click.ClickException(f"pass not done: {error}") from None
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
