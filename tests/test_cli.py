@@ -218,9 +218,9 @@ def test_a_worker_pass_with_the_sms_centre_down_says_so_in_one_line(tmp_path: Pa
 
     from tests.wallet_fixtures import _free_port
 
+    down = f"http://127.0.0.1:{_free_port()}"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "worker", "--once"]
-        + ["--smsc", f"http://127.0.0.1:{_free_port()}", "--bank", "http://127.0.0.1:1"],
+        [sys.executable, str(ROOT / "app.py"), "worker", "--once", "--smsc", down, "--bank", down],
         capture_output=True,
         text=True,
         timeout=60,
