@@ -13,7 +13,25 @@ from reader_sim.phone_cli import phone
 from wallet_service.cli import admin, clearing, db, serve, worker
 
 
-@click.group()
+class Cli(click.Group):
+    """An operator's setup mistake — a bad DATABASE_URL or key file, a database that is
+    down — ends in one line and exit 1, not a traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        from sqlalchemy.exc import OperationalError
+
+        from wallet_service.errors import ConfigurationError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as error:
+            raise click.ClickException(str(error)) from None
+        except OperationalError as error:
+            reason = str(error.orig or error).strip().splitlines()[0]
+            raise click.ClickException(f"the database is unreachable: {reason}") from None
+
+
+@click.group(cls=Cli)
 def cli() -> None:
     """Phone-based transit cards: the RFID-SIM e-purse, the bus POS, and their tools."""
 

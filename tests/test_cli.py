@@ -231,3 +231,32 @@ def test_a_worker_pass_with_the_sms_centre_down_says_so_in_one_line(tmp_path: Pa
     )
     assert result.returncode == 1
     assert result.stderr.startswith("Error: pass not done:") and "Traceback" not in result.stderr
+
+
+UPGRADE, TOKEN = ("db", "upgrade"), ("admin", "create-token", "--role", "admin")
+
+
+@pytest.mark.parametrize(
+    ("command", "setting", "says"),
+    [
+        (TOKEN, {"WALLET_KEY_FILE": "/nonexistent/keys.json"}, "cannot read key file"),
+        (UPGRADE, {"DATABASE_URL": "not a url:secret"}, "DATABASE_URL is not a database URL"),
+        (UPGRADE, {"DATABASE_URL": "postgresql+psycopg://127.0.0.1:1/x"}, "the database is"),
+    ],
+)
+def test_an_operators_setup_mistake_is_one_line_and_exit_1(
+    tmp_path: Path, command: tuple[str, ...], setting: dict[str, str], says: str
+) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WALLET_KEY_FILE")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "WALLET_INSTANCE_DIR": str(tmp_path), **setting},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: {says}") and result.stderr.count("\n") == 1
+    assert "secret" not in result.stderr

@@ -17,7 +17,9 @@ INSTANCE_DIR = Path(__file__).resolve().parent.parent / "instance"
 def default_config() -> dict[str, Any]:
     instance = Path(os.environ.get("WALLET_INSTANCE_DIR", INSTANCE_DIR))
     return {
-        "DATABASE_URL": os.environ.get("DATABASE_URL", f"sqlite:///{instance / 'wallet.sqlite'}"),
+        "DATABASE_URL": _database_url(
+            os.environ.get("DATABASE_URL", f"sqlite:///{instance / 'wallet.sqlite'}")
+        ),
         "PERSONALIZATION_DIR": os.environ.get(
             "WALLET_PERSONALIZATION_DIR", str(instance / "personalization")
         ),
@@ -28,6 +30,21 @@ def default_config() -> dict[str, Any]:
         # Sum of debits = sum of credits, verified inside every transaction before commit.
         "LEDGER_CHECK_EVERY_COMMIT": os.environ.get("WALLET_LEDGER_CHECK") == "1",
     }
+
+
+def _database_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from wallet_service.errors import ConfigurationError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(  # not echoed: it may hold a password
+            "DATABASE_URL is not a database URL (sqlite:///path, postgresql+psycopg://user@host/db)"
+        ) from None
+    return url
 
 
 def _secret_key(config: dict[str, Any]) -> str:

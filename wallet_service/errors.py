@@ -8,6 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 
+class ConfigurationError(ValueError):
+    """The operator's setup is wrong (a key file, DATABASE_URL): said in one line, at start."""
+
+
 class DomainError(Exception):
     """An expected refusal. ``status`` is the HTTP status the edge answers with."""
 

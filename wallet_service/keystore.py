@@ -12,6 +12,7 @@ import os
 from typing import Protocol
 
 from sim_applet.personalize import DEMO_DRIVER_MASTER_KEY, DEMO_ISSUER_KEYS, IssuerKeys
+from wallet_service.errors import ConfigurationError
 
 ENV_PREFIX = "WALLET_KEY_"  # WALLET_KEY_LOAD, WALLET_KEY_PURCHASE, ...
 
@@ -63,9 +64,11 @@ def key_store_from(file: str | None, environ: dict[str, str] | None = None) -> S
             with open(file) as handle:
                 document = json.load(handle)
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read key file {file}: {type(error).__name__}") from None
+            raise ConfigurationError(
+                f"cannot read key file {file}: {type(error).__name__}"
+            ) from None
         if not isinstance(document, dict):
-            raise ValueError(f"key file {file}: expected a JSON object")
+            raise ConfigurationError(f"key file {file}: expected a JSON object")
         driver = document.pop("driver_card", None)
         ota = _ota_masters(document.pop("ota_kic", None), document.pop("ota_kid", None))
         return StaticKeyStore(IssuerKeys.from_json(document), _key(driver, "driver_card"), ota)
@@ -86,7 +89,7 @@ def _key(value: object, name: str) -> bytes:
     except (TypeError, ValueError):
         raw = b""
     if len(raw) != 16:
-        raise ValueError(f"key {name!r} must be 32 hex digits")
+        raise ConfigurationError(f"key {name!r} must be 32 hex digits")
     return raw
 
 
@@ -94,5 +97,5 @@ def _ota_masters(kic: object, kid: object) -> tuple[bytes, bytes] | None:
     if kic is None and kid is None:
         return None
     if kic is None or kid is None:
-        raise ValueError("OTA master keys come as a pair: ota_kic and ota_kid")
+        raise ConfigurationError("OTA master keys come as a pair: ota_kic and ota_kid")
     return _key(kic, "ota_kic"), _key(kid, "ota_kid")
