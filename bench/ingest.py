@@ -57,7 +57,7 @@ def _records(terminal_id: str, first_seq: int, count: int) -> list[dict]:
     ]
 
 
-def _start_service(env: dict, port: int) -> subprocess.Popen:
+def _start_service(env: dict, port: int, *options: str) -> subprocess.Popen:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -67,6 +67,7 @@ def _start_service(env: dict, port: int) -> subprocess.Popen:
             str(port),
             "--workers",
             str(server_workers),
+            *options,
         ],
         env=env,
         stdout=subprocess.DEVNULL,

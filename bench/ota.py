@@ -35,6 +35,7 @@ phones = 48
 topups_per_phone = 4
 ota_workers = 2
 server_workers = 2
+server_threads = 4  # gthread: the bank's webhooks keep their connection
 confirmation_wait_s = 30
 single_phone_topups = 15
 BANK_CARD, MERCHANT = "6222020000000777", "BUSCARD"
@@ -167,7 +168,7 @@ def ota_figures() -> dict[str, float]:
     service_port, smsc_port, bank_port = _free_port(), _free_port(), _free_port()
     base = f"http://127.0.0.1:{service_port}"
     smsc, bank = f"http://127.0.0.1:{smsc_port}", f"http://127.0.0.1:{bank_port}"
-    processes = [_start_service(env, service_port)]
+    processes = [_start_service(env, service_port, "--threads", str(server_threads))]
     try:
         processes.append(_start(["smsc", "serve", "--port", str(smsc_port)], env))
         processes.append(

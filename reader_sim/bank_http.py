@@ -89,11 +89,15 @@ def create_bank_app(
     return app
 
 
-def _post(url: str, payload: str, headers: dict[str, str]) -> int | None:
+def _post(
+    url: str, payload: str, headers: dict[str, str], http: requests.Session | None = None
+) -> int | None:
     try:
-        return requests.post(
-            url, data=payload.encode(), headers=headers, timeout=delivery_timeout_s
-        ).status_code
+        return (
+            (http or requests)
+            .post(url, data=payload.encode(), headers=headers, timeout=delivery_timeout_s)
+            .status_code
+        )
     except requests.RequestException:
         return None
 
@@ -111,8 +115,13 @@ class WebhookSender:
         self.woken.set()
 
     def _run(self) -> None:
+        http = requests.Session()  # this thread's own: the merchant's connection kept alive
+
+        def post(url: str, payload: str, headers: dict[str, str]) -> int | None:
+            return _post(url, payload, headers, http)
+
         while not self.stop.is_set():
             self.woken.wait(sender_interval_s)
             self.woken.clear()
             if not self.stop.is_set():
-                deliver_due(self.bank, self.secret, _post)
+                deliver_due(self.bank, self.secret, post)

@@ -228,7 +228,8 @@ def _free_port() -> int:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict]]:
-    """``python app.py serve`` as its own process, on each database in turn."""
+    """``python app.py serve`` as its own process, on each database in turn — on
+    PostgreSQL with threaded workers (gthread, kept-alive connections), on SQLite sync."""
     yield from _serve(request, tmp_path, request.param)
 
 
@@ -245,8 +246,10 @@ def _serve(
         env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
         _truncate(env["DATABASE_URL"])
     port = _free_port()
+    threads = ["--threads", "4"] if backend == "postgresql" else []
+    command = [sys.executable, str(ROOT / "app.py"), "serve", "--port", str(port)]
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "serve", "--port", str(port), "--workers", "2"],
+        [*command, "--workers", "2", *threads],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

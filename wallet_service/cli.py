@@ -15,8 +15,15 @@ from wallet_service import default_config
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="threads per worker; above 1, connections are kept alive (gunicorn gthread)",
+)
 @click.option("--no-migrate", is_flag=True, help="do not apply migrations first")
-def serve(host: str, port: int, workers: int, no_migrate: bool) -> None:
+def serve(host: str, port: int, workers: int, threads: int, no_migrate: bool) -> None:
     """Run the wallet service (gunicorn; migrations applied first)."""
     if not no_migrate:
         _upgrade()
@@ -28,6 +35,9 @@ def serve(host: str, port: int, workers: int, no_migrate: bool) -> None:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", workers)
+            if threads > 1:
+                self.cfg.set("worker_class", "gthread")
+                self.cfg.set("threads", threads)
             self.cfg.set("accesslog", "-")
 
         def load(self):  # type: ignore[no-untyped-def]
