@@ -109,6 +109,10 @@ class Sim:
         assert steps >= 1
         self._power_cut_plan = (steps, during_ins)
 
+    def cancel_power_cut(self) -> None:
+        """Disarm a cut that has not happened (its command never came)."""
+        self._power_cut_plan = None
+
     @property
     def last_command_steps(self) -> int:
         return self.power.steps_taken

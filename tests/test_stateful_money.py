@@ -76,6 +76,7 @@ class MoneyMachine(RuleBasedStateMachine):
         if cut_after is not None:
             self.cards[card].cut_power_after(cut_after, during_ins=CREDIT)
         result = self.counter.load(self.links[card], amount)
+        self.cards[card].cancel_power_cut()  # a cut aimed at this load's CREDIT, if any came
         if isinstance(result, Loaded):
             self.loaded[card] += amount
         elif isinstance(result, LoadInterrupted):
@@ -102,6 +103,9 @@ class MoneyMachine(RuleBasedStateMachine):
         if cut_after is not None:
             self.cards[card].cut_power_after(cut_after, during_ins=DEBIT)
         outcome = self.poses[pos].present(self.links[card])
+        # The cut was aimed at this tap's DEBIT; a tap that sent none (a repeat tap, a
+        # refusal) must not leave it armed for the next bus.
+        self.cards[card].cancel_power_cut()
         assert outcome.outcome is not Outcome.REFUSED or outcome.refusal is not None
 
     @rule(pos=st.integers(0, POSES - 1))
@@ -192,3 +196,18 @@ MoneyMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMoney = MoneyMachine.TestCase
+
+
+def test_the_sequence_hypothesis_once_found_stays_fixed() -> None:
+    """Torn at bus 0; paid at bus 1; a repeat tap at bus 1 with a cut aimed at a DEBIT it
+    never sent; back at every bus. The cut used to stay armed and tear bus 0's recovery."""
+    machine = MoneyMachine()
+    try:
+        machine.tap(card=0, pos=0, seconds=0, cut_after=1)
+        machine.tap(card=0, pos=1, seconds=0, cut_after=None)
+        machine.tap(card=0, pos=1, seconds=0, cut_after=1)
+        machine.come_back_to_every_bus(card=0)
+        machine.no_fen_created_or_lost()
+        machine.ctcs_have_no_gaps_and_no_record_is_doubled()
+    finally:
+        machine.teardown()
