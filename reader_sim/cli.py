@@ -391,9 +391,8 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
         the_bank.add_merchant(merchant, url)
     sender = WebhookSender(the_bank, secret)
     sender.thread.start()
-    click.echo(f"bank on http://{host}:{port}")
     try:
-        _serve_until_stopped(host, port, create_bank_app(the_bank, secret, sender.wake))
+        _serve_until_stopped(host, port, create_bank_app(the_bank, secret, sender.wake), "bank")
     finally:
         sender.stop.set()
         sender.wake()
@@ -422,8 +421,7 @@ def smsc_serve(
     from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
 
     centre = SmsCentre(Faults(delay_ms, loss, duplicate), random=random.Random(seed))
-    click.echo(f"SMS centre on http://{host}:{port}")
-    _serve_until_stopped(host, port, create_smsc_app(centre))
+    _serve_until_stopped(host, port, create_smsc_app(centre), "SMS centre")
 
 
 server_threads = 128  # requests at once: each long-polling phone holds one while it waits
@@ -432,7 +430,7 @@ keep_alive_connections_max = 1024  # idle ones kept open (cheroot's default, 10,
 # closed sees "connection reset")
 
 
-def _serve_until_stopped(host: str, port: int, app) -> None:  # type: ignore[no-untyped-def]
+def _serve_until_stopped(host: str, port: int, app, name: str) -> None:  # type: ignore[no-untyped-def]
     """Serve ``app`` until SIGTERM or Ctrl-C with cheroot: a pool of threads, and HTTP
     keep-alive (werkzeug's development server closes every connection — a new TCP
     connection per SMS). Idle keep-alive connections wait in a selector, not in a thread.
@@ -441,7 +439,11 @@ def _serve_until_stopped(host: str, port: int, app) -> None:  # type: ignore[no-
 
     server = Server((host, port), app, numthreads=server_threads)
     server.keep_alive_conn_limit = keep_alive_connections_max
-    server.prepare()  # binds now: the port is taken before we say we are up
+    try:
+        server.prepare()  # binds now: the port is taken before we say we are up
+    except OSError as error:
+        raise BadInput(f"cannot listen on {host}:{port}: {error}") from None
+    click.echo(f"{name} on http://{host}:{port}")
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     threading.Thread(target=server.serve, name="http", daemon=True).start()

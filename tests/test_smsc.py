@@ -184,3 +184,20 @@ def test_the_http_gateway_tries_a_broken_connection_once_more_on_a_new_one() -> 
     server.join(timeout=5)
     listener.close()
     assert requests_seen == [2, 1]
+
+
+def test_smsc_serve_on_a_taken_port_says_so_in_one_line() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        app = str(Path(__file__).resolve().parent.parent / "app.py")
+        result = subprocess.run(
+            [sys.executable, app, "smsc", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"Error: cannot listen on 127.0.0.1:{port}")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
