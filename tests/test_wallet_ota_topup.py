@@ -179,14 +179,20 @@ def test_a_worker_killed_at_any_step_leaves_the_next_one_to_finish(
     sends = 0
 
     class Dying(InProcessGateway):
+        """Dies at the n-th SMS, however it leaves (alone or in a batch)."""
+
         def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
+            self.send_many([(to, user_data, udh)])
+
+        def send_many(self, messages: list[tuple[str, bytes, bytes]]) -> None:
             nonlocal sends
-            sends += 1
-            if sends == kill_at_send and before_sending:
-                raise _Killed
-            super().send(to, user_data, udh)
-            if sends == kill_at_send:
-                raise _Killed
+            for message in messages:
+                sends += 1
+                if sends == kill_at_send and before_sending:
+                    raise _Killed
+                super().send_many([message])
+                if sends == kill_at_send:
+                    raise _Killed
 
     gateway = Dying(world.smsc, SHORT_CODE)
     for _ in range(12):
@@ -196,6 +202,7 @@ def test_a_worker_killed_at_any_step_leaves_the_next_one_to_finish(
         if world.state(reference) == "loaded":
             break
         world.later(topups.por_timeout_s)
+    assert sends >= kill_at_send  # the worker did die there
     assert world.state(reference) == "loaded" and purse(world.sim).balance == 3000
     assert world.books()[f"card_float:{world.serial}"] == 3000
     world.bank.close()
