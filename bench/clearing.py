@@ -9,21 +9,18 @@ import resource
 import subprocess
 import sys
 import time
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+from bench.scratch import scratch_database
 from sim_applet.crypto import Algorithm
 from sim_applet.issuer import purchase_tac
 from sim_applet.personalize import DEMO_ISSUER_KEYS
 from wallet_service.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 records_total = int(os.environ.get("BENCH_CLEARING_RECORDS", "1000000"))
 cards_total = records_total // 10
 buses_total = 500
@@ -132,42 +129,37 @@ def _copy(cursor, rows: list[tuple]) -> None:  # type: ignore[no-untyped-def]
 
 
 def clearing_figures() -> dict[str, float]:
-    name = f"clearing_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
-        _generate(url)
-        env = {**os.environ, "DATABASE_URL": url, "WALLET_INSTANCE_DIR": f"/tmp/{name}"}
-        started = time.perf_counter()
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "app.py"),
-                "clearing",
-                "run",
-                "--date",
-                DAY.date().isoformat(),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        elapsed = time.perf_counter() - started
-        if result.returncode != 0:
-            raise RuntimeError(result.stderr[-3000:])
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        assert f'"paid_records": {records_total}' in result.stdout, result.stdout[:500]
-        return {
-            "clearing_records_per_s": records_total / elapsed,
-            "clearing_peak_rss_mb": peak_kb / 1024,
-        }
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database("clearing_bench") as database:
+        return _clearing_figures(database.name, database.url)
+
+
+def _clearing_figures(name: str, url: str) -> dict[str, float]:
+    upgrade(url)
+    _generate(url)
+    env = {**os.environ, "DATABASE_URL": url, "WALLET_INSTANCE_DIR": f"/tmp/{name}"}
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "app.py"),
+            "clearing",
+            "run",
+            "--date",
+            DAY.date().isoformat(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert f'"paid_records": {records_total}' in result.stdout, result.stdout[:500]
+    return {
+        "clearing_records_per_s": records_total / elapsed,
+        "clearing_peak_rss_mb": peak_kb / 1024,
+    }
 
 
 if __name__ == "__main__":

@@ -4,23 +4,19 @@ served by ``app.py serve`` (gunicorn, sync workers) — what a fleet of buses se
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, text
+
+from bench.scratch import free_port, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 batch_records = 500
 batches_per_round = 40
 rounds = 3
@@ -95,14 +91,12 @@ def _token(env: dict, *args: str) -> str:
 
 
 def ingest_figures() -> dict[str, float]:
-    name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
-    admin_engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    with scratch_database("wallet_bench") as database:
+        return _ingest_figures(database.name, database.url)
+
+
+def _ingest_figures(name: str, url: str) -> dict[str, float]:
+    port = free_port()
     instance = Path(f"/tmp/{name}")
     env = {**os.environ, "DATABASE_URL": url, "WALLET_INSTANCE_DIR": str(instance)}
     process = _start_service(env, port)
@@ -149,9 +143,6 @@ def ingest_figures() -> dict[str, float]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-        with admin_engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin_engine.dispose()
 
 
 if __name__ == "__main__":

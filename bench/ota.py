@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from bench.ingest import POSTGRES_ADMIN_URL, ROOT, _start_service, _token
+from bench.ingest import ROOT, _start_service, _token
+from bench.scratch import ScratchDatabase, free_port, scratch_database
 from reader_sim.bank import new_webhook_secret
 from reader_sim.phone import Phone, ScriptedScreen
 from sim_applet.sim import Sim
@@ -46,7 +46,7 @@ PLATFORM = ("service", "workers", "postgres")  # what an integrator runs
 SIMULATORS = ("smsc", "bank", "phones")  # what stands in for the outside world
 
 
-def _cpu_by_party(processes: list[subprocess.Popen], admin_engine, database: str):  # type: ignore[no-untyped-def]
+def _cpu_by_party(processes: list[subprocess.Popen], database: ScratchDatabase) -> dict[str, float]:
     """CPU seconds (user + system) so far: each party, the workers together, the
     PostgreSQL backends serving ``database``, and the phones (threads of this process)."""
     ticks = _ticks_by_process()
@@ -58,9 +58,9 @@ def _cpu_by_party(processes: list[subprocess.Popen], admin_engine, database: str
 
     cpu = {party: tree(p.pid) for party, p in zip(PARTIES, processes, strict=False)}
     cpu["workers"] = sum(cpu.pop(party, 0.0) for party in PARTIES if party.startswith("worker"))
-    with admin_engine.connect() as connection:
+    with database.admin.connect() as connection:
         backends = connection.scalars(
-            text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": database}
+            text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": database.name}
         ).all()
     cpu["postgres"] = sum(ticks.get(pid, (0, 0))[0] for pid in backends) / per_second
     cpu["phones"] = sum(os.times()[:2])
@@ -77,12 +77,6 @@ def _ticks_by_process() -> dict[int, tuple[int, int]]:
             continue  # gone meanwhile
         found[int(stat.parent.name)] = (int(fields[11]) + int(fields[12]), int(fields[1]))
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:
@@ -151,21 +145,21 @@ class BenchPhone:
 
 
 def ota_figures() -> dict[str, float]:
-    name = f"wallet_bench_{uuid.uuid4().hex[:8]}"
-    admin_engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    instance = Path(f"/tmp/{name}")
+    with scratch_database("wallet_bench") as database:
+        return _ota_figures(database)
+
+
+def _ota_figures(database: ScratchDatabase) -> dict[str, float]:
+    instance = Path(f"/tmp/{database.name}")
     secret = new_webhook_secret()
     env = {
         **os.environ,
-        "DATABASE_URL": url,
+        "DATABASE_URL": database.url,
         "WALLET_INSTANCE_DIR": str(instance),
         "WALLET_BANK_WEBHOOK_SECRET": secret,
         "BANK_WEBHOOK_SECRET": secret,
     }
-    service_port, smsc_port, bank_port = _free_port(), _free_port(), _free_port()
+    service_port, smsc_port, bank_port = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{service_port}"
     smsc, bank = f"http://127.0.0.1:{smsc_port}", f"http://127.0.0.1:{bank_port}"
     processes = [_start_service(env, service_port, "--threads", str(server_threads))]
@@ -193,8 +187,8 @@ def ota_figures() -> dict[str, float]:
         handsets = _issue_phones(env, base, smsc, bank)
         # One phone alone: the flow's own latency (no queue in front of it).
         alone = [handsets[0].top_up() for _ in range(single_phone_topups)]
-        commits_before = _commits(admin_engine, name)
-        cpu_before = _cpu_by_party(processes, admin_engine, name)
+        commits_before = _commits(database)
+        cpu_before = _cpu_by_party(processes, database)
         started = time.perf_counter()
         with ThreadPoolExecutor(len(handsets)) as pool:
             latencies = [
@@ -205,8 +199,8 @@ def ota_figures() -> dict[str, float]:
                 for ms in per_phone
             ]
         elapsed = time.perf_counter() - started
-        commits = _commits(admin_engine, name) - commits_before
-        cpu_after = _cpu_by_party(processes, admin_engine, name)
+        commits = _commits(database) - commits_before
+        cpu_after = _cpu_by_party(processes, database)
         figures = {
             "ota_topups_per_s": len(latencies) / elapsed,
             "ota_topup_median_ms": statistics.median(alone),
@@ -225,18 +219,15 @@ def ota_figures() -> dict[str, float]:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        with admin_engine.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin_engine.dispose()
 
 
-def _commits(admin_engine, database: str) -> int:  # type: ignore[no-untyped-def]
+def _commits(database: ScratchDatabase) -> int:
     """Transactions committed in ``database`` so far (PostgreSQL's statistics collector)."""
-    with admin_engine.connect() as connection:
+    with database.admin.connect() as connection:
         connection.execute(text("SELECT pg_stat_clear_snapshot()"))
         return connection.scalar(
             text("SELECT xact_commit FROM pg_stat_database WHERE datname = :name"),
-            {"name": database},
+            {"name": database.name},
         )
 
 

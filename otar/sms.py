@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COMMAND_UDH = bytes.fromhex("027000")  # UDHL 02, IEI 70 command packet, length 00
+RESPONSE_UDH = bytes.fromhex("027100")  # IEI 71: a response packet (PoR), TS 31.115 §4
 TP_PID_SIM_DATA_DOWNLOAD = 0x7F
 TP_DCS_8BIT_CLASS_2 = 0xF6
 ENVELOPE_SMS_PP = 0xD1
@@ -113,7 +114,13 @@ def decode_sms_submit(tpdu: bytes) -> SmsSubmit:
     return SmsSubmit(destination, user_data)
 
 
-def _tlv(tag: int, value: bytes) -> bytes:
+tlv_value_bytes_max = 255  # one-byte lengths, `81 xx` from 128: all an ENVELOPE needs
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    """One BER-TLV with a one-byte tag (TS 102 223 §8, ENVELOPE and proactive data)."""
+    if len(value) > tlv_value_bytes_max:
+        raise ValueError(f"a TLV value is at most {tlv_value_bytes_max} bytes here")
     if len(value) < 0x80:
         return bytes((tag, len(value))) + value
     return bytes((tag, 0x81, len(value))) + value
@@ -123,11 +130,11 @@ def encode_envelope(tpdu: bytes, smsc_address: str = "+8613800100500") -> bytes:
     """The ENVELOPE (SMS-PP download) C-APDU: ``80 C2 00 00 Lc D1 …``."""
     address, _ = _address(smsc_address)
     body = (
-        _tlv(TAG_DEVICE_IDENTITIES, DEVICES_NETWORK_TO_UICC)
-        + _tlv(TAG_ADDRESS, address)
-        + _tlv(TAG_SMS_TPDU, tpdu)
+        tlv(TAG_DEVICE_IDENTITIES, DEVICES_NETWORK_TO_UICC)
+        + tlv(TAG_ADDRESS, address)
+        + tlv(TAG_SMS_TPDU, tpdu)
     )
-    data = _tlv(ENVELOPE_SMS_PP, body)
+    data = tlv(ENVELOPE_SMS_PP, body)
     if len(data) > 255:
         raise ValueError("an ENVELOPE is at most 255 bytes")
     return bytes((0x80, 0xC2, 0x00, 0x00, len(data))) + data
@@ -137,17 +144,18 @@ def sms_tpdu_of_envelope(data: bytes) -> bytes:
     """The SMS TPDU inside ENVELOPE data (tag D1); ValueError when it is not SMS-PP."""
     if not data or data[0] != ENVELOPE_SMS_PP:
         raise ValueError("not an SMS-PP download")
-    body, _ = _value(data, 0)
+    body, _ = read_tlv(data, 0)
     offset = 0
     while offset < len(body):
-        value, next_offset = _value(body, offset)
+        value, next_offset = read_tlv(body, offset)
         if body[offset] & 0x7F == TAG_SMS_TPDU & 0x7F:
             return value
         offset = next_offset
     raise ValueError("no SMS TPDU in the ENVELOPE")
 
 
-def _value(data: bytes, offset: int) -> tuple[bytes, int]:
+def read_tlv(data: bytes, offset: int) -> tuple[bytes, int]:
+    """The value of the TLV at ``offset``, and where the next one starts."""
     if offset + 2 > len(data):
         raise ValueError("a truncated TLV")
     length, start = data[offset + 1], offset + 2

@@ -87,9 +87,14 @@ class Bank:
         with self._lock, immediate(self._connection):
             yield
 
-    def _execute(self, sql: str, parameters: tuple = ()) -> _Rows:
+    def _execute(self, sql: str, parameters: tuple = ()) -> list[Any]:
+        """The rows, fetched while the lock is held."""
         with self._lock:
-            return _Rows(self._connection.execute(sql, parameters).fetchall())
+            return self._connection.execute(sql, parameters).fetchall()
+
+    def _one(self, sql: str, parameters: tuple = ()) -> Any:
+        rows = self._execute(sql, parameters)
+        return rows[0] if rows else None
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -110,15 +115,13 @@ class Bank:
             )
 
     def card_balance(self, number: str) -> int:
-        row = self._execute("SELECT balance_fen FROM cards WHERE number = ?", (number,)).fetchone()
+        row = self._one("SELECT balance_fen FROM cards WHERE number = ?", (number,))
         if row is None:
             raise BankRefused("unknown_card", "no such card")
         return row[0]
 
     def merchant_balance(self, merchant: str) -> int:
-        return self._execute(
-            "SELECT balance_fen FROM merchants WHERE id = ?", (merchant,)
-        ).fetchone()[0]
+        return self._one("SELECT balance_fen FROM merchants WHERE id = ?", (merchant,))[0]
 
     # --- money --------------------------------------------------------------------------
 
@@ -133,8 +136,7 @@ class Bank:
                 if (existing.amount_fen, existing.card_number) != (amount_fen, card_number):
                     raise BankRefused("order_conflict", "this order was paid differently")
                 return existing
-            known = self._execute("SELECT 1 FROM merchants WHERE id = ?", (merchant,))
-            if known.fetchone() is None:
+            if self._one("SELECT 1 FROM merchants WHERE id = ?", (merchant,)) is None:
                 raise BankRefused("unknown_merchant", "no such merchant")
             balance = self.card_balance(card_number)
             if balance < amount_fen:
@@ -182,9 +184,7 @@ class Bank:
     def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
         """Refund (part of) a payment once per ``refund_key``; never more than was paid."""
         with self._transaction():
-            row = self._execute(
-                "SELECT id FROM refunds WHERE refund_key = ?", (refund_key,)
-            ).fetchone()
+            row = self._one("SELECT id FROM refunds WHERE refund_key = ?", (refund_key,))
             if row is not None:
                 return row[0]
             payment = self._payment(payment_id)
@@ -222,13 +222,13 @@ class Bank:
             return refund_id
 
     def _payment_for(self, merchant: str, order_id: str) -> Payment | None:
-        row = self._execute(
+        row = self._one(
             "SELECT * FROM payments WHERE merchant = ? AND order_id = ?", (merchant, order_id)
-        ).fetchone()
+        )
         return None if row is None else _payment(row)
 
     def _payment(self, payment_id: str) -> Payment:
-        row = self._execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
+        row = self._one("SELECT * FROM payments WHERE id = ?", (payment_id,))
         if row is None:
             raise BankRefused("unknown_payment", "no such payment")
         return _payment(row)
@@ -271,17 +271,12 @@ class Bank:
             "JOIN merchants m ON m.id = w.merchant WHERE w.delivered_at IS NULL "
             "AND w.attempts < ? AND w.next_attempt_at <= ? ORDER BY w.next_attempt_at",
             (webhook_attempts_max, self.clock().isoformat()),
-        ).fetchall()
+        )
 
     def record_attempt(self, webhook_id: str, status: int | None) -> None:
         now = self.clock()
         with self._transaction():
-            attempts = (
-                self._execute(
-                    "SELECT attempts FROM webhooks WHERE id = ?", (webhook_id,)
-                ).fetchone()[0]
-                + 1
-            )
+            attempts = self._one("SELECT attempts FROM webhooks WHERE id = ?", (webhook_id,))[0] + 1
             if status is not None and 200 <= status < 300:
                 self._execute(
                     "UPDATE webhooks SET attempts = ?, last_status = ?, delivered_at = ? "
@@ -305,16 +300,6 @@ class Bank:
             dict(zip(("id", "type", "attempts", "last_status", "delivered_at"), r, strict=True))
             for r in rows
         ]
-
-
-class _Rows(list):  # type: ignore[type-arg]
-    """Rows fetched while the lock was held, read like a cursor."""
-
-    def fetchone(self) -> Any:
-        return self[0] if self else None
-
-    def fetchall(self) -> list:  # type: ignore[type-arg]
-        return list(self)
 
 
 def _payment(row: tuple) -> Payment:

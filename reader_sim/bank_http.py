@@ -89,19 +89,6 @@ def create_bank_app(
     return app
 
 
-def _post(
-    url: str, payload: str, headers: dict[str, str], http: requests.Session | None = None
-) -> int | None:
-    try:
-        return (
-            (http or requests)
-            .post(url, data=payload.encode(), headers=headers, timeout=delivery_timeout_s)
-            .status_code
-        )
-    except requests.RequestException:
-        return None
-
-
 class WebhookSender:
     """The bank's sender thread: it delivers what is due when woken (a new payment) and
     every ``sender_interval_s`` (retries)."""
@@ -110,18 +97,23 @@ class WebhookSender:
         self.bank, self.secret = bank, secret
         self.stop, self.woken = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
+        self._http = requests.Session()  # the sender thread's only: connections kept alive
 
     def wake(self) -> None:
         self.woken.set()
 
+    def _post(self, url: str, payload: str, headers: dict[str, str]) -> int | None:
+        try:
+            answer = self._http.post(
+                url, data=payload.encode(), headers=headers, timeout=delivery_timeout_s
+            )
+        except requests.RequestException:
+            return None
+        return answer.status_code
+
     def _run(self) -> None:
-        http = requests.Session()  # this thread's own: the merchant's connection kept alive
-
-        def post(url: str, payload: str, headers: dict[str, str]) -> int | None:
-            return _post(url, payload, headers, http)
-
         while not self.stop.is_set():
             self.woken.wait(sender_interval_s)
             self.woken.clear()
             if not self.stop.is_set():
-                deliver_due(self.bank, self.secret, post)
+                deliver_due(self.bank, self.secret, self._post)

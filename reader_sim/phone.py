@@ -18,7 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from otar.sms import decode_sms_submit, encode_envelope, encode_sms_deliver
+from otar.sms import (
+    COMMAND_UDH,
+    RESPONSE_UDH,
+    decode_sms_submit,
+    encode_envelope,
+    encode_sms_deliver,
+)
 from reader_sim.smsc import Sms
 from sim_applet.apdu import CommandApdu
 from sim_applet.sim import Sim
@@ -32,7 +38,6 @@ from sim_applet.stk import (
     menu_selection,
 )
 
-COMMAND_IEI, RESPONSE_UDH = 0x70, bytes.fromhex("027100")
 # A terminal profile announcing the commands this phone runs (TS 102 223 §5.2; bytes
 # 1–5: download, menu selection, DISPLAY TEXT, GET INPUT, SELECT ITEM, SET UP MENU,
 # SEND SHORT MESSAGE). The SIM here does not vary its menu by profile.
@@ -61,6 +66,15 @@ class SmsLine(Protocol):
 
 
 @dataclass
+class Menu:
+    title: str
+    items: list[tuple[int, str]]
+
+    def render(self) -> str:
+        return self.title + "".join(f"\n{i}. {text}" for i, text in self.items)
+
+
+@dataclass
 class ScriptedScreen:
     """Answers given in advance, in order; every screen kept in ``screens``."""
 
@@ -75,20 +89,11 @@ class ScriptedScreen:
         return self.answers.pop(0) if self.answers else None
 
     def choose(self, title: str, items: list[tuple[int, str]]) -> int | None:
-        self.screens.append(title + "".join(f"\n{i}. {text}" for i, text in items))
+        self.screens.append(Menu(title, items).render())
         if not self.answers:
             return None
         answer = self.answers.pop(0)
         return int(answer) if answer.isdigit() else None
-
-
-@dataclass
-class Menu:
-    title: str
-    items: list[tuple[int, str]]
-
-    def render(self) -> str:
-        return self.title + "".join(f"\n{i}. {text}" for i, text in self.items)
 
 
 class PhoneError(Exception):
@@ -190,7 +195,7 @@ class Phone:
         return len(messages)
 
     def _deliver(self, sms: Sms) -> None:
-        if sms.udh[1:2] == bytes((COMMAND_IEI,)):
+        if sms.udh[1:2] == COMMAND_UDH[1:2]:  # IEI 70: a command packet
             self._download(sms)
             return
         text = sms.user_data.decode("utf-16-be", errors="replace")

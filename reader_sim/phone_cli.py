@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import click
 import requests
 
+from reader_sim.cli import BadInput
 from reader_sim.phone import Phone, PhoneError, ScriptedScreen
 from sim_applet.image import ImageError
 from sim_applet.sim import Sim
@@ -23,10 +24,6 @@ from wallet_service.sms_gateway import HttpGateway
 
 receive_wait_ms = 500
 request_timeout_s = 10.0
-
-
-class BadInput(click.ClickException):
-    exit_code = 2
 
 
 @dataclass
@@ -42,9 +39,6 @@ class PrintingScreen(ScriptedScreen):
 
 
 class TerminalScreen:
-    def __init__(self, lock: threading.Lock) -> None:
-        self.lock = lock
-
     def show(self, text: str) -> None:
         click.echo(f"[{text}]")
 
@@ -106,7 +100,7 @@ def phone(
         raise BadInput(str(error)) from None
     lock = threading.Lock()
     scripted = bool(selections or answers or follow is not None)
-    screen = PrintingScreen(list(answers)) if scripted else TerminalScreen(lock)
+    screen = PrintingScreen(list(answers)) if scripted else TerminalScreen()
     pay = bank_app(bank_url, bank_card) if bank_card else None
     handset = Phone(sim, number, HttpGateway(smsc_url, number), screen, pay)
     try:

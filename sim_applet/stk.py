@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from otar.sms import read_tlv
+from otar.sms import tlv as ber_tlv
+
 TAG_PROACTIVE = 0xD0
 TAG_MENU_SELECTION = 0xD3
 TAG_COMMAND_DETAILS = 0x81
@@ -67,59 +70,43 @@ class StkError(ValueError):
     pass
 
 
-# --- BER-TLV -------------------------------------------------------------------------------
+# --- BER-TLV (otar.sms's: one encoding for the ENVELOPEs and the proactive commands) ------
 
 
 def tlv(tag: int, value: bytes) -> bytes:
-    """One BER-TLV with a one-byte tag; lengths 0–255 (`81 xx` from 128)."""
-    if len(value) > 0xFF:
-        raise StkError("a TLV value is at most 255 bytes here")
-    length = bytes((len(value),)) if len(value) < 0x80 else bytes((0x81, len(value)))
-    return bytes((tag,)) + length + value
+    try:
+        return ber_tlv(tag, value)
+    except ValueError as error:
+        raise StkError(str(error)) from None
 
 
 def parse_tlvs(data: bytes) -> list[tuple[int, bytes]]:
     """Simple TLVs in order; the comprehension-required bit is dropped from the tag."""
     items, offset = [], 0
     while offset < len(data):
-        if offset + 2 > len(data):
-            raise StkError("truncated TLV")
-        tag, length = data[offset] & 0x7F | 0x80, data[offset + 1]
-        offset += 2
-        if length == 0x81:
-            if offset >= len(data):
-                raise StkError("truncated TLV length")
-            length, offset = data[offset], offset + 1
-        elif length > 0x80:
-            raise StkError("TLV length form not supported")
-        if offset + length > len(data):
-            raise StkError("TLV value runs past the end")
-        items.append((tag, data[offset : offset + length]))
-        offset += length
+        value, next_offset = _read(data, offset)
+        items.append((data[offset] & 0x7F | 0x80, value))
+        offset = next_offset
     return items
 
 
 def unwrap(data: bytes, tag: int) -> list[tuple[int, bytes]]:
     """The simple TLVs inside a BER-TLV template (`D0`, `D3`)."""
-    outer = _parse_template(data)
-    if outer[0] != tag:
-        raise StkError(f"expected template {tag:02X}, got {outer[0]:02X}")
-    return parse_tlvs(outer[1])
-
-
-def _parse_template(data: bytes) -> tuple[int, bytes]:
-    if len(data) < 2:
+    if not data:
         raise StkError("empty template")
-    length, offset = data[1], 2
-    if length == 0x81:
-        if len(data) < 3:
-            raise StkError("truncated template length")
-        length, offset = data[2], 3
-    elif length > 0x80:
-        raise StkError("template length form not supported")
-    if offset + length != len(data):
+    body, end = _read(data, 0)
+    if end != len(data):
         raise StkError("template length does not match")
-    return data[0], data[offset:]
+    if data[0] != tag:
+        raise StkError(f"expected template {tag:02X}, got {data[0]:02X}")
+    return parse_tlvs(body)
+
+
+def _read(data: bytes, offset: int) -> tuple[bytes, int]:
+    try:
+        return read_tlv(data, offset)
+    except ValueError as error:
+        raise StkError(str(error)) from None
 
 
 # --- texts ---------------------------------------------------------------------------------

@@ -358,3 +358,8 @@ APPLICATION_UNBLOCK_HEADER = bytes.fromhex("8418000004")
 
 def verify_pin(pin: bytes) -> CommandApdu:
     return CommandApdu(0x00, 0x20, 0x00, 0x00, pin)
+
+
+def change_pin(old_pin: bytes, new_pin: bytes) -> CommandApdu:
+    """CHANGE PIN: old PIN ‖ FF ‖ new PIN, both BCD (card-application.md)."""
+    return CommandApdu(0x80, 0x5E, 0x01, 0x00, old_pin + b"\xff" + new_pin)

@@ -22,6 +22,7 @@ from sim_applet.apdu import SW, CommandApdu
 from sim_applet.crypto import Algorithm
 from sim_applet.service_request import RequestKind, ServiceRequest
 from sim_applet.stk import (
+    DISPLAY_WAIT_FOR_USER,
     INPUT_HIDDEN,
     CommandType,
     ProactiveCommand,
@@ -36,6 +37,7 @@ from sim_applet.structures import (
     TYPE_PURCHASE,
     LogRecord,
     bcd_encode,
+    change_pin,
     read_record,
     verify_pin,
 )
@@ -165,7 +167,7 @@ class Toolkit:
         return self._command(CommandType.SET_UP_MENU, alpha=self.text("title"), items=items)
 
     def _display(self, text: str) -> ProactiveCommand:
-        return self._command(CommandType.DISPLAY_TEXT, 0x80, text=text)
+        return self._command(CommandType.DISPLAY_TEXT, DISPLAY_WAIT_FOR_USER, text=text)
 
     def _input(self, prompt: str, low: int, high: int, hidden: bool = False) -> ProactiveCommand:
         qualifier = INPUT_HIDDEN if hidden else 0  # digits only, SMS alphabet
@@ -243,8 +245,7 @@ class Toolkit:
         if new != again:
             yield self._display(self.text("pin_mismatch"))
             return
-        change = CommandApdu(0x80, 0x5E, 0x01, 0x00, bcd_encode(old) + b"\xff" + bcd_encode(new))
-        _, sw = self.card(change)
+        _, sw = self.card(change_pin(bcd_encode(old), bcd_encode(new)))
         yield self._display(self._pin_outcome(sw) or self.text("pin_changed"))
 
     def _dialog_language(self) -> Dialog:

@@ -106,7 +106,7 @@ def test_the_platform_stores_each_callback_once(wallet: Wallet, bank: Bank) -> N
     ((webhook_id, _, payload, _),) = bank._execute(  # the same callback, delivered again
         "SELECT w.id, m.callback_url, w.payload, w.merchant FROM webhooks w "
         "JOIN merchants m ON m.id = w.merchant"
-    ).fetchall()
+    )
     again = wallet.client().post(
         "/api/v1/bank/webhooks",
         data=payload,

@@ -23,6 +23,7 @@ from otar.packets import (
 )
 from otar.remote_apdu import CompactResponse, encode_script
 from otar.sim_side import ISD_TAR, TRANSIT_TAR
+from otar.sms import COMMAND_UDH, RESPONSE_UDH
 from reader_sim.smsc import Sms
 from sim_applet.service_request import is_service_request
 from wallet_service.models import Card
@@ -30,8 +31,6 @@ from wallet_service.services import phone_requests, rekeys, topups
 from wallet_service.services.registry import Context
 from wallet_service.sms_gateway import SmsGateway
 
-COMMAND_UDH = bytes.fromhex("027000")  # UDHL 02, IEI 70 (command packet), length 00
-RESPONSE_UDH = bytes.fromhex("027100")
 SECURITY = Spi()  # ciphered, CC, counter must be higher, PoR always, ciphered with CC
 UNSECURED = Spi(Integrity.NONE, False, CounterMode.NONE, PorRequest.ALWAYS, Integrity.NONE, False)
 
@@ -73,28 +72,18 @@ class SmsOtaChannel:
         self.deliver(phone, encode_notice(text), b"")
 
 
-class Outbox:
+class Outbox(SmsOtaChannel):
     """The transactional outbox: a step's packets wait here until the step's transaction
     has committed, and only then go out (``flush``). Sending inside the transaction would
     let a worker die after the SMS left but before its state was stored — the platform
     would forget a CREDIT it sent, and could load the card twice."""
 
     def __init__(self, channel: SmsOtaChannel) -> None:
-        self.channel = channel
-        self.keyset_for = channel.keyset_for
+        super().__init__(channel.gateway, channel.keyset_for)
         self.pending: list[tuple[str, bytes, bytes]] = []
 
-    def send(self, phone: str, card_serial: str, step: int, apdus: list[bytes]) -> None:
-        self.pending.append((phone, self.channel.build(card_serial, step, apdus), COMMAND_UDH))
-
-    def send_to_security_domain(
-        self, phone: str, card_serial: str, step: int, apdus: list[bytes], version: int
-    ) -> None:
-        packet = self.channel.build(card_serial, step, apdus, ISD_TAR, version)
-        self.pending.append((phone, packet, COMMAND_UDH))
-
-    def notify(self, phone: str, text: str) -> None:
-        self.pending.append((phone, encode_notice(text), b""))
+    def deliver(self, phone: str, packet: bytes, udh: bytes = COMMAND_UDH) -> None:
+        self.pending.append((phone, packet, udh))
 
     def mark(self) -> int:
         return len(self.pending)
@@ -106,7 +95,7 @@ class Outbox:
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         if pending:
-            self.channel.gateway.send_many(pending)
+            self.gateway.send_many(pending)
 
 
 notice_chars_max = 70  # one SMS in UCS2 (TS 23.038): 140 bytes
@@ -151,7 +140,7 @@ DEFAULT_BANK_MERCHANT = "BUSCARD"
 
 
 def handle_incoming_sms(
-    ctx: Context, channel: SmsOtaChannel | Outbox, sms: Sms, merchant: str = DEFAULT_BANK_MERCHANT
+    ctx: Context, channel: SmsOtaChannel, sms: Sms, merchant: str = DEFAULT_BANK_MERCHANT
 ) -> str:
     """A PoR from a phone → the order's next step; a request from the SIM's menu → an
     order or a loss report. Anything else is not ours."""

@@ -696,19 +696,6 @@ def reconcile_topups(ctx: Context, day: str, body: s.ReconcileIn) -> s.Reconcile
     return s.ReconcileOut(**reconciliation.reconcile(ctx, _date(day), body.statement_csv))
 
 
-def _topup_out(order) -> s.TopUpOut:  # type: ignore[no-untyped-def]
-    return s.TopUpOut(
-        reference=order.reference,
-        card_serial=order.card_serial,
-        amount_fen=order.amount_fen,
-        state=order.state,
-        created_at=order.created_at,
-        finished_at=order.finished_at,
-        failure=order.failure,
-        tac=order.tac,
-    )
-
-
 @endpoint(
     cards_bp,
     "/<serial>/topups",
@@ -721,18 +708,11 @@ def card_topups(ctx: Context, serial: str) -> s.TopUpList:
     from wallet_service.services import topups
 
     card = cards.card_by_serial(ctx, serial)
-    return s.TopUpList(orders=[_topup_out(o) for o in topups.orders_of(ctx, card.serial)])
-
-
-def _rekey_out(rekey) -> s.RekeyOut:  # type: ignore[no-untyped-def]
-    return s.RekeyOut(
-        card_serial=rekey.card_serial,
-        from_version=rekey.from_version,
-        to_version=rekey.to_version,
-        state=rekey.state,
-        attempts=rekey.attempts,
-        created_at=rekey.created_at,
-        finished_at=rekey.finished_at,
+    return s.TopUpList(
+        orders=[
+            s.TopUpOut.model_validate(o, from_attributes=True)
+            for o in topups.orders_of(ctx, card.serial)
+        ]
     )
 
 
@@ -748,7 +728,7 @@ def _rekey_out(rekey) -> s.RekeyOut:  # type: ignore[no-untyped-def]
 def request_rekey(ctx: Context, serial: str) -> s.RekeyOut:
     from wallet_service.services import rekeys
 
-    return _rekey_out(rekeys.request(ctx, serial))
+    return s.RekeyOut.model_validate(rekeys.request(ctx, serial), from_attributes=True)
 
 
 @endpoint(
@@ -767,4 +747,4 @@ def latest_rekey(ctx: Context, serial: str) -> s.RekeyOut:
     rekey = rekeys.latest(ctx, card.serial)
     if rekey is None:
         raise NotFound("this card was never rekeyed")
-    return _rekey_out(rekey)
+    return s.RekeyOut.model_validate(rekey, from_attributes=True)

@@ -44,7 +44,6 @@ por_timeout_s = 60
 GET_KEY_INFORMATION = bytes.fromhex("80CA00E000")  # GlobalPlatform GET DATA, tag E0
 OPEN = ("waiting", "put_key_sent", "probing")
 SENDING = ("put_key_sent", "probing")
-IN_FLIGHT_ORDERS = ("paid", "init_sent", "credit_sent", "proving")
 
 
 def request(ctx: Context, serial: str) -> OtaRekey:
@@ -100,16 +99,19 @@ def latest(ctx: Context, serial: str) -> OtaRekey | None:
 # --- the worker's side ---------------------------------------------------------------------
 
 
+def _due(ctx: Context):  # type: ignore[no-untyped-def]
+    return (OtaRekey.state.in_(OPEN), OtaRekey.next_action_at <= ctx.now)
+
+
 def anything_due(ctx: Context) -> bool:
-    due = select(OtaRekey.id).where(OtaRekey.state.in_(OPEN), OtaRekey.next_action_at <= ctx.now)
-    return ctx.session.scalar(due.limit(1)) is not None
+    return ctx.session.scalar(select(OtaRekey.id).where(*_due(ctx)).limit(1)) is not None
 
 
 def work_once(ctx: Context, channel: Any) -> str | None:
     """The next due rekey step, or None. Claimed like orders (SKIP LOCKED)."""
     rekey = ctx.session.scalar(
         select(OtaRekey)
-        .where(OtaRekey.state.in_(OPEN), OtaRekey.next_action_at <= ctx.now)
+        .where(*_due(ctx))
         .order_by(OtaRekey.next_action_at)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -124,9 +126,11 @@ def work_once(ctx: Context, channel: Any) -> str | None:
 
 
 def _start(ctx: Context, channel: Any, rekey: OtaRekey) -> str:
+    from wallet_service.services.topups import IN_FLIGHT  # (topups imports this module)
+
     in_flight = ctx.session.scalar(
         select(TopUpOrder.id).where(
-            TopUpOrder.card_serial == rekey.card_serial, TopUpOrder.state.in_(IN_FLIGHT_ORDERS)
+            TopUpOrder.card_serial == rekey.card_serial, TopUpOrder.state.in_(IN_FLIGHT)
         )
     )
     if in_flight is not None:

@@ -39,6 +39,7 @@ from sim_applet.structures import (
     initialize_for_load,
     select_by_aid,
 )
+from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, TopUpOrder
@@ -248,7 +249,7 @@ SENDING_STATES = (*IN_FLIGHT, "created")  # steps that only send packets (batche
 orders_per_batch = 20
 
 
-def _due(ctx: Context, states: tuple[str, ...] = (*SENDING_STATES, "refunding")):  # type: ignore[no-untyped-def]
+def _due(ctx: Context, states: tuple[str, ...]):  # type: ignore[no-untyped-def]
     return (TopUpOrder.next_action_at <= ctx.now, TopUpOrder.state.in_(states))
 
 
@@ -273,19 +274,10 @@ def work_batch(
 
 
 def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
-    """Do the next due step of one order; None when nothing is due. A refund (a call to
-    the bank) always goes alone, so one failing refund holds up no other order."""
-    order = ctx.session.scalar(
-        select(TopUpOrder)
-        .where(*_due(ctx))
-        .order_by(TopUpOrder.next_action_at)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    if order is None:
-        return None
-    action = _step(ctx, order, channel, bank)
-    return WorkResult(order.id, action)
+    """Do the next due step of one order (a sending step first, else a refund); None when
+    nothing is due. Tests step the flow with it; the worker batches (``work_batch``)."""
+    sent = work_batch(ctx, channel, bank, limit=1)
+    return sent[0] if sent else refund_once(ctx, channel, bank)
 
 
 def refund_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
@@ -321,7 +313,7 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
             f"topup_refund:{order.id}",
         )
         order.state, order.finished_at, order.next_action_at = "refunded", ctx.now, None
-        channel.notify(order.phone, f"充值未完成，已退款 Refunded {_yuan(order.amount_fen)}")
+        channel.notify(order.phone, f"充值未完成，已退款 Refunded {yuan(order.amount_fen)}")
         audit.record(
             ctx.session,
             "worker",
@@ -508,13 +500,9 @@ def _loaded(ctx: Context, channel: OtaChannel, order: TopUpOrder, tac: bytes) ->
     )
     balance = (order.old_balance_fen or 0) + order.amount_fen
     channel.notify(
-        order.phone, f"充值成功 Top-up OK {_yuan(order.amount_fen)}, 余额 balance {_yuan(balance)}"
+        order.phone, f"充值成功 Top-up OK {yuan(order.amount_fen)}, 余额 balance {yuan(balance)}"
     )
     return "loaded"
-
-
-def _yuan(fen: int) -> str:
-    return f"{fen // 100}.{fen % 100:02d}"
 
 
 def payment_link(order: TopUpOrder, merchant: str) -> str:
@@ -523,4 +511,4 @@ def payment_link(order: TopUpOrder, merchant: str) -> str:
 
 
 def order_notice(order: TopUpOrder, merchant: str) -> str:
-    return f"请付款 Pay {_yuan(order.amount_fen)}: {payment_link(order, merchant)}"
+    return f"请付款 Pay {yuan(order.amount_fen)}: {payment_link(order, merchant)}"

@@ -416,7 +416,7 @@ def reconciliation_page(ctx: Context) -> str:
         balanced=balanced,
         generated=datetime.now().replace(microsecond=0),
         topups=topups,
-        topup_pending_fen=pending.credits_fen - pending.debits_fen,
+        topup_pending_fen=ledger.balance(pending),
         day=day,
         match=match,
         message=message,
