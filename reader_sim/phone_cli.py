@@ -20,7 +20,7 @@ from reader_sim.cli import BadInput
 from reader_sim.phone import Phone, PhoneError, ScriptedScreen
 from sim_applet.image import ImageError
 from sim_applet.sim import Sim
-from wallet_service.sms_gateway import HttpGateway
+from wallet_service.sms_gateway import GatewayError, HttpGateway
 
 receive_wait_ms = 500
 request_timeout_s = 10.0
@@ -113,7 +113,7 @@ def phone(
             _interactive(handset, sim, image, lock)
     except PhoneError as error:
         raise BadInput(str(error)) from None
-    except requests.RequestException as error:
+    except (requests.RequestException, GatewayError) as error:
         raise BadInput(f"cannot reach the SMS centre or the bank: {error}") from None
     finally:
         sim.save(image)
@@ -149,7 +149,7 @@ def _interactive(handset: Phone, sim: Sim, image: str, lock: threading.Lock) -> 
                 with lock:
                     if handset.receive():
                         sim.save(image)
-            except (requests.RequestException, PhoneError) as error:
+            except (requests.RequestException, GatewayError, PhoneError) as error:
                 click.echo(f"[SMS: {error}]")
             stop.wait(receive_wait_ms / 1000)
 

@@ -16,7 +16,7 @@ import requests
 from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
 from tests.helpers import Clock
 from tests.wallet_fixtures import _free_port
-from wallet_service.sms_gateway import HttpGateway, InProcessGateway
+from wallet_service.sms_gateway import GatewayError, HttpGateway, InProcessGateway
 
 PHONE, PLATFORM = "13800138000", "10658888"
 
@@ -142,6 +142,9 @@ def test_the_http_gateway_against_smsc_serve() -> None:
             f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "zz"}, timeout=5
         )
         assert bad.status_code == 422
+        with pytest.raises(GatewayError, match="HTTP 422"):  # refused: an error, not a 2xx
+            gateway.send_many([(PHONE, b"\x03", b""), ("not a number", b"\x04", b"")])
+        assert requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"] == []
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
@@ -201,3 +204,14 @@ def test_smsc_serve_on_a_taken_port_says_so_in_one_line() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith(f"Error: cannot listen on 127.0.0.1:{port}")
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
+    """The worker's loop waits and tries again on an OSError; phone and worker CLIs print
+    one line for it."""
+    gateway = HttpGateway(f"http://127.0.0.1:{_free_port()}", PLATFORM)
+    with pytest.raises(GatewayError, match="SMS centre") as refused:
+        gateway.send(PHONE, b"\x01")
+    assert isinstance(refused.value, OSError)
+    with pytest.raises(GatewayError):
+        gateway.receive()

@@ -146,3 +146,42 @@ def test_concurrent_postings_on_one_account_all_count(pg_wallet: Wallet) -> None
         hot = session.scalars(select(Account).where(Account.code == "card_float:HOT")).one()
         assert (hot.credits_fen, hot.debits_fen) == (expected, 0)
     assert pg_wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_a_hot_account_posted_at_commit_is_not_locked_before_the_commit(
+    pg_wallet: Wallet,
+) -> None:
+    """A worker's batch posts to topup_pending:platform early and commits late: another
+    transaction posting to the same account meanwhile must not wait for it (it would, with
+    the row locked from the first posting: lock_timeout turns the wait into an error)."""
+    from datetime import datetime
+
+    from sqlalchemy import text
+
+    from wallet_service import ledger
+    from wallet_service.models import Account
+
+    def pay_in(session, reference: str) -> None:  # type: ignore[no-untyped-def]
+        ledger.post_at_commit(
+            session,
+            debit=(ledger.BANK_SETTLEMENT, "bank"),
+            credit=("topup_pending", "platform"),
+            amount_fen=100,
+            kind="topup_paid",
+            reference=reference,
+            at=datetime(2026, 11, 25),
+        )
+
+    with pg_wallet.database.transaction() as session:  # the accounts exist first
+        pay_in(session, "first")
+    with pg_wallet.database.transaction() as long_batch:
+        pay_in(long_batch, "early in a long batch")
+        with pg_wallet.database.transaction() as meanwhile:
+            meanwhile.execute(text("SET LOCAL lock_timeout = '2s'"))
+            pay_in(meanwhile, "meanwhile")
+    with pg_wallet.database.transaction() as session:
+        pending = session.scalars(
+            select(Account).where(Account.code == "topup_pending:platform")
+        ).one()
+        assert pending.credits_fen == 300
+    assert pg_wallet.ok("GET", "/api/v1/ledger")["balanced"]

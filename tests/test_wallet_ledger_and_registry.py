@@ -164,3 +164,73 @@ def test_open_accounts_finds_and_creates_in_the_order_asked(wallet: Wallet) -> N
         )
         assert again.id == cash.id and float_.code == "card_float:C9" and float_.id is not None
         assert ledger.open_accounts(session, (ledger.HALL_CASH, "H1"))[0].id == cash.id
+
+
+def _pay_in(session, amount_fen: int, reference: str) -> None:  # type: ignore[no-untyped-def]
+    ledger.post_at_commit(
+        session,
+        debit=(ledger.BANK_SETTLEMENT, "bank"),
+        credit=("topup_pending", "platform"),
+        amount_fen=amount_fen,
+        kind="topup_paid",
+        reference=reference,
+        at=AT,
+    )
+
+
+def _totals(wallet: Wallet, code: str) -> tuple[int, int]:
+    with wallet.database.transaction() as session:
+        account = session.scalars(select(Account).where(Account.code == code)).one()
+        return account.debits_fen, account.credits_fen
+
+
+def test_totals_posted_at_commit_move_once_and_leave_with_a_rolled_back_savepoint(
+    wallet: Wallet,
+) -> None:
+    """The books balance at every savepoint and commit (the check runs before each, in
+    tests): what is to move at commit counts, and a savepoint rolled back takes its
+    transfer and its totals together."""
+
+    def work(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 100, "kept")
+        with session.begin_nested():
+            _pay_in(session, 20, "kept too")
+        try:
+            with session.begin_nested():
+                _pay_in(session, 7, "rolled back")
+                raise RuntimeError("this message fails")
+        except RuntimeError:
+            pass
+        return _totals_in(session)
+
+    assert wallet.database.run(work) == (0, 0)  # inside: not moved yet
+    assert _totals(wallet, "topup_pending:platform") == (0, 120)
+    assert _totals(wallet, "bank_settlement:bank") == (120, 0)
+
+    def fails(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 50, "whole transaction rolled back")
+        raise RuntimeError("the worker dies")
+
+    with pytest.raises(RuntimeError):
+        wallet.database.run(fails)
+    with wallet.database.transaction() as session:
+        _pay_in(session, 1, "next")
+    assert _totals(wallet, "topup_pending:platform") == (0, 121)
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def _totals_in(session) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    account = session.scalars(select(Account).where(Account.code == "topup_pending:platform")).one()
+    return account.debits_fen, account.credits_fen
+
+
+def test_the_same_reference_posts_at_commit_only_once(wallet: Wallet) -> None:
+    def twice(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 5, "once")
+        _pay_in(session, 5, "once")
+
+    with pytest.raises(IntegrityError):
+        wallet.database.run(twice)
+    with wallet.database.transaction() as session:
+        _pay_in(session, 5, "once")
+    assert _totals(wallet, "topup_pending:platform") == (0, 5)

@@ -199,7 +199,7 @@ def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
     import threading
 
     from wallet_service import create_app
-    from wallet_service.sms_gateway import HttpGateway
+    from wallet_service.sms_gateway import GatewayError, HttpGateway
     from wallet_service.worker import HttpBankClient, run_forever, run_once
 
     _upgrade()
@@ -210,7 +210,7 @@ def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
 
         try:
             click.echo(run_once(app, gateway, bank))
-        except requests.RequestException as error:  # the SMS centre or the bank is down
+        except (requests.RequestException, GatewayError) as error:  # SMS centre or bank down
             raise click.ClickException(f"pass not done: {error}") from None
         return
     stop = threading.Event()

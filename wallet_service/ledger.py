@@ -9,10 +9,11 @@ event can post only once, whatever retries happen.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, event, func, insert, select, update
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from wallet_service.models import Account, Transfer
@@ -91,6 +92,90 @@ def post(
     return transfer
 
 
+# Totals that move when the transaction commits (``post_at_commit``), in Session.info:
+# (the transactions the posting was made in, innermost first; account id; debit; credit).
+_AT_COMMIT = "ledger_totals_at_commit"
+
+
+def post_at_commit(
+    session: Session,
+    *,
+    debit: tuple[str, str],
+    credit: tuple[str, str],
+    amount_fen: int,
+    kind: str,
+    reference: str,
+    at: datetime,
+) -> None:
+    """A transfer for hot accounts (every top-up moves ``topup_pending:platform``): the
+    transfer row is written now, the two accounts' totals just before the transaction
+    commits — one UPDATE per account for all of the transaction's transfers, in id order.
+    A worker's batch then holds a hot account's row lock only for its commit, not for the
+    rest of the batch, and two workers stop queueing behind each other. A savepoint rolled
+    back takes its transfers' totals with it. Totals read inside the transaction do not
+    show these transfers yet."""
+    assert amount_fen > 0, "a transfer moves a positive amount"
+    debit_account, credit_account = open_accounts(session, debit, credit)
+    assert debit_account.id != credit_account.id, "a transfer moves money between two accounts"
+    session.execute(
+        insert(Transfer).values(
+            debit_account_id=debit_account.id,
+            credit_account_id=credit_account.id,
+            amount_fen=amount_fen,
+            kind=kind,
+            reference=reference,
+            created_at=at,
+        )
+    )
+    made_in = _transactions_of(session)
+    session.info.setdefault(_AT_COMMIT, []).extend(
+        [(made_in, debit_account.id, amount_fen, 0), (made_in, credit_account.id, 0, amount_fen)]
+    )
+
+
+def _transactions_of(session: Session) -> tuple[SessionTransaction, ...]:
+    innermost = session.get_nested_transaction() or session.get_transaction()
+    chain = []
+    while innermost is not None:
+        chain.append(innermost)
+        innermost = innermost.parent
+    return tuple(chain)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back(session: Session, rolled_back: SessionTransaction) -> None:
+    pending = session.info.get(_AT_COMMIT)
+    if pending:
+        pending[:] = [entry for entry in pending if rolled_back not in entry[0]]
+
+
+@event.listens_for(Session, "before_commit")
+def _move_totals(session: Session) -> None:
+    """(Fires for savepoints too: only the outermost commit moves the totals.)"""
+    if session.in_nested_transaction() or not session.info.get(_AT_COMMIT):
+        return
+    moves: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for _, account_id, debit_fen, credit_fen in session.info.pop(_AT_COMMIT):
+        moves[account_id][0] += debit_fen
+        moves[account_id][1] += credit_fen
+    accounts = Account.__table__.c
+    session.execute(
+        update(Account.__table__)
+        .where(accounts.id == bindparam("account_id"))
+        .values(
+            debits_fen=accounts.debits_fen + bindparam("debit_fen"),
+            credits_fen=accounts.credits_fen + bindparam("credit_fen"),
+        ),
+        [
+            {"account_id": account_id, "debit_fen": debit_fen, "credit_fen": credit_fen}
+            for account_id, (debit_fen, credit_fen) in sorted(moves.items())
+        ],
+    )
+    for loaded in list(session.identity_map.values()):  # their totals are stale now
+        if isinstance(loaded, Account) and loaded.id in moves:
+            session.expire(loaded, ["debits_fen", "credits_fen"])
+
+
 def reverse(session: Session, transfer: Transfer, *, reason: str, at: datetime) -> Transfer:
     """Fix a mistake the double-entry way: a new transfer the other way, never an edit."""
     debit = session.get_one(Account, transfer.credit_account_id)
@@ -112,7 +197,8 @@ def balance(account: Account) -> int:
 
 
 def check_balanced(session: Session) -> None:
-    """Sum of debits = sum of credits, in the accounts and in the transfers behind them."""
+    """Sum of debits = sum of credits, in the accounts (with what moves at commit) and in
+    the transfers behind them."""
     debits, credits = session.execute(
         select(
             func.coalesce(func.sum(Account.debits_fen), 0),
@@ -120,6 +206,8 @@ def check_balanced(session: Session) -> None:
         )
     ).one()
     moved = session.scalar(select(func.coalesce(func.sum(Transfer.amount_fen), 0)))
+    for _, _, debit_fen, credit_fen in session.info.get(_AT_COMMIT, []):  # not yet moved
+        debits, credits = debits + debit_fen, credits + credit_fen
     if not debits == credits == moved:
         raise AssertionError(
             f"ledger out of balance: debits {debits}, credits {credits}, transfers {moved}"

@@ -228,13 +228,10 @@ def _post(
     amount: int,
     reference: str,
 ) -> None:
-    debit, credit = ledger.open_accounts(
-        ctx.session, (debit_kind, debit_owner), (credit_kind, credit_owner)
-    )
-    ledger.post(
+    ledger.post_at_commit(  # a hot account: its total moves at commit
         ctx.session,
-        debit=debit,
-        credit=credit,
+        debit=(debit_kind, debit_owner),
+        credit=(credit_kind, credit_owner),
         amount_fen=amount,
         kind=reference.split(":")[0],
         reference=reference,
