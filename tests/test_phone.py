@@ -280,9 +280,10 @@ def test_loss_report_from_the_phone_puts_the_card_on_the_hot_list(
 def test_a_message_that_fails_is_dropped_alone_with_its_packets(
     wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The worker handles what one receive brought in one transaction, each message in
-    its savepoint: the loss report below fails after doing its work — its card change and
-    its notice vanish, while the top-up request before it stands."""
+    """The worker handles what one receive brought in one transaction; when a message
+    fails, the batch again with each message in its savepoint: the loss report below
+    fails after doing its work — its card change and its notice vanish, while the top-up
+    request before it stands (once: the failed batch sent nothing)."""
     import wallet_service.worker as worker_module
 
     real = worker_module.handle_incoming_sms
@@ -301,7 +302,7 @@ def test_a_message_that_fails_is_dropped_alone_with_its_packets(
     world.screen.answers[:] = ["123456"]
     world.phone.select(5)  # … then a loss report, both waiting for the worker
     worker = worker_module.Worker(wallet.app, world.gateway, world.bank)
-    assert worker.read_sms() == 2 and len(outcomes) == 2
+    assert worker.read_sms() == 2 and len(outcomes) == 4  # the batch, then one by one
     world.phone.receive()
     assert [link[2] for link in world.phone.payment_links] == [1200]
     assert not any("lost" in text for text in world.phone.inbox)

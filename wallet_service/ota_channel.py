@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from otar.keys import derive_keyset
 from otar.packets import (
@@ -38,11 +39,8 @@ UNSECURED = Spi(Integrity.NONE, False, CounterMode.NONE, PorRequest.ALWAYS, Inte
 T = TypeVar("T")
 
 
-KeysetFor = Callable[..., OtaKeyset]  # (card serial, version=None: the card's current)
-
-
 class SmsOtaChannel:
-    def __init__(self, gateway: SmsGateway, keyset_for: KeysetFor) -> None:
+    def __init__(self, gateway: SmsGateway, keyset_for: CardKeysets) -> None:
         self.gateway, self.keyset_for = gateway, keyset_for
 
     def build(
@@ -124,16 +122,35 @@ def committed_then_sent(
     return result
 
 
-def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> KeysetFor:
-    def keyset_for(card_serial: str, version: int | None = None) -> OtaKeyset:
-        row = ctx.session.execute(
-            select(Card.iccid, Card.ota_key_version).where(Card.serial == card_serial)
-        ).first()
-        if row is None:
-            raise LookupError(f"no card {card_serial}")
-        return derive_keyset(*masters, row.iccid, version or row.ota_key_version)
+class CardKeysets:
+    """The OTA keysets of the cards one transaction deals with (called as
+    ``keyset_for(card serial, version=None: the card's current)``). Each card is read
+    once — a PoR's card by its phone, then the next packet to it — as the ORM's one object
+    for that row: a rekey in the same transaction moves that object's key version, so a
+    later packet is built under the new one."""
 
-    return keyset_for
+    def __init__(self, session: Session, masters: tuple[bytes, bytes]) -> None:
+        self.session, self.masters = session, masters
+        self.cards: dict[str, Card] = {}
+
+    def active_card_of(self, phone: str) -> Card | None:
+        card = self.session.scalar(select(Card).where(Card.phone == phone, Card.status == "active"))
+        if card is not None:
+            self.cards[card.serial] = card
+        return card
+
+    def __call__(self, card_serial: str, version: int | None = None) -> OtaKeyset:
+        card = self.cards.get(card_serial)
+        if card is None:
+            card = self.session.scalar(select(Card).where(Card.serial == card_serial))
+            if card is None:
+                raise LookupError(f"no card {card_serial}")
+            self.cards[card_serial] = card
+        return derive_keyset(*self.masters, card.iccid, version or card.ota_key_version)
+
+
+def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> CardKeysets:
+    return CardKeysets(ctx.session, masters)
 
 
 DEFAULT_BANK_MERCHANT = "BUSCARD"
@@ -148,11 +165,10 @@ def handle_incoming_sms(
         return phone_requests.handle(ctx, channel, sms.sender, sms.user_data, merchant)
     if sms.udh != RESPONSE_UDH:
         return "not a proof of receipt"
-    card_serial = ctx.session.scalar(
-        select(Card.serial).where(Card.phone == sms.sender, Card.status == "active")
-    )
-    if card_serial is None:
+    card = channel.keyset_for.active_card_of(sms.sender)
+    if card is None:
         return "unknown phone"
+    card_serial = card.serial
     if sms.user_data[3:6] == ISD_TAR:
         return rekeys.on_proof_of_receipt(ctx, channel, card_serial, sms.udh + sms.user_data)
     por = read_por(channel.keyset_for(card_serial), sms.udh + sms.user_data)

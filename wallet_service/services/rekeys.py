@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Exists, exists, func, select
 
 from otar.keys import (
     KEY_VERSION_MAX,
@@ -103,8 +103,9 @@ def _due(ctx: Context):  # type: ignore[no-untyped-def]
     return (OtaRekey.state.in_(OPEN), OtaRekey.next_action_at <= ctx.now)
 
 
-def anything_due(ctx: Context) -> bool:
-    return ctx.session.scalar(select(OtaRekey.id).where(*_due(ctx)).limit(1)) is not None
+def anything_due(ctx: Context) -> Exists:
+    """(An expression: the worker asks it together with others, in one query.)"""
+    return exists().where(*_due(ctx))
 
 
 def work_once(ctx: Context, channel: Any) -> str | None:

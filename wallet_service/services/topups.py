@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import exists, select
+from sqlalchemy import Exists, exists, select
 
 from sim_applet.crypto import Algorithm
 from sim_applet.issuer import LoadAuthorization, Mac1Invalid, authorize_load
@@ -250,8 +250,9 @@ def _due(ctx: Context, states: tuple[str, ...]):  # type: ignore[no-untyped-def]
     return (TopUpOrder.next_action_at <= ctx.now, TopUpOrder.state.in_(states))
 
 
-def refunds_due(ctx: Context) -> bool:
-    return ctx.session.scalar(select(exists().where(*_due(ctx, ("refunding",))))) or False
+def refunds_due(ctx: Context) -> Exists:
+    """(An expression: the worker asks it together with others, in one query.)"""
+    return exists().where(*_due(ctx, ("refunding",)))
 
 
 def work_batch(
