@@ -126,6 +126,33 @@ def test_the_platform_rekeys_a_sim_and_top_ups_go_on_under_the_new_keys(
     world.bank.close()
 
 
+def test_an_order_paid_after_a_rekey_passed_its_counters_is_refunded_at_once(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """Requested before the rekey, paid after it: the rekey's packet counters lie above
+    the order's, so the SIM would refuse its packets as replays — a refund now, not
+    three unanswered packets first."""
+    from tests.test_phone import BANK_CARD
+
+    world = PhoneWorld(wallet, tmp_path)
+    world.phone.pay = None
+    world.screen.answers[:] = ["20", "123456"]
+    world.phone.select(4)
+    run_once(world.wallet.app, world.gateway, world.bank)  # the order; not paid yet
+    world.phone.receive()
+    _rekey(world)
+    _round(world)
+    assert _state(world)["state"] == "done"
+    world.bank_app(*world.phone.payment_links[0])
+    world.settle()
+    order = world.wallet.ok("GET", f"/api/v1/cards/{world.serial}/topups")["orders"]
+    assert [(o["state"], o["failure"]) for o in order] == [
+        ("refunded", "newer packets went to the SIM first (a later top-up or a rekey)")
+    ]
+    assert world.bank.card_balance(BANK_CARD) == 100_000 and purse(world.sim).balance == 0
+    world.bank.close()
+
+
 def test_a_lost_proof_of_receipt_is_settled_by_a_probe_under_the_new_keys(
     wallet: Wallet, tmp_path: Path
 ) -> None:

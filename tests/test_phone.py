@@ -376,3 +376,61 @@ def _real_now():  # type: ignore[no-untyped-def]
     from datetime import datetime
 
     return datetime.now().replace(microsecond=0)
+
+
+def _orders(wallet: Wallet) -> list[tuple[int, str, str | None]]:
+    with wallet.database.transaction() as session:
+        return [
+            (order.amount_fen, order.state, order.failure)
+            for order in session.scalars(select(TopUpOrder).order_by(TopUpOrder.id))
+        ]
+
+
+def test_two_top_ups_requested_back_to_back_load_one_after_the_other(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """Both paid at once: one load at a time per card (two INITIALIZE FOR LOAD before one
+    CREDIT would fail the first, and its packet counters would then be replays — it used
+    to stay proving for ever, the passenger's 30 yuan neither loaded nor refunded)."""
+    from wallet_service.services.topups import card_busy_wait_s
+
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    world.screen.answers[:] = ["20", "123456"]
+    world.phone.select(4)
+    world.settle()
+    assert [state for _, state, _ in _orders(wallet)] == ["loaded", "paid"]  # the second waits
+    world.later(card_busy_wait_s)
+    world.settle()
+    assert _orders(wallet) == [(3000, "loaded", None), (2000, "loaded", None)]
+    assert purse(world.sim).balance == 5000
+    assert world.books()[f"card_float:{world.serial}"] == 5000
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 5000
+    world.bank.close()
+
+
+def test_an_earlier_order_paid_after_a_later_one_started_is_refunded(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The later order's packets went first; the earlier one's counters lie below them,
+    so the SIM would refuse them as replays: it is refunded, not left to fail."""
+    world = PhoneWorld(wallet, tmp_path)
+    world.phone.pay = None  # the passenger pays by hand, second link first
+    for amount in ("30", "20"):
+        world.screen.answers[:] = [amount, "123456"]
+        world.phone.select(4)
+    world.settle()
+    first, second = world.phone.payment_links
+    world.bank_app(*second)
+    run_once(world.wallet.app, world.gateway, world.bank)  # its packet 1 is out
+    world.bank_app(*first)
+    world.settle()
+    assert _orders(wallet) == [
+        (3000, "refunded", "newer packets went to the SIM first (a later top-up or a rekey)"),
+        (2000, "loaded", None),
+    ]
+    assert purse(world.sim).balance == 2000
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 2000
+    assert world.books()["topup_pending:platform"] == 0
+    world.bank.close()

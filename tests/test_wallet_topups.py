@@ -278,6 +278,21 @@ def test_a_payment_of_another_amount_is_refunded_in_full(world: World) -> None:
     assert purse(world.sim).balance == 0
 
 
+def test_a_payment_after_the_order_expired_goes_back_to_the_bank_card(world: World) -> None:
+    """The bank does not know the order expired; the platform cannot load it any more, and
+    must not keep the money (it used to ignore such a payment)."""
+    reference = world.order(amount=2000)
+    world.later(topups.order_lifetime_s + 1)
+    assert world.work() == "expired"
+    world.pay(reference, amount=2000)
+    assert world.state(reference) == "failed"
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    world.run(lambda ctx: topups.process_bank_events(ctx, world.bank))  # nothing new: once
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    assert world.books().get("topup_pending:platform", 0) == 0
+    assert purse(world.sim).balance == 0
+
+
 def test_only_the_card_in_ones_own_phone_can_be_topped_up(world: World) -> None:
     from wallet_service.errors import Conflict
 

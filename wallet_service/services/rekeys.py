@@ -12,7 +12,7 @@ A lost PoR cannot leave the platform and the SIM disagreeing for good: whichever
 SIM holds, the next packet finds out. Packet counters: the card's top-up packets count
 order id × 1000 + attempt; a rekey takes the slots 990–999 above the card's newest order,
 so its packets are newer than every packet before it and older than every one after.
-While a rekey is sending, that card's top-ups wait (``sending_for``).
+While a rekey is sending, that card's top-ups wait (``topups._card_situation``).
 """
 
 from __future__ import annotations
@@ -78,16 +78,6 @@ def request(ctx: Context, serial: str) -> OtaRekey:
 def open_for(ctx: Context, serial: str, *, lock: bool = False) -> OtaRekey | None:
     query = select(OtaRekey).where(OtaRekey.card_serial == serial, OtaRekey.state.in_(OPEN))
     return ctx.session.scalar(query.with_for_update() if lock else query)
-
-
-def sending_for(ctx: Context, serial: str) -> bool:
-    """A rekey of this card has packets out: its top-up packets wait."""
-    return (
-        ctx.session.scalar(
-            select(OtaRekey.id).where(OtaRekey.card_serial == serial, OtaRekey.state.in_(SENDING))
-        )
-        is not None
-    )
 
 
 def latest(ctx: Context, serial: str) -> OtaRekey | None:

@@ -9,9 +9,12 @@ refunded — never lost, never doubled.
     bad MAC1, a refusal before CREDIT, no answer to packet 1, an expired order ──▶ refunding
     refunding ──bank refund──▶ refunded (posted: topup_pending → bank settlement)
 
-A card has at most one order in flight. Each packet carries a step id (on the secured
-packet channel, its counter): a PoR for an older step is stale and changes nothing. After
-CREDIT may have happened the platform never refunds blind: it keeps proving.
+A card loads one order at a time: a paid order waits while another order of its card is
+sending packets, or was paid before it (``_card_situation``). Each packet carries a step id
+(on the secured packet channel, its counter, which the SIM wants ever higher): a PoR for
+an older step is stale and changes nothing, and a paid order whose counters a later order
+or a rekey has passed is refunded — the SIM would refuse its packets. After CREDIT may
+have happened the platform never refunds blind: it keeps proving.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import Exists, exists, select
+from sqlalchemy import Exists, and_, exists, or_, select
+from sqlalchemy.orm import aliased
 
 from sim_applet.crypto import Algorithm
 from sim_applet.issuer import LoadAuthorization, Mac1Invalid, authorize_load
@@ -42,7 +46,7 @@ from sim_applet.structures import (
 from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
 from wallet_service.errors import Conflict, InvalidInput, NotFound
-from wallet_service.models import BankWebhookEvent, Card, TopUpOrder
+from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
 from wallet_service.services import rekeys
 from wallet_service.services.registry import Context
 
@@ -56,6 +60,8 @@ prove_backoff_max_s = 3600
 rekey_wait_s = 10
 topup_amount_fen_max = 100_000
 IN_FLIGHT = ("paid", "init_sent", "credit_sent", "proving")
+SENDING_PACKETS = ("init_sent", "credit_sent", "proving")  # at most one per card
+card_busy_wait_s = 5
 
 
 class OtaChannel(Protocol):
@@ -179,23 +185,12 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
     order = _order_by_reference(ctx, data.get("order_id", ""))
     amount = int(data.get("amount_fen", 0))
     if order is None:
-        audit.record(
-            ctx.session,
-            "bank",
-            "topup.payment_for_unknown_order",
-            str(data.get("order_id")),
-            ctx.now,
-            amount_fen=amount,
-        )
-        bank.refund(
-            str(data.get("payment_id")),
-            amount,
-            "unknown order",
-            f"unknown:{data.get('payment_id')}",
-        )
+        _refund_unusable(ctx, bank, data, amount, "unknown order")
         return
     if order.state != "created":
-        return  # the same payment told twice, or after expiry handling
+        if order.payment_id is None:  # paid after the order expired: it cannot load
+            _refund_unusable(ctx, bank, data, amount, "order expired before payment")
+        return  # else the same payment told twice
     _post(
         ctx,
         ledger.BANK_SETTLEMENT,
@@ -211,6 +206,22 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
         _to_refund(ctx, order, "amount mismatch" if amount != order.amount_fen else "expired")
         return
     order.state, order.next_action_at = "paid", ctx.now
+
+
+def _refund_unusable(ctx: Context, bank: BankClient, data: dict, amount: int, reason: str) -> None:
+    """A payment no order can take: back to the card at once (idempotent by payment id;
+    it never entered the books)."""
+    audit.record(
+        ctx.session,
+        "bank",
+        "topup.payment_refused",
+        str(data.get("order_id")),
+        ctx.now,
+        amount_fen=amount,
+        payment=str(data.get("payment_id")),
+        reason=reason,
+    )
+    bank.refund(str(data.get("payment_id")), amount, reason, f"unknown:{data.get('payment_id')}")
 
 
 def _refund_confirmed(ctx: Context, data: dict) -> None:
@@ -322,10 +333,21 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
             refund=refund_id,
         )
         return "refunded"
-    if rekeys.sending_for(ctx, order.card_serial):
+    rekeying, other_order_under_way, counters_passed = _card_situation(ctx, order)
+    if rekeying:
         # The SIM's OTA keys are changing: a packet now might be under the wrong version.
         order.next_action_at = ctx.now + timedelta(seconds=rekey_wait_s)
         return "waiting for the SIM's rekey"
+    if order.state == "paid" and counters_passed:
+        # Safe: a paid order has no CREDIT that may have happened.
+        _to_refund(ctx, order, "newer packets went to the SIM first (a later top-up or a rekey)")
+        return "superseded"
+    if order.state == "paid" and other_order_under_way:
+        if ctx.now > order.expires_at:
+            _to_refund(ctx, order, "another top-up of this card is still under way")
+            return "giving up"
+        order.next_action_at = ctx.now + timedelta(seconds=card_busy_wait_s)
+        return "waiting for the card's other top-up"
     if order.state in ("paid", "init_sent"):
         if order.init_attempts >= init_attempts_max:
             # Safe: from here no CREDIT can have succeeded (a CREDIT without an answer
@@ -360,8 +382,46 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
     raise AssertionError(f"no step from {order.state}")
 
 
+def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, bool]:
+    """What else goes on with this order's card, asked in one query that locks the card
+    (two workers holding two orders of one card decide one after the other):
+    - a rekey is sending;
+    - another order is under way — sending packets, or paid earlier and first in line:
+      one load at a time, or the SIM would see INITIALIZE, INITIALIZE, CREDIT;
+    - packets with higher counters went to the SIM — a later order of the card sent some,
+      or a rekey did (its counters lie above the card's newest order): this order's
+      counters would be refused as replays."""
+    other = aliased(TopUpOrder)
+    of_card = (other.card_serial == order.card_serial, other.id != order.id)
+    row = ctx.session.execute(
+        select(
+            exists().where(
+                OtaRekey.card_serial == order.card_serial, OtaRekey.state.in_(rekeys.SENDING)
+            ),
+            exists().where(
+                *of_card,
+                or_(
+                    other.state.in_(SENDING_PACKETS),
+                    and_(other.state == "paid", other.id < order.id),
+                ),
+            ),
+            exists().where(*of_card, other.id > order.id, other.attempts > 0)
+            | exists().where(
+                OtaRekey.card_serial == order.card_serial,
+                OtaRekey.counter_base > _step_id(order),
+            ),
+        )
+        .where(Card.serial == order.card_serial)
+        .with_for_update(of=Card)
+    ).one()
+    return bool(row[0]), bool(row[1]), bool(row[2])
+
+
+steps_per_order = 1000  # a packet's counter: order id × 1000 + attempt (rekeys: 990–999)
+
+
 def _step_id(order: TopUpOrder) -> int:
-    return order.id * 1000 + order.attempts
+    return order.id * steps_per_order + order.attempts
 
 
 def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
@@ -390,7 +450,11 @@ def on_proof_of_receipt(
     """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW."""
     order = ctx.session.scalar(
         select(TopUpOrder)
-        .where(TopUpOrder.card_serial == card_serial.upper(), TopUpOrder.state.in_(IN_FLIGHT))
+        .where(
+            TopUpOrder.id == step // steps_per_order,  # the order this packet was for
+            TopUpOrder.card_serial == card_serial.upper(),
+            TopUpOrder.state.in_(SENDING_PACKETS),
+        )
         .with_for_update()
     )
     if order is None or step != _step_id(order) or len(last_response) < 2:
