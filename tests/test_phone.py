@@ -434,3 +434,35 @@ def test_an_earlier_order_paid_after_a_later_one_started_is_refunded(
     assert world.bank.card_balance(BANK_CARD) == 100_000 - 2000
     assert world.books()["topup_pending:platform"] == 0
     world.bank.close()
+
+
+def test_an_sms_centre_down_after_the_commit_is_not_taken_for_a_failed_message(
+    wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch committed, then its packets could not leave: the worker's loop waits and
+    tries again (the order's timeouts resend); the batch must not be handled twice."""
+    import wallet_service.worker as worker_module
+    from wallet_service.sms_gateway import GatewayError
+
+    real = worker_module.handle_incoming_sms
+    handled: list[str] = []
+
+    def counting(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+        handled.append(real(ctx, box, sms, merchant))
+        return handled[-1]
+
+    def down(messages) -> None:  # type: ignore[no-untyped-def]
+        raise GatewayError("SMS centre down")
+
+    monkeypatch.setattr(worker_module, "handle_incoming_sms", counting)
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["12", "123456"]
+    world.phone.select(4)
+    monkeypatch.setattr(world.gateway, "send_many", down)
+    worker = worker_module.Worker(wallet.app, world.gateway, world.bank)
+    with pytest.raises(GatewayError):
+        worker.read_sms()
+    assert len(handled) == 1
+    with wallet.database.transaction() as session:
+        assert session.scalar(select(TopUpOrder.state)) == "created"
+    world.bank.close()

@@ -79,17 +79,23 @@ def post(
             execution_options={"synchronize_session": False},
         ).scalar_one()
         set_committed_value(account, total.key, moved)
-    transfer = Transfer(
-        debit_account_id=debit.id,
-        credit_account_id=credit.id,
-        amount_fen=amount_fen,
-        kind=kind,
-        reference=reference,
-        created_at=at,
-    )
+    transfer = Transfer(**_transfer_row(debit.id, credit.id, amount_fen, kind, reference, at))
     session.add(transfer)
     session.flush()
     return transfer
+
+
+def _transfer_row(
+    debit_id: int, credit_id: int, amount_fen: int, kind: str, reference: str, at: datetime
+) -> dict:
+    return {
+        "debit_account_id": debit_id,
+        "credit_account_id": credit_id,
+        "amount_fen": amount_fen,
+        "kind": kind,
+        "reference": reference,
+        "created_at": at,
+    }
 
 
 # Totals that move when the transaction commits (``post_at_commit``), in Session.info:
@@ -117,16 +123,8 @@ def post_at_commit(
     assert amount_fen > 0, "a transfer moves a positive amount"
     debit_account, credit_account = open_accounts(session, debit, credit)
     assert debit_account.id != credit_account.id, "a transfer moves money between two accounts"
-    session.execute(
-        insert(Transfer).values(
-            debit_account_id=debit_account.id,
-            credit_account_id=credit_account.id,
-            amount_fen=amount_fen,
-            kind=kind,
-            reference=reference,
-            created_at=at,
-        )
-    )
+    row = _transfer_row(debit_account.id, credit_account.id, amount_fen, kind, reference, at)
+    session.execute(insert(Transfer).values(**row))
     made_in = _transactions_of(session)
     session.info.setdefault(_AT_COMMIT, []).extend(
         [(made_in, debit_account.id, amount_fen, 0), (made_in, credit_account.id, 0, amount_fen)]

@@ -104,14 +104,21 @@ class Worker:
         if not messages:
             return 0
         merchant = self.app.config["BANK_MERCHANT"]
+
+        def all_at_once(ctx: Context, box: Outbox) -> list[str]:
+            try:
+                return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
+            except (OperationalError, IntegrityError):
+                raise  # races: retried by Database.run; an outage: the whole batch later
+            except Exception as error:  # one of the messages (not the sending after commit)
+                raise _BatchFailed from error
+
         try:
-            outcomes = self._committed_then_sent(
-                lambda ctx, box: [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
+            outcomes = self._committed_then_sent(all_at_once)
+        except _BatchFailed as failed:
+            log.warning(
+                "an SMS batch failed; again, one savepoint per message: %r", failed.__cause__
             )
-        except (OperationalError, IntegrityError):
-            raise  # races were retried (Database.run); an outage: the whole batch later
-        except Exception:
-            log.warning("an SMS batch failed; again, a savepoint per message", exc_info=True)
             outcomes = self._committed_then_sent(
                 lambda ctx, box: [_handle_one(ctx, box, sms, merchant) for sms in messages]
             )
@@ -159,6 +166,10 @@ class Worker:
                     break
                 done += 1
         return done
+
+
+class _BatchFailed(Exception):
+    """A message of an SMS batch failed inside the transaction (rolled back)."""
 
 
 def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
