@@ -33,7 +33,7 @@ from sim_applet.sim import Sim
 from wallet_service.sms_gateway import HttpGateway
 
 phones = 48
-topups_per_phone = 4
+topups_per_phone = 8  # a loaded phase of some 5 s: steadier figures
 ota_workers = 2
 server_workers = 2
 server_threads = 4  # gthread: the bank's webhooks keep their connection
