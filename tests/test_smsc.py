@@ -215,3 +215,11 @@ def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
     assert isinstance(refused.value, OSError)
     with pytest.raises(GatewayError):
         gateway.receive()
+
+
+def test_the_in_process_gateway_submits_a_big_batch_in_chunks_the_centre_takes() -> None:
+    centre = SmsCentre()
+    InProcessGateway(centre, PLATFORM).send_many(
+        [(PHONE, bytes([n % 256]), b"") for n in range(submit_batch_max * 2 + 1)]
+    )
+    assert len(centre.collect(PHONE)) == submit_batch_max * 2 + 1

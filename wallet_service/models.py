@@ -392,7 +392,8 @@ class TopUpOrder(Base):
     date_bcd: Mapped[str | None] = mapped_column(String(8))
     time_bcd: Mapped[str | None] = mapped_column(String(6))
     tac: Mapped[str | None] = mapped_column(String(8))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # every packet: the step id
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # packets sent
+    step: Mapped[int | None] = mapped_column(BigInteger)  # the latest packet's counter
     init_attempts: Mapped[int] = mapped_column(Integer, default=0)  # packet 1 sends
     next_action_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     failure: Mapped[str | None] = mapped_column(String(80))

@@ -29,6 +29,14 @@ class SmsGateway(Protocol):
     def receive(self, wait_ms: int = 0) -> list[Sms]: ...
 
 
+def _chunks(messages: list[Outgoing]) -> list[list[Outgoing]]:
+    """As many messages per submit as the SMS centre takes."""
+    return [
+        messages[start : start + submit_batch_max]
+        for start in range(0, len(messages), submit_batch_max)
+    ]
+
+
 class InProcessGateway:
     def __init__(self, centre: SmsCentre, short_code: str) -> None:
         self.centre, self.short_code = centre, short_code
@@ -37,7 +45,8 @@ class InProcessGateway:
         self.centre.submit(self.short_code, to, user_data, udh)
 
     def send_many(self, messages: list[Outgoing]) -> None:
-        self.centre.submit_many([(self.short_code, *message) for message in messages])
+        for chunk in _chunks(messages):
+            self.centre.submit_many([(self.short_code, *message) for message in chunk])
 
     def receive(self, wait_ms: int = 0) -> list[Sms]:
         return self.centre.collect(self.short_code, wait_ms)
@@ -62,8 +71,7 @@ class HttpGateway:
 
     def send_many(self, messages: list[Outgoing]) -> None:
         """A step's or a batch's SMS in as few requests as the SMS centre takes."""
-        for start in range(0, len(messages), submit_batch_max):
-            chunk = messages[start : start + submit_batch_max]
+        for chunk in _chunks(messages):
             self._submit({"messages": [self._json(*message) for message in chunk]})
 
     def _json(self, to: str, user_data: bytes, udh: bytes) -> dict[str, str]:

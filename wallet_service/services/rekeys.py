@@ -9,10 +9,10 @@ the air, so that packets under the old version are refused afterwards.
     more than ``rekey_attempts_max`` packets ──▶ failed (flagged in the audit log)
 
 A lost PoR cannot leave the platform and the SIM disagreeing for good: whichever keys the
-SIM holds, the next packet finds out. Packet counters: the card's top-up packets count
-order id × 1000 + attempt; a rekey takes the slots 990–999 above the card's newest order,
-so its packets are newer than every packet before it and older than every one after.
-While a rekey is sending, that card's top-ups wait (``topups._card_situation``).
+SIM holds, the next packet finds out. Packet counters: a rekey's packets count on from
+one above the highest the card has seen (counter_base, counter_base + 1, …), and the
+card's next top-up packet counts on from its last; while a rekey is sending, that card's
+top-ups wait (``topups._card_situation``), and it waits for any top-up in flight.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Exists, exists, func, select
+from sqlalchemy import Exists, exists, select
 
 from otar.keys import (
     KEY_VERSION_MAX,
@@ -38,8 +38,7 @@ from wallet_service.models import Card, OtaRekey, TopUpOrder
 from wallet_service.services import cards
 from wallet_service.services.registry import Context
 
-rekey_attempts_max = 10  # counter slots 990..999 above the newest order
-counter_slot_first = 990
+rekey_attempts_max = 10  # packets, PUT KEY and probes together
 por_timeout_s = 60
 GET_KEY_INFORMATION = bytes.fromhex("80CA00E000")  # GlobalPlatform GET DATA, tag E0
 OPEN = ("waiting", "put_key_sent", "probing")
@@ -117,8 +116,14 @@ def work_once(ctx: Context, channel: Any) -> str | None:
 
 
 def _start(ctx: Context, channel: Any, rekey: OtaRekey) -> str:
-    from wallet_service.services.topups import IN_FLIGHT  # (topups imports this module)
+    from wallet_service.services.topups import (  # (topups imports this module)
+        IN_FLIGHT,
+        last_packet_counter,
+    )
 
+    # The card's row lock, as a top-up's packet 1 takes it: the two decide one after the
+    # other, or both could see the card idle and send under the same counter.
+    cards.card_by_serial(ctx, rekey.card_serial, lock=True)
     in_flight = ctx.session.scalar(
         select(TopUpOrder.id).where(
             TopUpOrder.card_serial == rekey.card_serial, TopUpOrder.state.in_(IN_FLIGHT)
@@ -127,10 +132,7 @@ def _start(ctx: Context, channel: Any, rekey: OtaRekey) -> str:
     if in_flight is not None:
         rekey.next_action_at = ctx.now + timedelta(seconds=por_timeout_s)
         return "waiting for a top-up in flight"
-    newest_order = ctx.session.scalar(
-        select(func.max(TopUpOrder.id)).where(TopUpOrder.card_serial == rekey.card_serial)
-    )
-    rekey.counter_base = (newest_order or 0) * 1000 + counter_slot_first
+    rekey.counter_base = last_packet_counter(ctx, rekey.card_serial) + 1
     return _put_key(ctx, channel, rekey)
 
 

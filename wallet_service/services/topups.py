@@ -10,11 +10,11 @@ refunded — never lost, never doubled.
     refunding ──bank refund──▶ refunded (posted: topup_pending → bank settlement)
 
 A card loads one order at a time: a paid order waits while another order of its card is
-sending packets, or was paid before it (``_card_situation``). Each packet carries a step id
-(on the secured packet channel, its counter, which the SIM wants ever higher): a PoR for
-an older step is stale and changes nothing, and a paid order whose counters a later order
-or a rekey has passed is refunded — the SIM would refuse its packets. After CREDIT may
-have happened the platform never refunds blind: it keeps proving.
+sending packets, or was paid before it (``_card_situation``). Each packet carries a step
+(on the secured packet channel, its counter, which the SIM wants ever higher: one above
+every packet the card has seen, whichever order or rekey sent it); a PoR for an older step
+is stale and changes nothing. After CREDIT may have happened the platform never refunds
+blind: it keeps proving.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import BigInteger, Exists, Integer, String, and_, bindparam, exists, or_, select
+from sqlalchemy import Exists, Integer, String, and_, bindparam, exists, func, or_, select
 from sqlalchemy.orm import aliased
 
 from sim_applet.crypto import Algorithm
@@ -333,15 +333,11 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
             refund=refund_id,
         )
         return "refunded"
-    rekeying, other_order_under_way, counters_passed = _card_situation(ctx, order)
+    rekeying, other_order_under_way, card_counter = _card_situation(ctx, order)
     if rekeying:
         # The SIM's OTA keys are changing: a packet now might be under the wrong version.
         order.next_action_at = ctx.now + timedelta(seconds=rekey_wait_s)
         return "waiting for the SIM's rekey"
-    if order.state == "paid" and counters_passed:
-        # Safe: a paid order has no CREDIT that may have happened.
-        _to_refund(ctx, order, "newer packets went to the SIM first (a later top-up or a rekey)")
-        return "superseded"
     if order.state == "paid" and other_order_under_way:
         if ctx.now > order.expires_at:
             _to_refund(ctx, order, "another top-up of this card is still under way")
@@ -354,26 +350,24 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
             # goes to proving, never back here unproven).
             _to_refund(ctx, order, "the phone did not answer")
             return "giving up"
-        order.attempts += 1
         order.init_attempts += 1
         request = InitializeRequest(LOAD_KEY_INDEX, order.amount_fen, OTA_TERMINAL_ID)
         with ctx.session.no_autoflush:  # the order is written once, with its new state
             channel.send(
                 order.phone,
                 order.card_serial,
-                _step_id(order),
+                _next_step(order, card_counter),
                 [select_by_aid(TRANSIT_AID).encode(), initialize_for_load(request).encode()],
             )
         _wait(ctx, order, "init_sent", por_timeout_s)
         return "packet 1 sent"
     if order.state in ("credit_sent", "proving"):
-        order.attempts += 1
         prove = get_transaction_prove(TYPE_LOAD, (order.online_ctc or 0) + 1)
         with ctx.session.no_autoflush:
             channel.send(
                 order.phone,
                 order.card_serial,
-                _step_id(order),
+                _next_step(order, card_counter),
                 [select_by_aid(TRANSIT_AID).encode(), prove.encode()],
             )
         backoff = min(por_timeout_s * 2 ** max(order.attempts - 1, 0), prove_backoff_max_s)
@@ -382,25 +376,36 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
     raise AssertionError(f"no step from {order.state}")
 
 
+def _last_counters(serial, other_than_order):  # type: ignore[no-untyped-def]
+    """The highest packet counters this card has seen: from its other orders, and from
+    its rekeys (their packets count counter_base, counter_base + 1, …)."""
+    return (
+        select(func.max(TopUpOrder.step))
+        .where(TopUpOrder.card_serial == serial, TopUpOrder.id != other_than_order)
+        .scalar_subquery(),
+        select(func.max(OtaRekey.counter_base + OtaRekey.attempts - 1))
+        .where(OtaRekey.card_serial == serial, OtaRekey.attempts > 0)
+        .scalar_subquery(),
+    )
+
+
 def _card_situation_query():  # type: ignore[no-untyped-def]
     """Built once (the worker asks it for every packet 1: built per call, its expression
     tree and cache key were a fifth of the worker's CPU)."""
-    serial = bindparam("serial", type_=String)
-    order_id, step = bindparam("order_id", type_=Integer), bindparam("step", type_=BigInteger)
+    serial, order_id = bindparam("serial", type_=String), bindparam("order_id", type_=Integer)
     other = aliased(TopUpOrder)
-    of_card = (other.card_serial == serial, other.id != order_id)
     return (
         select(
             exists().where(OtaRekey.card_serial == serial, OtaRekey.state.in_(rekeys.SENDING)),
             exists().where(
-                *of_card,
+                other.card_serial == serial,
+                other.id != order_id,
                 or_(
                     other.state.in_(SENDING_PACKETS),
                     and_(other.state == "paid", other.id < order_id),
                 ),
             ),
-            exists().where(*of_card, other.id > order_id, other.attempts > 0)
-            | exists().where(OtaRekey.card_serial == serial, OtaRekey.counter_base > step),
+            *_last_counters(serial, order_id),
         )
         .where(Card.serial == serial)
         .with_for_update(of=Card)
@@ -410,27 +415,30 @@ def _card_situation_query():  # type: ignore[no-untyped-def]
 _CARD_SITUATION = _card_situation_query()
 
 
-def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, bool]:
+def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int]:
     """What else goes on with this order's card, asked in one query that locks the card
-    (two workers holding two orders of one card decide one after the other):
-    - a rekey is sending;
-    - another order is under way — sending packets, or paid earlier and first in line:
-      one load at a time, or the SIM would see INITIALIZE, INITIALIZE, CREDIT;
-    - packets with higher counters went to the SIM — a later order of the card sent some,
-      or a rekey did (its counters lie above the card's newest order): this order's
-      counters would be refused as replays."""
-    row = ctx.session.execute(
-        _CARD_SITUATION,
-        {"serial": order.card_serial, "order_id": order.id, "step": _step_id(order)},
+    (two workers holding two orders of one card decide one after the other): is a rekey
+    sending; is another order under way — sending packets, or paid earlier and first in
+    line (one load at a time, or the SIM would see INITIALIZE, INITIALIZE, CREDIT); and
+    the highest packet counter the card has seen from anything but this order."""
+    rekeying, other_order, from_orders, from_rekeys = ctx.session.execute(
+        _CARD_SITUATION, {"serial": order.card_serial, "order_id": order.id}
     ).one()
-    return bool(row[0]), bool(row[1]), bool(row[2])
+    return bool(rekeying), bool(other_order), max(from_orders or 0, from_rekeys or 0)
 
 
-steps_per_order = 1000  # a packet's counter: order id × 1000 + attempt (rekeys: 990–999)
+def last_packet_counter(ctx: Context, serial: str) -> int:
+    """The highest packet counter this card has seen (a rekey starts above it)."""
+    from_orders, from_rekeys = ctx.session.execute(select(*_last_counters(serial, -1))).one()
+    return max(from_orders or 0, from_rekeys or 0)
 
 
-def _step_id(order: TopUpOrder) -> int:
-    return order.id * steps_per_order + order.attempts
+def _next_step(order: TopUpOrder, card_counter: int) -> int:
+    """The next packet's counter, one above every packet this card has seen (the SIM
+    wants them ever higher, per keyset: here per card, whatever the TAR)."""
+    order.attempts += 1
+    order.step = max(order.step or 0, card_counter) + 1
+    return order.step
 
 
 def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
@@ -460,13 +468,13 @@ def on_proof_of_receipt(
     order = ctx.session.scalar(
         select(TopUpOrder)
         .where(
-            TopUpOrder.id == step // steps_per_order,  # the order this packet was for
             TopUpOrder.card_serial == card_serial.upper(),
+            TopUpOrder.step == step,  # the order's latest packet, no older one
             TopUpOrder.state.in_(SENDING_PACKETS),
         )
         .with_for_update()
     )
-    if order is None or step != _step_id(order) or len(last_response) < 2:
+    if order is None or len(last_response) < 2:
         return "stale"
     data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
     if order.state == "init_sent":
@@ -520,10 +528,10 @@ def _initialized(ctx: Context, order: TopUpOrder, channel: OtaChannel, data: byt
         date_bcd.hex(),
         time_bcd.hex(),
     )
-    order.attempts += 1
     credit = CreditForLoadRequest(date_bcd, time_bcd, authorization.mac2(date_bcd, time_bcd))
+    step = _next_step(order, 0)  # one above packet 1's: nothing else went to the card since
     with ctx.session.no_autoflush:
-        channel.send(order.phone, order.card_serial, _step_id(order), [credit.command().encode()])
+        channel.send(order.phone, order.card_serial, step, [credit.command().encode()])
     _wait(ctx, order, "credit_sent", por_timeout_s)
     return "packet 2 sent"
 
