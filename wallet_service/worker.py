@@ -99,7 +99,9 @@ class Worker:
         orders in the same order. A message that fails — a bug, data the database refuses
         — is logged and dropped with its packets, and the others stand: the batch is done
         again with a savepoint per message (savepoints cost two statements a message, so
-        only a failed batch pays for them)."""
+        only a failed batch pays for them). The SMS centre hands a message out once: a
+        batch lost with a database outage is gone — a lost PoR is resent by its order's
+        timeout, a lost request by the passenger (the phone shows no answer)."""
         messages = sorted(self.gateway.receive(wait_ms), key=lambda sms: (sms.sender, sms.id))
         if not messages:
             return 0
@@ -109,7 +111,7 @@ class Worker:
             try:
                 return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
             except (OperationalError, IntegrityError):
-                raise  # races: retried by Database.run; an outage: the whole batch later
+                raise  # races: retried by Database.run; an outage: see read_sms
             except Exception as error:  # one of the messages (not the sending after commit)
                 raise _BatchFailed from error
 
@@ -178,7 +180,7 @@ def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
         with ctx.session.begin_nested():
             return handle_incoming_sms(ctx, box, sms, merchant)
     except (OperationalError, IntegrityError):
-        raise  # a lost race, a deadlock or an outage: the whole batch again (Database.run)
+        raise  # a lost race or a deadlock: the whole batch again (Database.run)
     except Exception:  # a bug, bad data the database refused: this message only
         box.discard_since(mark)
         log.exception("SMS from %s not handled", sms.sender)

@@ -185,12 +185,25 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
     order = _order_by_reference(ctx, data.get("order_id", ""))
     amount = int(data.get("amount_fen", 0))
     if order is None:
-        _refund_unusable(ctx, bank, data, amount, "unknown order")
+        audit.record(
+            ctx.session,
+            "bank",
+            "topup.payment_for_unknown_order",
+            str(data.get("order_id")),
+            ctx.now,
+            amount_fen=amount,
+            payment=str(data.get("payment_id")),
+        )
+        bank.refund(
+            str(data.get("payment_id")),
+            amount,
+            "unknown order",
+            f"unknown:{data.get('payment_id')}",
+        )
         return
-    if order.state != "created":
-        if order.payment_id is None:  # paid after the order expired: it cannot load
-            _refund_unusable(ctx, bank, data, amount, "order expired before payment")
-        return  # else the same payment told twice
+    late = order.state == "failed" and order.payment_id is None  # paid after it expired
+    if order.state != "created" and not late:
+        return  # the same payment told twice
     _post(
         ctx,
         ledger.BANK_SETTLEMENT,
@@ -201,27 +214,12 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
         f"topup_paid:{order.id}",
     )
     order.payment_id = str(data.get("payment_id"))  # after the posting: one UPDATE, not two
-    if amount != order.amount_fen or ctx.now > order.expires_at:
+    if late or amount != order.amount_fen or ctx.now > order.expires_at:
+        reason = "amount mismatch" if amount != order.amount_fen else "paid after it expired"
         order.amount_fen = amount  # what the bank holds is what goes back
-        _to_refund(ctx, order, "amount mismatch" if amount != order.amount_fen else "expired")
+        _to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
         return
     order.state, order.next_action_at = "paid", ctx.now
-
-
-def _refund_unusable(ctx: Context, bank: BankClient, data: dict, amount: int, reason: str) -> None:
-    """A payment no order can take: back to the card at once (idempotent by payment id;
-    it never entered the books)."""
-    audit.record(
-        ctx.session,
-        "bank",
-        "topup.payment_refused",
-        str(data.get("order_id")),
-        ctx.now,
-        amount_fen=amount,
-        payment=str(data.get("payment_id")),
-        reason=reason,
-    )
-    bank.refund(str(data.get("payment_id")), amount, reason, f"unknown:{data.get('payment_id')}")
 
 
 def _refund_confirmed(ctx: Context, data: dict) -> None:
@@ -279,7 +277,21 @@ def work_batch(
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
+    _lock_cards(ctx, [order.card_serial for order in orders])
     return [WorkResult(order.id, _step(ctx, order, channel, bank)) for order in orders]
+
+
+def _lock_cards(ctx: Context, serials: list[str]) -> None:
+    """The batch's cards, locked in serial order in one statement before any is looked at:
+    two workers holding orders of one card decide one after the other (each then reads what
+    the other committed), and two batches never wait for each other in a cycle."""
+    if serials:
+        ctx.session.execute(
+            select(Card.id)
+            .where(Card.serial.in_(sorted(set(serials))))
+            .order_by(Card.serial)
+            .with_for_update()
+        ).all()
 
 
 def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
@@ -394,30 +406,27 @@ def _card_situation_query():  # type: ignore[no-untyped-def]
     tree and cache key were a fifth of the worker's CPU)."""
     serial, order_id = bindparam("serial", type_=String), bindparam("order_id", type_=Integer)
     other = aliased(TopUpOrder)
-    return (
-        select(
-            exists().where(OtaRekey.card_serial == serial, OtaRekey.state.in_(rekeys.SENDING)),
-            exists().where(
-                other.card_serial == serial,
-                other.id != order_id,
-                or_(
-                    other.state.in_(SENDING_PACKETS),
-                    and_(other.state == "paid", other.id < order_id),
-                ),
+    return select(
+        exists().where(OtaRekey.card_serial == serial, OtaRekey.state.in_(rekeys.SENDING)),
+        exists().where(
+            other.card_serial == serial,
+            other.id != order_id,
+            or_(
+                other.state.in_(SENDING_PACKETS),
+                and_(other.state == "paid", other.id < order_id),
             ),
-            *_last_counters(serial, order_id),
-        )
-        .where(Card.serial == serial)
-        .with_for_update(of=Card)
-    )
+        ),
+        *_last_counters(serial, order_id),
+    ).where(Card.serial == serial)
 
 
 _CARD_SITUATION = _card_situation_query()
 
 
 def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int]:
-    """What else goes on with this order's card, asked in one query that locks the card
-    (two workers holding two orders of one card decide one after the other): is a rekey
+    """What else goes on with this order's card (locked by ``_lock_cards`` first: a
+    statement that waited for a lock reads what was committed before it started), in one
+    query: is a rekey
     sending; is another order under way — sending packets, or paid earlier and first in
     line (one load at a time, or the SIM would see INITIALIZE, INITIALIZE, CREDIT); and
     the highest packet counter the card has seen from anything but this order."""

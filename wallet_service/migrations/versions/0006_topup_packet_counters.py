@@ -22,7 +22,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("topup_orders", schema=None) as batch_op:
         batch_op.add_column(sa.Column("step", sa.BigInteger(), nullable=True))
-    op.execute("UPDATE topup_orders SET step = id * 1000 + attempts WHERE attempts > 0")
+    # BIGINT before multiplying: on PostgreSQL id * 1000 is an INTEGER and overflows
+    op.execute(
+        "UPDATE topup_orders SET step = CAST(id AS BIGINT) * 1000 + attempts WHERE attempts > 0"
+    )
 
 
 def downgrade() -> None:
