@@ -8,6 +8,10 @@ arguments; ``create_smsc_app`` puts HTTP around it for ``app.py smsc serve``:
     POST /submit   {"from": MSISDN, "to": MSISDN, "user_data": HEX, "udh": HEX?} → {"id"}
                    {"messages": [those, …]} → {"ids"}: all accepted, or none
     GET  /inbox/<msisdn>?wait_ms=N  → {"messages": [...]} (delivered: removed from the box)
+    GET  /inbox/<msisdn>?wait_ms=N&lease_ms=M → the same, each message held for M ms
+                   until acknowledged, then delivered again (SMPP: an SMSC retries a
+                   deliver_sm until the receiver's deliver_sm_resp)
+    POST /inbox/<msisdn>/ack {"ids": [...]} → {"acknowledged": n}
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ user_data_bytes_max = 140  # one SMS (3GPP TS 23.040 §9.2.3.24): UDH included
 mailbox_messages_max = 10_000
 submit_batch_max = 100  # messages in one POST /submit
 long_poll_ms_max = 30_000
+lease_ms_max = 300_000
 wait_slice_s_max = 1.0  # re-read the clock at least this often (tests move fake clocks)
 _MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
 
@@ -85,6 +90,8 @@ class SmsCentre:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # One condition per mailbox, on the one lock: a message wakes its recipient only.
     _arrivals: dict[str, threading.Condition] = field(default_factory=dict)
+    # Delivered under a lease, not acknowledged yet: recipient → id → (lease end, message).
+    _leased: dict[str, dict[int, tuple[datetime, Sms]]] = field(default_factory=dict)
     lost: int = 0
     duplicated: int = 0
 
@@ -126,22 +133,45 @@ class SmsCentre:
             self._arrivals[recipient] = threading.Condition(self._lock)
         return self._arrivals[recipient]
 
-    def collect(self, recipient: str, wait_ms: int = 0) -> list[Sms]:
-        """Deliver what is due for ``recipient`` (removing it), waiting up to ``wait_ms``."""
+    def collect(self, recipient: str, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]:
+        """Deliver what is due for ``recipient`` (removing it), waiting up to ``wait_ms``.
+        With ``lease_ms``, each message delivered comes again after that long unless
+        acknowledged (``acknowledge``) — at least once, for a receiver that may die."""
         wait_ms = min(max(wait_ms, 0), long_poll_ms_max)
+        lease_ms = min(max(lease_ms, 0), lease_ms_max)
         deadline = self.clock() + timedelta(milliseconds=wait_ms)
         with self._lock:
             while True:
                 now = self.clock()
                 box = self._boxes.get(recipient, [])
-                due = [sms for at, sms in box if at <= now]
+                due = [sms for at, sms in box if at <= now] + self._lease_ended(recipient, now)
                 if due or now >= deadline:
                     self._boxes[recipient] = [(at, sms) for at, sms in box if at > now]
-                    return due
-                # Sleep until the deadline, the next delayed message, or an arrival.
-                wake_at = min([deadline, *(at for at, _ in box)])
+                    if lease_ms:
+                        until = now + timedelta(milliseconds=lease_ms)
+                        leased = self._leased.setdefault(recipient, {})
+                        leased.update((sms.id, (until, sms)) for sms in due)
+                    return sorted(due, key=lambda sms: sms.id)
+                # Sleep until the deadline, the next delayed message, a lease's end, or an
+                # arrival.
+                leases = self._leased.get(recipient, {}).values()
+                wake_at = min([deadline, *(at for at, _ in box), *(until for until, _ in leases)])
                 seconds = min((wake_at - now).total_seconds(), wait_slice_s_max)
                 self._arrival(recipient).wait(timeout=seconds)
+
+    def _lease_ended(self, recipient: str, now: datetime) -> list[Sms]:
+        """(Called with the lock held.) Messages whose lease ended unacknowledged."""
+        leased = self._leased.get(recipient, {})
+        ended = [sms for until, sms in leased.values() if until <= now]
+        for sms in ended:
+            del leased[sms.id]
+        return ended
+
+    def acknowledge(self, recipient: str, ids: list[int]) -> int:
+        """The receiver has taken these for good; how many were still leased."""
+        with self._lock:
+            leased = self._leased.get(recipient, {})
+            return sum(leased.pop(int(sms_id), None) is not None for sms_id in ids)
 
 
 def create_smsc_app(centre: SmsCentre) -> Flask:
@@ -166,7 +196,17 @@ def create_smsc_app(centre: SmsCentre) -> Flask:
     @app.get("/inbox/<msisdn>")
     def inbox(msisdn: str):  # type: ignore[no-untyped-def]
         wait_ms = int(request.args.get("wait_ms", "0"))
-        return jsonify({"messages": [sms.to_json() for sms in centre.collect(msisdn, wait_ms)]})
+        lease_ms = int(request.args.get("lease_ms", "0"))
+        delivered = centre.collect(msisdn, wait_ms, lease_ms)
+        return jsonify({"messages": [sms.to_json() for sms in delivered]})
+
+    @app.post("/inbox/<msisdn>/ack")
+    def acknowledge(msisdn: str):  # type: ignore[no-untyped-def]
+        data = request.get_json(silent=True)
+        ids = data.get("ids") if isinstance(data, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise SmsRefused('send {"ids": [integers]}')
+        return jsonify({"acknowledged": centre.acknowledge(msisdn, ids)})
 
     @app.get("/stats")
     def stats():  # type: ignore[no-untyped-def]

@@ -468,3 +468,39 @@ def test_an_sms_centre_down_after_the_commit_is_not_taken_for_a_failed_message(
     with wallet.database.transaction() as session:
         assert session.scalar(select(TopUpOrder.state)) == "created"
     world.bank.close()
+
+
+def test_a_batch_lost_to_a_database_outage_is_delivered_again(
+    wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker acknowledges an SMS only once its batch committed: the SMS centre
+    delivers a batch lost to an outage (or to a worker killed) again after its lease."""
+    from sqlalchemy.exc import OperationalError
+
+    import wallet_service.worker as worker_module
+
+    real = worker_module.handle_incoming_sms
+    outage = [True]
+
+    def flaky(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+        if outage:
+            outage.clear()
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        return real(ctx, box, sms, merchant)
+
+    monkeypatch.setattr(worker_module, "handle_incoming_sms", flaky)
+    world = PhoneWorld(wallet, tmp_path)
+    world.phone.pay = None
+    world.screen.answers[:] = ["12", "123456"]
+    world.phone.select(4)
+    worker = worker_module.Worker(wallet.app, world.gateway, world.bank)
+    with pytest.raises(OperationalError):
+        worker.read_sms()
+    assert worker.read_sms() == 0  # leased to the worker that failed
+    world.smsc.clock.advance(seconds=worker_module.sms_lease_ms / 1000)  # type: ignore[attr-defined]
+    assert worker.read_sms() == 1
+    world.phone.receive()
+    assert [link[2] for link in world.phone.payment_links] == [1200]
+    world.smsc.clock.advance(seconds=worker_module.sms_lease_ms / 1000)  # type: ignore[attr-defined]
+    assert worker.read_sms() == 0  # acknowledged: not again
+    world.bank.close()

@@ -33,6 +33,26 @@ def test_messages_are_stored_until_collected_in_order() -> None:
     assert smsc.collect(PHONE) == []
 
 
+def test_a_leased_message_comes_again_until_acknowledged() -> None:
+    """SMPP's deliver_sm / deliver_sm_resp: a receiver that dies before acknowledging gets
+    the message again after its lease; an acknowledged one never comes back."""
+    clock = Clock()
+    centre = SmsCentre(clock=clock)
+    first, second = (centre.submit(PHONE, PLATFORM, bytes([n])) for n in (1, 2))
+    assert [sms.id for sms in centre.collect(PLATFORM, lease_ms=30_000)] == [first, second]
+    assert centre.collect(PLATFORM) == []  # leased: not delivered twice at once
+    assert centre.acknowledge(PLATFORM, [first]) == 1
+    clock.advance(seconds=30)
+    assert [sms.id for sms in centre.collect(PLATFORM, lease_ms=30_000)] == [second]
+    assert centre.acknowledge(PLATFORM, [second, second, 999]) == 1
+    clock.advance(seconds=60)
+    assert centre.collect(PLATFORM) == []
+    centre.submit(PHONE, PLATFORM, b"\x03")
+    assert len(centre.collect(PLATFORM)) == 1  # no lease: delivered once, for good
+    clock.advance(seconds=60)
+    assert centre.collect(PLATFORM) == []
+
+
 def test_a_delay_holds_messages_back() -> None:
     smsc = centre(delay_ms=5000)
     smsc.submit(PLATFORM, PHONE, b"\x01")
@@ -137,7 +157,15 @@ def test_the_http_gateway_against_smsc_serve() -> None:
         requests.post(
             f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "beef"}, timeout=5
         )
-        assert [sms.user_data for sms in gateway.receive(wait_ms=500)] == [b"\xbe\xef"]
+        leased = gateway.receive(wait_ms=500, lease_ms=60_000)
+        assert [sms.user_data for sms in leased] == [b"\xbe\xef"]
+        gateway.acknowledge([sms.id for sms in leased])
+        acked = requests.post(
+            f"{base}/inbox/{PLATFORM}/ack", json={"ids": [leased[0].id]}, timeout=5
+        ).json()
+        assert acked == {"acknowledged": 0}  # once only
+        refused = requests.post(f"{base}/inbox/{PLATFORM}/ack", json={"ids": "1"}, timeout=5)
+        assert refused.status_code == 422
         bad = requests.post(
             f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "zz"}, timeout=5
         )

@@ -26,7 +26,9 @@ class SmsGateway(Protocol):
 
     def send_many(self, messages: list[Outgoing]) -> None: ...
 
-    def receive(self, wait_ms: int = 0) -> list[Sms]: ...
+    def receive(self, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]: ...
+
+    def acknowledge(self, ids: list[int]) -> None: ...
 
 
 def _chunks(messages: list[Outgoing]) -> list[list[Outgoing]]:
@@ -48,8 +50,11 @@ class InProcessGateway:
         for chunk in _chunks(messages):
             self.centre.submit_many([(self.short_code, *message) for message in chunk])
 
-    def receive(self, wait_ms: int = 0) -> list[Sms]:
-        return self.centre.collect(self.short_code, wait_ms)
+    def receive(self, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]:
+        return self.centre.collect(self.short_code, wait_ms, lease_ms)
+
+    def acknowledge(self, ids: list[int]) -> None:
+        self.centre.acknowledge(self.short_code, ids)
 
 
 class GatewayError(OSError):
@@ -96,14 +101,20 @@ class HttpGateway:
         except ValueError:
             raise GatewayError(f"SMS centre {self.base_url}{path}: not JSON") from None
 
-    def receive(self, wait_ms: int = 0) -> list[Sms]:
+    def acknowledge(self, ids: list[int]) -> None:
+        if ids:
+            self._request(
+                "POST", f"/inbox/{self.short_code}/ack", request_timeout_s, json={"ids": ids}
+            )
+
+    def receive(self, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]:
         from datetime import datetime
 
         answer = self._request(
             "GET",
             f"/inbox/{self.short_code}",
             request_timeout_s + wait_ms / 1000,
-            fields={"wait_ms": wait_ms},
+            fields={"wait_ms": wait_ms, "lease_ms": lease_ms},
         )
         return [
             Sms(

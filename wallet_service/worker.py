@@ -27,6 +27,7 @@ from wallet_service.sms_gateway import SmsGateway
 log = logging.getLogger(__name__)
 steps_per_pass_max = 1_000
 poll_wait_ms = 500
+sms_lease_ms = 30_000  # an SMS not acknowledged within this comes again
 retry_wait_s = 1.0
 notify_wait_s = 1.0
 idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1 (no NOTIFY)
@@ -99,10 +100,14 @@ class Worker:
         orders in the same order. A message that fails — a bug, data the database refuses
         — is logged and dropped with its packets, and the others stand: the batch is done
         again with a savepoint per message (savepoints cost two statements a message, so
-        only a failed batch pays for them). The SMS centre hands a message out once: a
-        batch lost with a database outage is gone — a lost PoR is resent by its order's
-        timeout, a lost request by the passenger (the phone shows no answer)."""
-        messages = sorted(self.gateway.receive(wait_ms), key=lambda sms: (sms.sender, sms.id))
+        only a failed batch pays for them). Messages come leased and are acknowledged
+        once their batch has committed and its packets are out: a worker that dies, a
+        database outage, an SMS centre down for the packets — the SMS centre delivers them
+        again after ``sms_lease_ms`` (handling one twice changes nothing: a PoR is then
+        stale, a request finds its order and sends its payment link again)."""
+        messages = sorted(
+            self.gateway.receive(wait_ms, sms_lease_ms), key=lambda sms: (sms.sender, sms.id)
+        )
         if not messages:
             return 0
         merchant = self.app.config["BANK_MERCHANT"]
@@ -111,7 +116,7 @@ class Worker:
             try:
                 return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
             except (OperationalError, IntegrityError):
-                raise  # races: retried by Database.run; an outage: see read_sms
+                raise  # races: retried by Database.run; an outage: delivered again later
             except Exception as error:  # one of the messages (not the sending after commit)
                 raise _BatchFailed from error
 
@@ -124,6 +129,7 @@ class Worker:
             outcomes = self._committed_then_sent(
                 lambda ctx, box: [_handle_one(ctx, box, sms, merchant) for sms in messages]
             )
+        self.gateway.acknowledge([sms.id for sms in messages])  # committed, packets out
         for sms, outcome in zip(messages, outcomes, strict=True):
             log.info("SMS from %s: %s", sms.sender, outcome)
         return len(messages)
