@@ -504,3 +504,38 @@ def test_a_batch_lost_to_a_database_outage_is_delivered_again(
     world.smsc.clock.advance(seconds=worker_module.sms_lease_ms / 1000)  # type: ignore[attr-defined]
     assert worker.read_sms() == 0  # acknowledged: not again
     world.bank.close()
+
+
+def test_a_message_that_always_conflicts_is_dropped_not_delivered_for_ever(
+    wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A uniqueness conflict that retrying does not clear: the batch again, a savepoint per
+    message — that message alone is dropped and acknowledged; with leases it would
+    otherwise come back every 30 s and take the messages beside it down too."""
+    from sqlalchemy.exc import IntegrityError
+
+    import wallet_service.worker as worker_module
+
+    real = worker_module.handle_incoming_sms
+
+    def conflicting_loss_reports(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+        outcome = real(ctx, box, sms, merchant)
+        if ctx.session.scalar(select(Card.status)) == "lost":
+            raise IntegrityError("INSERT …", {}, Exception("duplicate key value"))
+        return outcome
+
+    monkeypatch.setattr(worker_module, "handle_incoming_sms", conflicting_loss_reports)
+    world = PhoneWorld(wallet, tmp_path)
+    world.phone.pay = None
+    world.screen.answers[:] = ["123456"]
+    world.phone.select(5)  # a loss report that always conflicts …
+    world.screen.answers[:] = ["12", "123456"]
+    world.phone.select(4)  # … and a top-up request beside it
+    worker = worker_module.Worker(wallet.app, world.gateway, world.bank)
+    assert worker.read_sms() == 2
+    world.phone.receive()
+    assert [link[2] for link in world.phone.payment_links] == [1200]
+    assert wallet.ok("GET", f"/api/v1/cards/{world.serial}")["status"] == "active"
+    world.smsc.clock.advance(seconds=worker_module.sms_lease_ms / 1000)  # type: ignore[attr-defined]
+    assert worker.read_sms() == 0  # both acknowledged
+    world.bank.close()

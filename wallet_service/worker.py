@@ -122,9 +122,10 @@ class Worker:
 
         try:
             outcomes = self._committed_then_sent(all_at_once)
-        except _BatchFailed as failed:
+        except (_BatchFailed, IntegrityError) as failed:  # (a conflict that outlived retries)
             log.warning(
-                "an SMS batch failed; again, one savepoint per message: %r", failed.__cause__
+                "an SMS batch failed; again, one savepoint per message: %r",
+                failed.__cause__ or failed,
             )
             outcomes = self._committed_then_sent(
                 lambda ctx, box: [_handle_one(ctx, box, sms, merchant) for sms in messages]
@@ -185,9 +186,11 @@ def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
     try:
         with ctx.session.begin_nested():
             return handle_incoming_sms(ctx, box, sms, merchant)
-    except (OperationalError, IntegrityError):
-        raise  # a lost race or a deadlock: the whole batch again (Database.run)
-    except Exception:  # a bug, bad data the database refused: this message only
+    except OperationalError:
+        raise  # a deadlock: the whole batch again (Database.run); an outage: not acknowledged
+    except Exception:  # a bug, data the database refused, a conflict (a twin handled it
+        # elsewhere, or it never can be): this message only — else, never acknowledged,
+        # it would come back with each lease and take its batch down with it
         box.discard_since(mark)
         log.exception("SMS from %s not handled", sms.sender)
         return "failed"
