@@ -424,12 +424,12 @@ _CARD_SITUATION = _card_situation_query()
 
 
 def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int]:
-    """What else goes on with this order's card (locked by ``_lock_cards`` first: a
-    statement that waited for a lock reads what was committed before it started), in one
-    query: is a rekey
-    sending; is another order under way — sending packets, or paid earlier and first in
-    line (one load at a time, or the SIM would see INITIALIZE, INITIALIZE, CREDIT); and
-    the highest packet counter the card has seen from anything but this order."""
+    """What else goes on with this order's card, in one query (the card is locked by
+    ``_lock_cards`` first, in a statement of its own: one that waited for a lock reads
+    what was committed before it started): is a rekey sending; is another order under
+    way — sending packets, or paid earlier and first in line (one load at a time, or the
+    SIM would see INITIALIZE, INITIALIZE, CREDIT); and the highest packet counter the
+    card has seen from anything but this order."""
     rekeying, other_order, from_orders, from_rekeys = ctx.session.execute(
         _CARD_SITUATION, {"serial": order.card_serial, "order_id": order.id}
     ).one()
