@@ -1,6 +1,6 @@
 """Every paid order ends loaded exactly once or refunded: random sequences of top-up
-requests, payments in any order (and twice), worker passes, lost and duplicated SMS both
-ways and time passing, over the real secured packets, the SIM model and the bank.
+requests, payments in any order (and twice), rekeys, worker passes, lost and duplicated
+SMS both ways and time passing, over the real secured packets, the SIM model and the bank.
 
 After every step: the books balance, and the SIM holds what the platform counts as loaded
 plus at most what it may have loaded without knowing yet (orders whose CREDIT went out).
@@ -23,8 +23,8 @@ from tests.helpers import purse
 from tests.test_phone import BANK_CARD, PHONE, SHORT_CODE, PhoneWorld
 from tests.wallet_fixtures import _make_wallet
 from wallet_service.migrate import upgrade
-from wallet_service.models import TopUpOrder
-from wallet_service.services import topups
+from wallet_service.models import OtaRekey, TopUpOrder
+from wallet_service.services import rekeys, topups
 from wallet_service.worker import run_once
 
 BANK_BALANCE_FEN = 100_000
@@ -52,6 +52,7 @@ class TopUpMachine(RuleBasedStateMachine):
         self.wallet = _make_wallet(f"sqlite:///{database}", "sqlite", self.directory)
         self.world = PhoneWorld(self.wallet, self.directory)
         self.world.phone.pay = None  # the passenger pays by rule, in any order
+        self.paid: set[tuple[str, str, int]] = set()
 
     def teardown(self) -> None:
         try:
@@ -72,7 +73,9 @@ class TopUpMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.world.phone.payment_links)
     @rule(data=st.data())
     def pay_a_link(self, data: st.DataObject) -> None:
-        self.world.bank_app(*data.draw(st.sampled_from(self.world.phone.payment_links)))
+        link = data.draw(st.sampled_from(self.world.phone.payment_links))
+        self.world.bank_app(*link)
+        self.paid.add(link)
 
     @rule()
     def worker_pass(self) -> None:
@@ -100,6 +103,12 @@ class TopUpMachine(RuleBasedStateMachine):
         for sms in waiting[:1] + waiting:
             self.world.smsc.submit(sms.sender, sms.recipient, sms.user_data, sms.udh)
 
+    @rule()
+    def the_platform_rekeys_the_sim(self) -> None:
+        """New OTA keys, between and during top-ups (refused while one is open)."""
+        status, _ = self.wallet.call("POST", f"/api/v1/cards/{self.world.serial}/ota-rekey")
+        assert status in (202, 409)
+
     @rule(seconds=st.sampled_from(WAITS_S))
     def time_passes(self, seconds: int) -> None:
         self.world.later(seconds)
@@ -120,13 +129,25 @@ class TopUpMachine(RuleBasedStateMachine):
         assert loaded <= purse(self.world.sim).balance <= loaded + may_have_loaded
 
     def _settle(self) -> None:
+        """The faults stop, time runs, and the passenger pays every link not paid yet —
+        so every example ends with loads (or refunds, for links paid after they expired)
+        on top of whatever the faults left."""
         for _ in range(SETTLE_ROUNDS):
             for _ in range(3):
                 run_once(self.wallet.app, self.world.gateway, self.world.bank)
                 self.world.phone.receive()
+                for link in self.world.phone.payment_links:
+                    if link not in self.paid:
+                        self.world.bank_app(*link)
+                        self.paid.add(link)
             self.world.later(topups.prove_backoff_max_s)
 
     def _everything_ended_loaded_or_refunded(self) -> None:
+        with self.wallet.database.transaction() as session:
+            open_rekeys = session.scalars(
+                select(OtaRekey.state).where(OtaRekey.state.in_(rekeys.OPEN))
+            ).all()
+        assert not open_rekeys
         orders = self._orders()
         assert not [o for o in orders if o.state in (*topups.IN_FLIGHT, "refunding")], [
             (o.state, o.attempts) for o in orders
