@@ -40,11 +40,17 @@ def open_account(session: Session, kind: str, owner: str) -> Account:
     return account
 
 
+# Built once: every top-up posts twice (built per call, a statement's expression tree and
+# cache key cost more CPU than running it).
+_ACCOUNTS_BY_CODE = select(Account).where(Account.code.in_(bindparam("codes", expanding=True)))
+_INSERT_TRANSFER = insert(Transfer.__table__).returning(Transfer.__table__.c.id)
+
+
 def open_accounts(session: Session, *kinds_and_owners: tuple[str, str]) -> list[Account]:
     """Several accounts in one query (a posting's two), created where missing; in the
     order asked."""
     codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
-    found = {a.code: a for a in session.scalars(select(Account).where(Account.code.in_(codes)))}
+    found = {a.code: a for a in session.scalars(_ACCOUNTS_BY_CODE, {"codes": codes})}
     return [
         found[code] if code in found else open_account(session, kind, owner)
         for code, (kind, owner) in zip(codes, kinds_and_owners, strict=True)
@@ -125,9 +131,7 @@ def post_at_commit(
     debit_account, credit_account = open_accounts(session, debit, credit)
     assert debit_account.id != credit_account.id, "a transfer moves money between two accounts"
     row = _transfer_row(debit_account.id, credit_account.id, amount_fen, kind, reference, at)
-    transfer_id = session.execute(
-        insert(Transfer).values(**row).returning(Transfer.id)
-    ).scalar_one()
+    transfer_id = session.execute(_INSERT_TRANSFER, row).scalar_one()
     session.info.setdefault(_AT_COMMIT, []).append(transfer_id)
 
 

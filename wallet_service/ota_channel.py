@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, select
 from sqlalchemy.orm import Session
 
 from otar.keys import derive_keyset
@@ -28,7 +28,7 @@ from otar.sms import COMMAND_UDH, RESPONSE_UDH
 from reader_sim.smsc import Sms
 from sim_applet.service_request import is_service_request
 from wallet_service.models import Card
-from wallet_service.services import phone_requests, rekeys, topups
+from wallet_service.services import cards, phone_requests, rekeys, topups
 from wallet_service.services.registry import Context
 from wallet_service.sms_gateway import SmsGateway
 
@@ -122,6 +122,13 @@ def committed_then_sent(
     return result
 
 
+# Built once: asked for every PoR (built per call, a statement's expression tree and cache
+# key cost more CPU than running it).
+_ACTIVE_CARD_OF_PHONE = select(Card).where(
+    Card.phone == bindparam("phone", type_=String), Card.status == "active"
+)
+
+
 class CardKeysets:
     """The OTA keysets of the cards one transaction deals with (called as
     ``keyset_for(card serial, version=None: the card's current)``). Each card is read
@@ -134,7 +141,7 @@ class CardKeysets:
         self.cards: dict[str, Card] = {}
 
     def active_card_of(self, phone: str) -> Card | None:
-        card = self.session.scalar(select(Card).where(Card.phone == phone, Card.status == "active"))
+        card = self.session.scalar(_ACTIVE_CARD_OF_PHONE, {"phone": phone})
         if card is not None:
             self.cards[card.serial] = card
         return card
@@ -142,7 +149,7 @@ class CardKeysets:
     def __call__(self, card_serial: str, version: int | None = None) -> OtaKeyset:
         card = self.cards.get(card_serial)
         if card is None:
-            card = self.session.scalar(select(Card).where(Card.serial == card_serial))
+            card = cards.find_card(self.session, card_serial)
             if card is None:
                 raise LookupError(f"no card {card_serial}")
             self.cards[card_serial] = card

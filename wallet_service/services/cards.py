@@ -10,7 +10,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import String, bindparam, func, select
+from sqlalchemy.orm import Session
 
 from sim_applet.crypto import Algorithm
 from sim_applet.personalize import personalize
@@ -57,11 +58,19 @@ def view(ctx: Context, card: Card) -> CardView:
     )
 
 
+# Built once: the worker asks it for most SMS (built per call, a statement's expression
+# tree and cache key cost more CPU than running it).
+_CARD_BY_SERIAL = select(Card).where(Card.serial == bindparam("serial", type_=String))
+_CARD_BY_SERIAL_LOCKED = _CARD_BY_SERIAL.with_for_update()
+
+
+def find_card(session: Session, serial: str, *, lock: bool = False) -> Card | None:
+    statement = _CARD_BY_SERIAL_LOCKED if lock else _CARD_BY_SERIAL
+    return session.scalar(statement, {"serial": serial.upper()})
+
+
 def card_by_serial(ctx: Context, serial: str, *, lock: bool = False) -> Card:
-    query = select(Card).where(Card.serial == serial.upper())
-    if lock:
-        query = query.with_for_update()
-    card = ctx.session.scalar(query)
+    card = find_card(ctx.session, serial, lock=lock)
     if card is None:
         raise NotFound(f"no card {serial}")
     return card

@@ -7,13 +7,10 @@ beyond the audit log — a forger learns nothing.
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
 from sim_applet.crypto import Algorithm, diversify
 from sim_applet.service_request import RequestInvalid, RequestKind, decode_and_verify, peek_serial
 from wallet_service import audit
 from wallet_service.errors import Conflict, InvalidInput, NotFound
-from wallet_service.models import Card
 from wallet_service.services import cards, topups
 from wallet_service.services.registry import Context
 
@@ -25,7 +22,7 @@ def handle(
         serial = peek_serial(user_data).hex().upper()
     except RequestInvalid as error:
         return f"refused: {error}"
-    card = ctx.session.scalar(select(Card).where(Card.serial == serial))
+    card = cards.find_card(ctx.session, serial)
     if card is None or card.phone != sender:
         _refused(ctx, serial, sender, "not the card in this phone")
         return "refused: not the card in this phone"

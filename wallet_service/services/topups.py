@@ -25,7 +25,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import Exists, Integer, String, and_, bindparam, exists, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Exists,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.orm import aliased
 
 from sim_applet.crypto import Algorithm
@@ -47,7 +58,7 @@ from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
-from wallet_service.services import rekeys
+from wallet_service.services import cards, rekeys
 from wallet_service.services.registry import Context
 
 OTA_TERMINAL_ID = bytes.fromhex("0000000000F0")  # project-defined: the platform as loader
@@ -88,6 +99,19 @@ def reference_for(card_serial: str, request_id: str) -> str:
     return f"{card_serial}-{request_id}".upper()
 
 
+# Statements the worker runs for every message or batch, built once (built per call, a
+# statement's expression tree and cache key cost more CPU than running it).
+_ORDER_OF_REQUEST = select(TopUpOrder).where(
+    TopUpOrder.card_serial == bindparam("serial", type_=String),
+    TopUpOrder.request_id == bindparam("request_id", type_=String),
+)
+_ORDER_BY_REFERENCE = (
+    select(TopUpOrder)
+    .where(TopUpOrder.reference == bindparam("reference", type_=String))
+    .with_for_update()
+)
+
+
 def create_order(
     ctx: Context, card_serial: str, request_id: bytes, amount_fen: int, phone: str
 ) -> TopUpOrder:
@@ -95,15 +119,13 @@ def create_order(
     again returns the same order; only the card in the requesting phone can be topped up."""
     if not 0 < amount_fen <= topup_amount_fen_max:
         raise InvalidInput(f"amount_fen is 1..{topup_amount_fen_max}")
-    card = ctx.session.scalar(select(Card).where(Card.serial == card_serial.upper()))
+    card = cards.find_card(ctx.session, card_serial)
     if card is None or card.status != "active":
         raise NotFound("no active card with this serial")
     if card.phone != phone:
         raise Conflict("a passenger tops up only the card in their own phone")
     existing = ctx.session.scalar(
-        select(TopUpOrder).where(
-            TopUpOrder.card_serial == card.serial, TopUpOrder.request_id == request_id.hex()
-        )
+        _ORDER_OF_REQUEST, {"serial": card.serial, "request_id": request_id.hex()}
     )
     if existing is not None:
         if existing.amount_fen != amount_fen:
@@ -156,15 +178,18 @@ def orders_of(ctx: Context, card_serial: str) -> list[TopUpOrder]:
 events_per_batch = 100
 
 
+_UNPROCESSED_EVENTS = (
+    select(BankWebhookEvent)
+    .where(BankWebhookEvent.processed_at.is_(None))
+    .order_by(BankWebhookEvent.received_at)
+    .limit(bindparam("limit", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+
+
 def process_bank_events(ctx: Context, bank: BankClient, limit: int = events_per_batch) -> int:
     """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once."""
-    events = ctx.session.scalars(
-        select(BankWebhookEvent)
-        .where(BankWebhookEvent.processed_at.is_(None))
-        .order_by(BankWebhookEvent.received_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    events = ctx.session.scalars(_UNPROCESSED_EVENTS, {"limit": limit}).all()
     for event in events:
         data = json.loads(event.payload).get("data", {})
         if event.event_type == "payment.succeeded":
@@ -176,9 +201,7 @@ def process_bank_events(ctx: Context, bank: BankClient, limit: int = events_per_
 
 
 def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
-    return ctx.session.scalar(
-        select(TopUpOrder).where(TopUpOrder.reference == str(reference).upper()).with_for_update()
-    )
+    return ctx.session.scalar(_ORDER_BY_REFERENCE, {"reference": str(reference).upper()})
 
 
 def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
@@ -264,19 +287,28 @@ def refunds_due(ctx: Context) -> Exists:
     return exists().where(*_due(ctx, ("refunding",)))
 
 
+_DUE_TO_SEND = (
+    select(TopUpOrder)
+    .where(TopUpOrder.next_action_at <= bindparam("now"), TopUpOrder.state.in_(SENDING_STATES))
+    .order_by(TopUpOrder.next_action_at)
+    .limit(bindparam("limit", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+_LOCK_CARDS = (
+    select(Card.id)
+    .where(Card.serial.in_(bindparam("serials", expanding=True)))
+    .order_by(Card.serial)
+    .with_for_update()
+)
+
+
 def work_batch(
     ctx: Context, channel: OtaChannel, bank: BankClient, limit: int = orders_per_batch
 ) -> list[WorkResult]:
     """The due packet-sending steps of up to ``limit`` orders, in one transaction (claimed
     with SKIP LOCKED: several workers share the queue; a killed worker's batch was never
     committed, and its packets never left)."""
-    orders = ctx.session.scalars(
-        select(TopUpOrder)
-        .where(*_due(ctx, SENDING_STATES))
-        .order_by(TopUpOrder.next_action_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    orders = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit}).all()
     _lock_cards(ctx, [order.card_serial for order in orders])
     return [WorkResult(order.id, _step(ctx, order, channel, bank)) for order in orders]
 
@@ -286,12 +318,7 @@ def _lock_cards(ctx: Context, serials: list[str]) -> None:
     two workers holding orders of one card decide one after the other (each then reads what
     the other committed), and two batches never wait for each other in a cycle."""
     if serials:
-        ctx.session.execute(
-            select(Card.id)
-            .where(Card.serial.in_(sorted(set(serials))))
-            .order_by(Card.serial)
-            .with_for_update()
-        ).all()
+        ctx.session.execute(_LOCK_CARDS, {"serials": sorted(set(serials))}).all()
 
 
 def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
@@ -470,19 +497,22 @@ def _to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
 # --- proofs of receipt ---------------------------------------------------------------------
 
 
+_ORDER_AT_STEP = (
+    select(TopUpOrder)
+    .where(
+        TopUpOrder.card_serial == bindparam("serial", type_=String),
+        TopUpOrder.step == bindparam("step", type_=BigInteger),  # its latest packet only
+        TopUpOrder.state.in_(SENDING_PACKETS),
+    )
+    .with_for_update()
+)
+
+
 def on_proof_of_receipt(
     ctx: Context, channel: OtaChannel, card_serial: str, step: int, last_response: bytes
 ) -> str:
     """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW."""
-    order = ctx.session.scalar(
-        select(TopUpOrder)
-        .where(
-            TopUpOrder.card_serial == card_serial.upper(),
-            TopUpOrder.step == step,  # the order's latest packet, no older one
-            TopUpOrder.state.in_(SENDING_PACKETS),
-        )
-        .with_for_update()
-    )
+    order = ctx.session.scalar(_ORDER_AT_STEP, {"serial": card_serial.upper(), "step": step})
     if order is None or len(last_response) < 2:
         return "stale"
     data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
