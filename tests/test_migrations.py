@@ -34,3 +34,60 @@ def test_0006_gives_orders_that_sent_packets_the_counter_of_their_latest(tmp_pat
         steps = connection.execute(text("SELECT id, step FROM topup_orders ORDER BY id")).all()
     assert [tuple(row) for row in steps] == [(7, 7002), (8, None)]
     engine.dispose()
+
+
+def _insert_card(connection, serial: str, phone: str, status: str) -> None:  # type: ignore[no-untyped-def]
+    connection.execute(
+        text(
+            "INSERT INTO cards (serial, iccid, phone, algorithm, status, issued_at, image_file) "
+            "VALUES (:serial, :serial, :phone, '3des', :status, '2026-11-30', 'x.json')"
+        ),
+        {"serial": serial, "phone": phone, "status": status},
+    )
+
+
+def test_0007_refuses_to_run_while_a_phone_has_two_active_cards(tmp_path: Path) -> None:
+    """It names them: someone reports all but one lost, then upgrades again."""
+    import pytest
+
+    url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
+    upgrade(url, "0006")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        _insert_card(connection, "A", "13800138000", "active")
+        _insert_card(connection, "B", "13800138000", "active")
+        _insert_card(connection, "C", "13900139000", "lost")
+    with pytest.raises(RuntimeError, match="13800138000"):
+        upgrade(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE cards SET status = 'lost' WHERE serial = 'B'"))
+    upgrade(url)
+    with engine.connect() as connection:
+        index = connection.execute(
+            text("SELECT sql FROM sqlite_master WHERE name = 'cards_one_active_per_phone'")
+        ).scalar_one()
+    assert "WHERE status = 'active'" in index
+    engine.dispose()
+
+
+def test_0007_keeps_what_paid_orders_were_paid(tmp_path: Path) -> None:
+    """Until 0007 a paid order's amount was what the bank paid."""
+    url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
+    upgrade(url, "0006")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for reference, payment in (("C-1", "pay_1"), ("C-2", None)):
+            connection.execute(
+                text(
+                    "INSERT INTO topup_orders (reference, card_serial, request_id, phone, "
+                    "amount_fen, state, payment_id, attempts, init_attempts, created_at, "
+                    "expires_at) VALUES (:ref, 'C', :ref, '13800138000', 2500, 'paid', "
+                    ":payment, 0, 0, '2026-11-30', '2026-11-30')"
+                ),
+                {"ref": reference, "payment": payment},
+            )
+    upgrade(url)
+    with engine.connect() as connection:
+        paid = connection.execute(text("SELECT reference, paid_fen FROM topup_orders")).all()
+    assert sorted(tuple(row) for row in paid) == [("C-1", 2500), ("C-2", None)]
+    engine.dispose()

@@ -315,7 +315,9 @@ def test_the_daily_three_way_match_finds_what_does_not_add_up(world: World) -> N
     stuck = world.order(amount=1000)
     world.pay(stuck, amount=1000)  # paid, the phone never answers yet
     statement = world.bank.statement("BUSCARD", date.today())
-    forged = statement + f"payment,pay_x,pay_x,{world.serial}-FFFFFFFF,500,2026-11-25T10:00:00\n"
+    forged = (
+        statement + f"payment,pay_x,pay_x,{world.serial}-FFFFFFFF,500,{date.today()}T10:00:00\n"
+    )
 
     report = world.wallet.ok(
         "POST", f"/api/v1/bank/reconciliation/{date.today()}", body={"statement_csv": forged}

@@ -24,7 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
-from sqlalchemy.sql import false
+from sqlalchemy.sql import false, text
 
 from wallet_service.db import Base
 
@@ -121,6 +121,17 @@ class Card(Base):
     """A mobile bus card: the transit application on one SIM."""
 
     __tablename__ = "cards"
+    __table_args__ = (
+        # A phone holds one SIM: its SMS (requests, PoRs) name one card. Cards of the past
+        # (lost, replaced, closed) keep the number.
+        Index(
+            "cards_one_active_per_phone",
+            "phone",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     serial: Mapped[str] = mapped_column(String(20), unique=True)
     iccid: Mapped[str] = mapped_column(String(20), unique=True)
@@ -381,7 +392,9 @@ class TopUpOrder(Base):
     card_serial: Mapped[str] = mapped_column(String(20), index=True)
     request_id: Mapped[str] = mapped_column(String(8))
     phone: Mapped[str] = mapped_column(String(20))
-    amount_fen: Mapped[int] = mapped_column(Fen)
+    amount_fen: Mapped[int] = mapped_column(Fen)  # what the passenger asked for
+    paid_fen: Mapped[int | None] = mapped_column(Fen)  # what the bank says it paid
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime)  # when, by the bank's clock
     state: Mapped[str] = mapped_column(String(12), index=True)
     payment_id: Mapped[str | None] = mapped_column(String(40))
     online_ctc: Mapped[int | None] = mapped_column(Integer)

@@ -37,7 +37,8 @@ RARE_KINDS = ("refunds", "rekeys")  # due work looked for after each batch, in o
 
 
 class HttpBankClient:
-    """Refunds through the (simulated) bank's API; idempotent by refund key."""
+    """Refunds through the (simulated) bank's API; idempotent by refund key. A 4xx answer
+    is the bank's no (``topups.RefundRefused``)."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
@@ -53,7 +54,9 @@ class HttpBankClient:
             },
             timeout=request_timeout_s,
         )
-        answer.raise_for_status()
+        if 400 <= answer.status_code < 500:  # the bank said no: asking again will not help
+            raise topups.RefundRefused(f"HTTP {answer.status_code}: {answer.text[:200]}")
+        answer.raise_for_status()  # a server error: asked again later
         return answer.json()["refund_id"]
 
 

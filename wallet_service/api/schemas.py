@@ -403,7 +403,9 @@ class WebhookAck(BaseModel):
 # request body, and so far below the service's statement line limit.
 STATEMENT_PATTERN = (
     r"^kind,id,payment_id,order_id,amount_fen,at\r?\n"
-    r"((payment|refund),[^,\r\n]*,[^,\r\n]*,[^,\r\n]*,-?[0-9]{1,12},[^,\r\n]*\r?\n)*$"
+    r"(((payment,[^,\r\n]+,[^,\r\n]*,[^,\r\n]+,[1-9][0-9]{0,11})"  # paid: positive
+    r"|(refund,[^,\r\n]+,[^,\r\n]*,[^,\r\n]+,-[1-9][0-9]{0,11}))"  # refunded: negated
+    r",[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\r?\n)*$"  # at, to the second
 )
 
 

@@ -9,6 +9,7 @@ order, ``refund.succeeded`` confirms a refund.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, text
@@ -21,6 +22,43 @@ from wallet_service.services.registry import Context
 
 KNOWN_EVENTS = ("payment.succeeded", "refund.succeeded")
 payload_bytes_max = 64_000
+id_chars_max = 40  # the orders' reference and payment id columns
+amount_fen_max = 10**12  # ten billion yuan: a sane bound for one payment
+
+
+def event_data(payload: Any) -> dict[str, Any]:
+    """The ``data`` of a known event, checked: the ids the orders are found by, a positive
+    whole amount in fen. Checked before a callback is acknowledged (the bank then retries
+    or someone looks: nothing unusable is stored) and again as a stored one is applied."""
+    if not isinstance(payload, dict) or payload.get("type") not in KNOWN_EVENTS:
+        raise InvalidInput(f"a webhook event's type is one of {', '.join(KNOWN_EVENTS)}")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise InvalidInput("a webhook event carries a data object")
+    for field in ("order_id", "payment_id"):
+        value = data.get(field)
+        if not isinstance(value, str) or not 0 < len(value) <= id_chars_max:
+            raise InvalidInput(f"data.{field} is a string of 1..{id_chars_max} characters")
+    amount = data.get("amount_fen")
+    if type(amount) is not int or not 0 < amount <= amount_fen_max:
+        raise InvalidInput(f"data.amount_fen is a whole number of fen, 1..{amount_fen_max}")
+    paid_at(data)
+    return data
+
+
+def paid_at(data: dict[str, Any]) -> datetime | None:
+    """When the bank says a payment was made (its business day is reconciliation's), in
+    the platform's local time; None when the callback does not say."""
+    value = data.get("paid_at")
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        at = None
+    if at is None:
+        raise InvalidInput("data.paid_at is an ISO 8601 time, like 2026-11-30T10:00:00")
+    return at if at.tzinfo is None else at.astimezone().replace(tzinfo=None)
 
 
 def receive(
@@ -31,13 +69,15 @@ def receive(
     if len(raw_body) > payload_bytes_max:
         raise InvalidInput(f"a webhook body is at most {payload_bytes_max} bytes")
     try:
-        # Checks the HMAC over id.timestamp.body and the 5-minute timestamp tolerance.
+        # Checks the HMAC over id.timestamp.body and the 5-minute timestamp tolerance,
+        # then parses the body (a JSON error: the signature was good).
         payload = Webhook(secret).verify(raw_body, headers)
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"a webhook body is JSON: {error}") from None
     except (WebhookVerificationError, ValueError, TypeError, UnicodeDecodeError) as error:
         raise Unauthorized(f"webhook signature rejected: {error}") from None
     webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
-    if not isinstance(payload, dict) or payload.get("type") not in KNOWN_EVENTS:
-        raise InvalidInput("unknown webhook event type")
+    event_data(payload)
     if len(webhook_id) > 100:
         raise InvalidInput("webhook-id too long")
     if ctx.session.scalar(select(BankWebhookEvent.id).where(BankWebhookEvent.id == webhook_id)):

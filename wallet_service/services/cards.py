@@ -132,6 +132,16 @@ def activate(ctx: Context, serial: str) -> Card:
     card = card_by_serial(ctx, serial, lock=True)
     if card.status != "issued":
         raise Conflict(f"card {card.serial} is {card.status}, not issued")
+    # (A concurrent twin is stopped by the unique index cards_one_active_per_phone: the
+    # retry then finds it here.)
+    other = ctx.session.scalar(
+        select(Card.serial).where(Card.phone == card.phone, Card.status == "active")
+    )
+    if other is not None:
+        raise Conflict(
+            f"phone {card.phone} already has an active card {other}: report it lost or "
+            "close it first (a phone's SMS name one card)"
+        )
     card.status, card.activated_at = "active", ctx.now
     audit.record(ctx.session, ctx.principal.name, "card.activate", card.serial, ctx.now)
     return card

@@ -1,11 +1,20 @@
 """Daily three-way match of OTA top-ups (OTA issue §6): the bank's statement (what money
 moved), the orders (what passengers asked and paid), the confirmed loads (what the cards'
 TACs prove). Findings: paid but not loaded, loaded but not paid, amount mismatches, refunds
-the bank shows that the platform does not (and the reverse)."""
+the bank shows that the platform does not (and the reverse).
+
+A day's orders are matched by the bank's business day, as a back office does: the orders
+whose money moved that day per the statement, those the bank's callbacks said were paid
+that day (``paid_at``), and the loads of that day that show no payment at all. An order
+paid on one side of midnight and loaded on the other belongs to its payment's day; the
+next day's match does not call it loaded but not paid; one refunded on a later day is not
+yet a finding."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -16,11 +25,32 @@ from wallet_service.models import TopUpOrder
 from wallet_service.services.registry import Context
 
 statement_lines_max = 1_000_000
+# reader_sim.bank.Bank.statement: one day's payments and refunds, one row each.
 STATEMENT_COLUMNS = ["kind", "id", "payment_id", "order_id", "amount_fen", "at"]
+# A payment's amount is what was paid; a refund's is written negated (-refunds.amount_fen);
+# never zero, at most 12 digits (as the API's statement pattern bounds it).
+STATEMENT_AMOUNTS = {
+    "payment": re.compile(r"[1-9][0-9]{0,11}"),
+    "refund": re.compile(r"-[1-9][0-9]{0,11}"),
+}
+# `at` is the bank's datetime.isoformat() of a time to the second, without a zone.
+STATEMENT_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")
 
 
-def parse_statement(text: str) -> dict[str, dict[str, int]]:
-    """Bank statement CSV (reader_sim.bank.Bank.statement) → per order id: paid, refunded."""
+@dataclass
+class Statement:
+    """A day's statement as read: per order id, paid and refunded (both positive); and the
+    rows that cannot count for the day (another day's, an impossible time, a row twice),
+    each a finding — the rest of the day is still matched."""
+
+    totals: dict[str, dict[str, int]]
+    refused_rows: list[dict[str, Any]]
+
+
+def parse_statement(text: str, day: date) -> Statement:
+    """Bank statement CSV of ``day`` (reader_sim.bank.Bank.statement). A shape the bank
+    never writes (the API's pattern: header, columns, an amount of the wrong sign, a time
+    not to the second) is InvalidInput, naming the line."""
     if not text.endswith("\n"):
         raise InvalidInput("a statement ends with a newline (a last line may be cut off)")
     # The bank writes plain comma-separated lines, no quoting (its ids and times hold no
@@ -28,38 +58,87 @@ def parse_statement(text: str) -> dict[str, dict[str, int]]:
     reader = iter(line.removesuffix("\r").split(",") for line in text.split("\n")[:-1])
     if next(reader, None) != STATEMENT_COLUMNS:
         raise InvalidInput(f"a statement's header is {','.join(STATEMENT_COLUMNS)}")
-    totals: dict[str, dict[str, int]] = defaultdict(lambda: {"paid": 0, "refunded": 0})
+    statement = Statement(defaultdict(lambda: {"paid": 0, "refunded": 0}), [])
+    lines_by_id: dict[str, int] = {}
     for number, row in enumerate(reader, start=2):
         if number > statement_lines_max:
             raise InvalidInput(f"a statement has at most {statement_lines_max} lines")
-        if len(row) != len(STATEMENT_COLUMNS) or row[0] not in ("payment", "refund"):
-            raise InvalidInput(f"statement line {number} is malformed")
-        try:
-            amount = int(row[4])
-        except ValueError:
-            raise InvalidInput(f"statement line {number}: amount is not an integer") from None
-        key = "paid" if row[0] == "payment" else "refunded"
-        totals[row[3].upper()][key] += abs(amount)
-    return dict(totals)
+        kind, row_id, order_id, amount, at = _row(number, row)
+        if row_id in lines_by_id:
+            reason = f"{kind} {row_id} is on line {lines_by_id[row_id]} already"
+        elif at is None:
+            reason = "its time is not a real one"
+        elif at.date() != day:
+            reason = f"dated {at.date()}, not {day} (a statement is one day's)"
+        else:
+            money = statement.totals[order_id.upper()]
+            money["paid" if kind == "payment" else "refunded"] += abs(amount)
+            lines_by_id[row_id] = number
+            continue
+        lines_by_id.setdefault(row_id, number)
+        statement.refused_rows.append(
+            {"kind": "statement_row_refused", "order": order_id.upper(), "line": number,
+             "reason": reason}
+        )  # fmt: skip
+    statement.totals = dict(statement.totals)
+    return statement
+
+
+def _row(number: int, row: list[str]) -> tuple[str, str, str, int, datetime | None]:
+    """One line's kind, id, order id, amount (as written: a refund's negated) and time
+    (None: to the second, but no such time, like 2026-11-31)."""
+    if len(row) != len(STATEMENT_COLUMNS) or row[0] not in STATEMENT_AMOUNTS:
+        raise InvalidInput(f"statement line {number} is malformed", line=number)
+    kind, row_id, _, order_id, amount_text, at_text = row
+    if not row_id or not order_id:
+        raise InvalidInput(f"statement line {number}: id and order_id are needed", line=number)
+    if not STATEMENT_AMOUNTS[kind].fullmatch(amount_text):
+        sign = "positive" if kind == "payment" else "negative (the bank writes it negated)"
+        raise InvalidInput(
+            f"statement line {number}: a {kind}'s amount_fen is a {sign} integer, "
+            f"not {amount_text!r}",
+            line=number,
+        )
+    if not STATEMENT_AT.fullmatch(at_text):
+        raise InvalidInput(
+            f"statement line {number}: at is a time like 2026-11-30T10:00:00, not {at_text!r}",
+            line=number,
+        )
+    try:
+        at = datetime.fromisoformat(at_text)
+    except ValueError:
+        at = None
+    return kind, row_id, order_id, int(amount_text), at
 
 
 def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
     ctx.principal.require("admin")
-    bank = parse_statement(statement_csv)
+    statement = parse_statement(statement_csv, day)
+    bank = statement.totals
     start = datetime.combine(day, time())
     end = start + timedelta(days=1)
+    # The day's orders: those its statement names, those the platform was told were paid
+    # that day (the bank's paid_at: its business day, whenever the order was made or
+    # loaded), loads of that day without any payment, and the day's refunds.
     orders = {
         order.reference: order
         for order in ctx.session.scalars(
             select(TopUpOrder).where(
                 or_(
                     TopUpOrder.reference.in_(list(bank)),
-                    (TopUpOrder.created_at >= start) & (TopUpOrder.created_at < end),
+                    (TopUpOrder.paid_at >= start) & (TopUpOrder.paid_at < end),
+                    (TopUpOrder.state == "loaded")
+                    & TopUpOrder.payment_id.is_(None)
+                    & (TopUpOrder.finished_at >= start)
+                    & (TopUpOrder.finished_at < end),
+                    (TopUpOrder.state == "refunded")
+                    & (TopUpOrder.finished_at >= start)
+                    & (TopUpOrder.finished_at < end),
                 )
             )
         )
     }
-    findings: list[dict[str, Any]] = []
+    findings: list[dict[str, Any]] = list(statement.refused_rows)
 
     def find(kind: str, reference: str, **details: Any) -> None:
         findings.append({"kind": kind, "order": reference, **details})
@@ -72,15 +151,24 @@ def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
             continue
         if money["paid"] and money["paid"] != order.amount_fen:
             find("amount_mismatch", reference, bank_fen=money["paid"], order_fen=order.amount_fen)
-        if net > 0 and order.state != "loaded":
+        refunded_later = order.state == "refunded" and (order.finished_at or end) >= end
+        if net > 0 and order.state != "loaded" and not refunded_later:  # (that refund is
+            # on a later day's statement)
             find("paid_not_loaded", reference, bank_net_fen=net, state=order.state)
-        if order.state == "refunded" and money["refunded"] == 0:
-            find("refund_not_at_bank", reference, order_fen=order.amount_fen)
         if money["refunded"] and order.state == "loaded":
             find("loaded_and_refunded", reference, refunded_fen=money["refunded"])
     for reference, order in sorted(orders.items()):
-        if order.state == "loaded" and bank.get(reference, {}).get("paid", 0) == 0:
+        money = bank.get(reference, {"paid": 0, "refunded": 0})
+        paid_today = order.paid_at is not None and start <= order.paid_at < end
+        if (
+            order.state == "loaded"
+            and money["paid"] == 0
+            and (paid_today or order.payment_id is None)
+        ):  # (told of a payment the bank does not show: a forged or misrouted callback)
             find("loaded_not_paid", reference, order_fen=order.amount_fen)
+        refunded_today = order.state == "refunded" and start <= (order.finished_at or end) < end
+        if refunded_today and money["refunded"] == 0:
+            find("refund_not_at_bank", reference, order_fen=order.amount_fen)
     loaded = [o for o in orders.values() if o.state == "loaded"]
     return {
         "day": day.isoformat(),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -58,9 +59,10 @@ from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
-from wallet_service.services import cards, rekeys
+from wallet_service.services import bank_webhooks, cards, rekeys
 from wallet_service.services.registry import Context
 
+log = logging.getLogger(__name__)
 OTA_TERMINAL_ID = bytes.fromhex("0000000000F0")  # project-defined: the platform as loader
 LOAD_KEY_INDEX = 1
 TOPUP_PENDING, BANK = "topup_pending", "bank"
@@ -85,7 +87,18 @@ class OtaChannel(Protocol):
 
 
 class BankClient(Protocol):
+    """Refunds at the bank, idempotent by ``refund_key``. Raises ``RefundRefused`` when the
+    bank says no (asking again will not help), anything else when it could not be asked."""
+
     def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str: ...
+
+
+class RefundRefused(Exception):
+    """The bank refused a refund (unknown payment, more than was paid): a person looks."""
+
+
+refund_retry_s = 60  # the bank could not be asked: again after this
+refund_refused_retry_s = 3600  # the bank said no: again (after someone looked) after this
 
 
 @dataclass(frozen=True)
@@ -190,40 +203,63 @@ _UNPROCESSED_EVENTS = (
 def process_bank_events(ctx: Context, bank: BankClient, limit: int = events_per_batch) -> int:
     """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once."""
     events = ctx.session.scalars(_UNPROCESSED_EVENTS, {"limit": limit}).all()
+    applied = 0
     for event in events:
-        data = json.loads(event.payload).get("data", {})
-        if event.event_type == "payment.succeeded":
-            _paid(ctx, bank, data)
-        elif event.event_type == "refund.succeeded":
-            _refund_confirmed(ctx, data)
-        event.processed_at = ctx.now
-    return len(events)
+        if _apply(ctx, bank, event):
+            event.processed_at, applied = ctx.now, applied + 1
+    return applied  # (one left for later is not work done: the worker may rest)
+
+
+def _apply(ctx: Context, bank: BankClient, event: BankWebhookEvent) -> bool:
+    """Apply one stored callback; False: not now (the bank could not be asked for a refund),
+    it stays for the next pass — and the batch's other callbacks go on."""
+    try:
+        data = bank_webhooks.event_data(json.loads(event.payload))
+    except (ValueError, InvalidInput) as error:  # stored before callbacks were checked
+        audit.record(
+            ctx.session, "bank", "bank_callback.unusable", event.id, ctx.now, reason=str(error)
+        )
+        return True
+    if event.event_type == "refund.succeeded":
+        _refund_confirmed(ctx, data)
+        return True
+    order = _order_by_reference(ctx, data["order_id"])
+    if order is None:
+        return _refund_unknown_payment(ctx, bank, data)
+    _paid(ctx, order, data)
+    return True
+
+
+def _refund_unknown_payment(ctx: Context, bank: BankClient, data: dict) -> bool:
+    """Money for an order the platform never made goes straight back (no ledger posting:
+    it never was the platform's)."""
+    payment, amount = data["payment_id"], data["amount_fen"]
+    try:
+        refund = bank.refund(payment, amount, "unknown order", f"unknown:{payment}")
+    except RefundRefused as error:
+        refund = f"refused by the bank: {error}"  # for a person (and reconciliation)
+    except Exception as error:  # unreachable, timed out: asked again next pass
+        log.warning("refund of payment %s for unknown order failed: %s", payment, error)
+        return False
+    audit.record(
+        ctx.session,
+        "bank",
+        "topup.payment_for_unknown_order",
+        data["order_id"],
+        ctx.now,
+        amount_fen=amount,
+        payment=payment,
+        refund=refund,
+    )
+    return True
 
 
 def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
     return ctx.session.scalar(_ORDER_BY_REFERENCE, {"reference": str(reference).upper()})
 
 
-def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
-    order = _order_by_reference(ctx, data.get("order_id", ""))
-    amount = int(data.get("amount_fen", 0))
-    if order is None:
-        audit.record(
-            ctx.session,
-            "bank",
-            "topup.payment_for_unknown_order",
-            str(data.get("order_id")),
-            ctx.now,
-            amount_fen=amount,
-            payment=str(data.get("payment_id")),
-        )
-        bank.refund(
-            str(data.get("payment_id")),
-            amount,
-            "unknown order",
-            f"unknown:{data.get('payment_id')}",
-        )
-        return
+def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
+    amount = data["amount_fen"]
     late = order.state == "failed" and order.payment_id is None  # paid after it expired
     if order.state != "created" and not late:
         return  # the same payment told twice
@@ -236,17 +272,18 @@ def _paid(ctx: Context, bank: BankClient, data: dict) -> None:
         amount,
         f"topup_paid:{order.id}",
     )
-    order.payment_id = str(data.get("payment_id"))  # after the posting: one UPDATE, not two
+    # (Set after the posting, whose queries flush: the order is written in one UPDATE.)
+    order.payment_id, order.paid_fen = data["payment_id"], amount
+    order.paid_at = bank_webhooks.paid_at(data) or ctx.now
     if late or amount != order.amount_fen or ctx.now > order.expires_at:
         reason = "amount mismatch" if amount != order.amount_fen else "paid after it expired"
-        order.amount_fen = amount  # what the bank holds is what goes back
         _to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
         return
     order.state, order.next_action_at = "paid", ctx.now
 
 
 def _refund_confirmed(ctx: Context, data: dict) -> None:
-    order = _order_by_reference(ctx, data.get("order_id", ""))
+    order = _order_by_reference(ctx, data["order_id"])
     if order is not None and order.state == "refunding":
         order.state, order.finished_at = "refunded", ctx.now
 
@@ -345,38 +382,17 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
         order.failure = "not paid in time"
         return "expired"
     if order.state == "refunding":
-        refund_id = bank.refund(
-            order.payment_id or "",
-            order.amount_fen,
-            order.failure or "not loaded",
-            f"topup:{order.reference}",
-        )
-        _post(
-            ctx,
-            TOPUP_PENDING,
-            "platform",
-            ledger.BANK_SETTLEMENT,
-            BANK,
-            order.amount_fen,
-            f"topup_refund:{order.id}",
-        )
-        order.state, order.finished_at, order.next_action_at = "refunded", ctx.now, None
-        channel.notify(order.phone, f"充值未完成，已退款 Refunded {yuan(order.amount_fen)}")
-        audit.record(
-            ctx.session,
-            "worker",
-            "topup.refunded",
-            order.card_serial,
-            ctx.now,
-            order=order.reference,
-            refund=refund_id,
-        )
-        return "refunded"
-    rekeying, other_order_under_way, card_counter = _card_situation(ctx, order)
+        return _refund(ctx, order, channel, bank)
+    rekeying, other_order_under_way, card_counter, card_status = _card_situation(ctx, order)
     if rekeying:
         # The SIM's OTA keys are changing: a packet now might be under the wrong version.
         order.next_action_at = ctx.now + timedelta(seconds=rekey_wait_s)
         return "waiting for the SIM's rekey"
+    if order.state in ("paid", "init_sent") and card_status != "active":
+        # Safe, as below: no CREDIT can have happened yet. (A lost card's phone is not
+        # trusted with a load, and its answers are not read.)
+        _to_refund(ctx, order, f"the card is {card_status}")
+        return "giving up"
     if order.state == "paid" and other_order_under_way:
         if ctx.now > order.expires_at:
             _to_refund(ctx, order, "another top-up of this card is still under way")
@@ -384,35 +400,93 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
         order.next_action_at = ctx.now + timedelta(seconds=card_busy_wait_s)
         return "waiting for the card's other top-up"
     if order.state in ("paid", "init_sent"):
-        if order.init_attempts >= init_attempts_max:
-            # Safe: from here no CREDIT can have succeeded (a CREDIT without an answer
-            # goes to proving, never back here unproven).
-            _to_refund(ctx, order, "the phone did not answer")
-            return "giving up"
-        order.init_attempts += 1
-        request = InitializeRequest(LOAD_KEY_INDEX, order.amount_fen, OTA_TERMINAL_ID)
-        with ctx.session.no_autoflush:  # the order is written once, with its new state
-            channel.send(
-                order.phone,
-                order.card_serial,
-                _next_step(order, card_counter),
-                [select_by_aid(TRANSIT_AID).encode(), initialize_for_load(request).encode()],
-            )
-        _wait(ctx, order, "init_sent", por_timeout_s)
-        return "packet 1 sent"
+        return _send_packet_1(ctx, order, channel, card_counter)
     if order.state in ("credit_sent", "proving"):
-        prove = get_transaction_prove(TYPE_LOAD, (order.online_ctc or 0) + 1)
-        with ctx.session.no_autoflush:
-            channel.send(
-                order.phone,
-                order.card_serial,
-                _next_step(order, card_counter),
-                [select_by_aid(TRANSIT_AID).encode(), prove.encode()],
-            )
-        backoff = min(por_timeout_s * 2 ** max(order.attempts - 1, 0), prove_backoff_max_s)
-        _wait(ctx, order, "proving", backoff)
-        return "packet 3 sent"
+        return _send_packet_3(ctx, order, channel, card_counter)
     raise AssertionError(f"no step from {order.state}")
+
+
+def _refund(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
+    """What the bank holds for the order goes back. When the bank cannot be asked, or says
+    no, the order waits (it is asked again later) and the other refunds go on."""
+    held_fen = order.paid_fen if order.paid_fen is not None else order.amount_fen
+    try:
+        refund_id = bank.refund(
+            order.payment_id or "",
+            held_fen,
+            order.failure or "not loaded",
+            f"topup:{order.reference}",
+        )
+    except RefundRefused as error:
+        order.next_action_at = ctx.now + timedelta(seconds=refund_refused_retry_s)
+        audit.record(
+            ctx.session,
+            "worker",
+            "topup.refund_refused",
+            order.card_serial,
+            ctx.now,
+            order=order.reference,
+            reason=str(error)[:200],
+        )
+        return "refund refused by the bank"
+    except Exception as error:  # unreachable, timed out, a server error: later
+        log.warning("refund of order %s failed, again later: %s", order.reference, error)
+        order.next_action_at = ctx.now + timedelta(seconds=refund_retry_s)
+        return "refund: the bank could not be asked"
+    _post(
+        ctx,
+        TOPUP_PENDING,
+        "platform",
+        ledger.BANK_SETTLEMENT,
+        BANK,
+        held_fen,
+        f"topup_refund:{order.id}",
+    )
+    order.state, order.finished_at, order.next_action_at = "refunded", ctx.now, None
+    channel.notify(order.phone, f"充值未完成，已退款 Refunded {yuan(held_fen)}")
+    audit.record(
+        ctx.session,
+        "worker",
+        "topup.refunded",
+        order.card_serial,
+        ctx.now,
+        order=order.reference,
+        refund=refund_id,
+    )
+    return "refunded"
+
+
+def _send_packet_1(ctx: Context, order: TopUpOrder, channel: OtaChannel, card_counter: int) -> str:
+    if order.init_attempts >= init_attempts_max:
+        # Safe: from here no CREDIT can have succeeded (a CREDIT without an answer goes to
+        # proving, never back here unproven).
+        _to_refund(ctx, order, "the phone did not answer")
+        return "giving up"
+    order.init_attempts += 1
+    request = InitializeRequest(LOAD_KEY_INDEX, order.amount_fen, OTA_TERMINAL_ID)
+    with ctx.session.no_autoflush:  # the order is written once, with its new state
+        channel.send(
+            order.phone,
+            order.card_serial,
+            _next_step(order, card_counter),
+            [select_by_aid(TRANSIT_AID).encode(), initialize_for_load(request).encode()],
+        )
+    _wait(ctx, order, "init_sent", por_timeout_s)
+    return "packet 1 sent"
+
+
+def _send_packet_3(ctx: Context, order: TopUpOrder, channel: OtaChannel, card_counter: int) -> str:
+    prove = get_transaction_prove(TYPE_LOAD, (order.online_ctc or 0) + 1)
+    with ctx.session.no_autoflush:
+        channel.send(
+            order.phone,
+            order.card_serial,
+            _next_step(order, card_counter),
+            [select_by_aid(TRANSIT_AID).encode(), prove.encode()],
+        )
+    backoff = min(por_timeout_s * 2 ** max(order.attempts - 1, 0), prove_backoff_max_s)
+    _wait(ctx, order, "proving", backoff)
+    return "packet 3 sent"
 
 
 def _last_counters(serial, other_than_order):  # type: ignore[no-untyped-def]
@@ -444,23 +518,24 @@ def _card_situation_query():  # type: ignore[no-untyped-def]
             ),
         ),
         *_last_counters(serial, order_id),
+        Card.status,
     ).where(Card.serial == serial)
 
 
 _CARD_SITUATION = _card_situation_query()
 
 
-def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int]:
+def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int, str]:
     """What else goes on with this order's card, in one query (the card is locked by
     ``_lock_cards`` first, in a statement of its own: one that waited for a lock reads
     what was committed before it started): is a rekey sending; is another order under
     way — sending packets, or paid earlier and first in line (one load at a time, or the
     SIM would see INITIALIZE, INITIALIZE, CREDIT); and the highest packet counter the
-    card has seen from anything but this order."""
-    rekeying, other_order, from_orders, from_rekeys = ctx.session.execute(
+    card has seen from anything but this order; and the card's status."""
+    rekeying, other_order, from_orders, from_rekeys, status = ctx.session.execute(
         _CARD_SITUATION, {"serial": order.card_serial, "order_id": order.id}
     ).one()
-    return bool(rekeying), bool(other_order), max(from_orders or 0, from_rekeys or 0)
+    return bool(rekeying), bool(other_order), max(from_orders or 0, from_rekeys or 0), status
 
 
 def last_packet_counter(ctx: Context, serial: str) -> int:

@@ -1,0 +1,283 @@
+"""Top-up faults a walk-through found: callbacks with unusable data, a bank that refuses or
+cannot be reached for a refund, a card reported lost with an order paid, two active cards
+on one phone, a payment of another amount. Each changes nothing it should not, and blocks
+no other order."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import select
+from standardwebhooks import Webhook
+
+from tests.test_wallet_topups import BANK_CARD, PHONE, World
+from tests.wallet_fixtures import Wallet, set_up_bus_company
+from wallet_service.models import AuditEvent, BankWebhookEvent, TopUpOrder
+from wallet_service.services import cards, topups
+
+
+@pytest.fixture
+def world(wallet: Wallet, tmp_path: Path):  # type: ignore[no-untyped-def]
+    the_world = World(wallet, tmp_path)
+    yield the_world
+    the_world.bank.close()
+
+
+def _signed_post(world: World, body: bytes, msg_id: str = "msg_test") -> tuple[int, dict]:
+    stamp = int(time.time())
+    signature = Webhook(world.secret).sign(msg_id, _utc(stamp), body.decode())
+    headers = {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": signature,
+    }
+    answer = world.wallet.client().post("/api/v1/bank/webhooks", data=body, headers=headers)
+    return answer.status_code, answer.get_json()
+
+
+def _utc(stamp: int):  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(stamp, tz=UTC)
+
+
+def _stored_events(world: World) -> list[BankWebhookEvent]:
+    with world.wallet.database.transaction() as session:
+        return list(session.scalars(select(BankWebhookEvent)))
+
+
+def _audit(world: World, action: str) -> list[dict]:
+    with world.wallet.database.transaction() as session:
+        rows = session.scalars(select(AuditEvent.details).where(AuditEvent.action == action))
+        return [json.loads(details) for details in rows]
+
+
+def _order(world: World, reference: str) -> TopUpOrder:
+    with world.wallet.database.transaction() as session:
+        return session.scalars(select(TopUpOrder).where(TopUpOrder.reference == reference)).one()
+
+
+GOOD = {"order_id": "X-1", "payment_id": "pay_1", "amount_fen": 100}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        {**GOOD, "amount_fen": "abc"},
+        {**GOOD, "amount_fen": -100},
+        {**GOOD, "amount_fen": 0},
+        {**GOOD, "amount_fen": 1.5},
+        {**GOOD, "amount_fen": 1e30},
+        {**GOOD, "amount_fen": True},
+        {k: v for k, v in GOOD.items() if k != "payment_id"},
+        {**GOOD, "order_id": ""},
+        {**GOOD, "order_id": 7},
+        {**GOOD, "order_id": "X" * 41},
+        {**GOOD, "paid_at": "yesterday"},
+        {**GOOD, "paid_at": 1764496800},
+    ],
+)
+def test_a_signed_callback_with_unusable_data_is_refused_and_not_stored(
+    world: World, data: object
+) -> None:
+    """Checked before it is acknowledged: the bank retries, or someone looks — stored, it
+    once stopped every later callback from being applied."""
+    payload = (
+        {"type": "payment.succeeded"}
+        if data is None
+        else {"type": "payment.succeeded", "data": data}
+    )
+    code, answer = _signed_post(world, json.dumps(payload).encode())
+    assert code == 422, answer
+    assert answer["error"]["code"] == "invalid_input"
+    assert _stored_events(world) == []
+
+
+def test_a_signed_body_that_is_not_json_is_bad_input_not_a_bad_signature(world: World) -> None:
+    code, answer = _signed_post(world, b"{not json")
+    assert code == 422 and "JSON" in answer["error"]["message"], answer
+    assert _stored_events(world) == []
+
+
+def test_an_unusable_stored_callback_is_set_aside_and_the_others_apply(world: World) -> None:
+    """One stored before callbacks were checked (or by a bug): audited and set aside."""
+    with world.wallet.database.transaction() as session:
+        session.add(
+            BankWebhookEvent(
+                id="msg_unusable",
+                event_type="payment.succeeded",
+                payload=json.dumps({"type": "payment.succeeded", "data": {"amount_fen": "abc"}}),
+                received_at=world.wallet.clock() - timedelta(minutes=1),
+                processed_at=None,
+            )
+        )
+    reference = world.order()
+    world.pay(reference)  # applies the stored callbacks, oldest first
+    assert world.state(reference) == "paid"
+    assert all(event.processed_at is not None for event in _stored_events(world))
+    assert _audit(world, "bank_callback.unusable")[0]["reason"].startswith("data.order_id")
+
+
+class RefusingBank:
+    """The bank says no to every refund (``topups.RefundRefused``), or cannot be reached."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.asked = error, 0
+
+    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
+        self.asked += 1
+        raise self.error
+
+
+def _store_payment_for_unknown_order(world: World) -> None:
+    payload = {"type": "payment.succeeded", "data": {**GOOD, "order_id": "NOBODY-1"}}
+    with world.wallet.database.transaction() as session:
+        session.add(
+            BankWebhookEvent(
+                id="msg_unknown_order",
+                event_type="payment.succeeded",
+                payload=json.dumps(payload),
+                received_at=world.wallet.clock() - timedelta(minutes=1),
+                processed_at=None,
+            )
+        )
+
+
+def _paid_at_bank(world: World, reference: str, amount: int = 3000) -> None:
+    """Paid, and the bank's callback stored (not yet applied)."""
+    from reader_sim.bank import deliver_due
+
+    world.bank.pay("BUSCARD", reference, amount, BANK_CARD)
+
+    def post(url: str, payload: str, headers: dict[str, str]) -> int:
+        return world.wallet.client().post(url, data=payload, headers=headers).status_code
+
+    deliver_due(world.bank, world.secret, post)
+
+
+def test_money_for_an_unknown_order_refused_back_by_the_bank_blocks_no_other_callback(
+    world: World,
+) -> None:
+    _store_payment_for_unknown_order(world)
+    reference = world.order()
+    _paid_at_bank(world, reference)
+    bank = RefusingBank(topups.RefundRefused("HTTP 422: unknown payment"))
+    assert world.run(lambda ctx: topups.process_bank_events(ctx, bank)) == 2
+    assert bank.asked == 1 and world.state(reference) == "paid"
+    assert all(event.processed_at is not None for event in _stored_events(world))
+    [unknown] = _audit(world, "topup.payment_for_unknown_order")
+    assert "refused by the bank" in unknown["refund"] and unknown["amount_fen"] == 100
+
+
+def test_money_for_an_unknown_order_waits_while_the_bank_is_unreachable(world: World) -> None:
+    _store_payment_for_unknown_order(world)
+    reference = world.order()
+    _paid_at_bank(world, reference)
+    down = RefusingBank(requests.ConnectionError("connection refused"))
+    # The one left is not work done: the worker rests instead of asking the bank in a loop.
+    assert world.run(lambda ctx: topups.process_bank_events(ctx, down)) == 1
+    assert world.state(reference) == "paid"
+    assert [e.id for e in _stored_events(world) if e.processed_at is None] == ["msg_unknown_order"]
+    answering = RefusingBank(topups.RefundRefused("HTTP 422: unknown payment"))
+    assert world.run(lambda ctx: topups.process_bank_events(ctx, answering)) == 1
+    assert all(event.processed_at is not None for event in _stored_events(world))
+
+
+def test_a_refund_the_bank_cannot_do_now_waits_and_the_others_go_on(world: World) -> None:
+    first, second = world.order(amount=2000), world.order(amount=1000)
+    world.pay(first, amount=2500)  # another amount: to be refunded
+    world.later(1)
+    world.pay(second, amount=1500)
+    assert world.state(first) == world.state(second) == "refunding"
+    down = RefusingBank(requests.ConnectionError("connection refused"))
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, down)).action == (
+        "refund: the bank could not be asked"
+    )
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, world.bank)).action == (
+        "refunded"
+    )
+    assert (world.state(first), world.state(second)) == ("refunding", "refunded")
+    refused = RefusingBank(topups.RefundRefused("HTTP 409: more than was paid"))
+    world.later(topups.refund_retry_s)
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, refused)).action == (
+        "refund refused by the bank"
+    )
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, world.bank)) is None
+    assert _audit(world, "topup.refund_refused")[0]["reason"] == "HTTP 409: more than was paid"
+    world.later(topups.refund_refused_retry_s)
+    assert world.work() == "refunded"
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    assert world.books()["topup_pending:platform"] == 0
+
+
+def test_a_payment_of_another_amount_keeps_the_amount_asked_and_refunds_what_was_paid(
+    world: World,
+) -> None:
+    """The order keeps what the passenger asked (reconciliation shows the mismatch)."""
+    reference = world.order(amount=3000)
+    world.pay(reference, amount=2000)
+    order = _order(world, reference)
+    assert (order.amount_fen, order.paid_fen, order.state) == (3000, 2000, "refunding")
+    [payment] = world.bank.statement("BUSCARD", order.paid_at.date()).splitlines()[1:]
+    assert payment.endswith(order.paid_at.isoformat())  # the bank's time: its business day
+    assert world.work() == "refunded"
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    assert world.books()["topup_pending:platform"] == 0
+    assert world.channel.notices[-1][1].endswith("Refunded 20.00")
+
+
+def test_a_paid_order_of_a_card_reported_lost_is_refunded_not_loaded(world: World) -> None:
+    reference = world.order()
+    world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "phone"))
+    world.pay(reference)
+    assert world.work() == "giving up"
+    assert world.work() == "refunded"
+    assert world.channel.sent == []  # no packet went to the lost card's phone
+    assert _order(world, reference).failure == "the card is lost"
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+
+
+def test_a_lost_card_s_order_waiting_for_packet_1_s_answer_is_refunded(world: World) -> None:
+    reference = world.order()
+    world.pay(reference)
+    assert world.work() == "packet 1 sent"
+    world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "phone"))
+    world.later(topups.por_timeout_s)
+    assert world.work() == "giving up"
+    assert world.work() == "refunded"
+    assert len(world.channel.sent) == 1
+
+
+def test_a_phone_has_one_active_card(wallet: Wallet) -> None:
+    """A phone's SMS name its card by the number: two active cards on one number sent one
+    card's PoRs to the other's orders (and its refund notice to the other's phone)."""
+    company = set_up_bus_company(wallet)
+    token = company.counter_token
+    first, second = (
+        wallet.ok("POST", "/api/v1/cards", token, {"iccid": iccid, "phone": PHONE})
+        for iccid in ("8986001234567890123", "8986001234567890124")
+    )
+    wallet.ok("POST", f"/api/v1/cards/{first['serial']}/activate", token)
+    code, answer = wallet.call("POST", f"/api/v1/cards/{second['serial']}/activate", token)
+    assert code == 409 and first["serial"] in answer["error"]["message"], answer
+    assert wallet.ok("GET", f"/api/v1/cards/{second['serial']}", token)["status"] == "issued"
+
+
+def test_the_database_keeps_one_active_card_per_phone(wallet: Wallet) -> None:
+    """(Two activations at once: the index stops the second; its retry gets the 409.)"""
+    from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
+
+    from wallet_service.models import Card
+
+    company = set_up_bus_company(wallet)
+    for iccid in ("8986001234567890123", "8986001234567890124"):
+        wallet.ok("POST", "/api/v1/cards", company.counter_token, {"iccid": iccid, "phone": PHONE})
+    with pytest.raises(IntegrityError), wallet.database.transaction() as session:
+        session.execute(update(Card).values(status="active"))
