@@ -2,14 +2,17 @@
 with Osmocom pySim's ``OtaDialectSms`` (its public test vectors are in
 tests/vectors/ota_pysim.json). Pure functions over bytes; the counter goes in and comes out.
 
-Command packet (platform → SIM), as pySim builds it ("CPL onwards, no UDH"):
+Command packet (platform → SIM), ota.md §1 ("CPL onwards, no UDH"):
 
     ciphered:   CPL(2) CHL(1) SPI(2) KIc(1) KID(1) TAR(3) | E(CNTR(5) PCNTR(1) CC(8) data pad)
-    clear:             CHL(1) SPI(2) KIc(1) KID(1) TAR(3)    CNTR(5) PCNTR(1) CC(8) data
+    clear:      CPL(2) CHL(1) SPI(2) KIc(1) KID(1) TAR(3)    CNTR(5) PCNTR(1) CC(8) data
 
-CHL = 13 + length of CC. The CC covers CPL … data (zero-padded), CC field excluded — CPL
-included even when pySim leaves it out of a clear packet. Ciphering covers CNTR … data,
-zero-padded to the block; PCNTR counts the padding.
+CHL = 13 + length of CC. The CC covers CPL … data (zero-padded), CC field excluded.
+Ciphering covers CNTR … data, zero-padded to the block; PCNTR counts the padding. A clear
+packet keeps its CPL (ota.md §1, TS 31.115 §4): here, and only here, pySim differs — its
+encode_cmd leaves CPL out of a clear packet (while its CC covers one) and its own
+decode_cmd cannot read the result; its public vectors, all ciphered, are unaffected. A
+packet travels in one SMS behind the UDH ``02 70 00``: at most 137 bytes.
 
 Response packet (SIM → platform), Proof of Receipt, in the SMS user data behind the UDH
 ``02 71 00``:
@@ -29,6 +32,8 @@ from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 sms_user_data_bytes_max = 140
+COMMAND_UDH_BYTES = 3  # 02 70 00: UDHL, IEI 70 (command packet), length 0 — TS 31.115 §4
+command_packet_bytes_max = sms_user_data_bytes_max - COMMAND_UDH_BYTES  # no concatenated SMS
 cc_bytes = 8
 counter_max = 2**40 - 1
 POR_UDH = bytes.fromhex("027100")  # UDHL 02, IEI 71 (response packet), length 00
@@ -210,27 +215,35 @@ def _cc_length(integrity: Integrity) -> int:
 
 
 def encode_command(keyset: OtaKeyset, spi: Spi, tar: bytes, counter: int, data: bytes) -> bytes:
-    """The command packet for ``data`` (a TS 102 226 command script), pySim's layout."""
-    assert len(tar) == 3 and 0 <= counter <= counter_max
+    """The command packet for ``data`` (a TS 102 226 command script), CPL first (pySim's
+    layout for a ciphered packet). ValueError when it would not fit one SMS, or when
+    ``counter`` does not fit CNTR's 5 bytes (a keyset whose counter is exhausted)."""
+    assert len(tar) == 3
+    if not 0 <= counter <= counter_max:
+        raise ValueError(f"the counter is 5 bytes (0 to {counter_max:010X}), not {counter:X}")
     cc_length = _cc_length(spi.integrity)
     padding = bytes(-(6 + cc_length + len(data)) % keyset.block_bytes) if spi.ciphered else b""
     data += padding
     head = bytes((13 + cc_length,)) + spi.encode() + bytes((keyset.kic_byte, keyset.kid_byte)) + tar
     counters = counter.to_bytes(5, "big") + bytes((len(padding),))
-    cpl = (len(head) + len(counters) + len(data) + cc_length).to_bytes(2, "big")
+    packet_length = len(head) + len(counters) + len(data) + cc_length
+    if 2 + packet_length > command_packet_bytes_max:
+        raise ValueError(
+            f"the command packet would be {2 + packet_length} bytes, "
+            f"{2 + packet_length + COMMAND_UDH_BYTES} with its header 02 70 00: one SMS carries "
+            f"{sms_user_data_bytes_max} bytes (a packet at most {command_packet_bytes_max})"
+        )
+    cpl = packet_length.to_bytes(2, "big")
     cc = keyset.cc(cpl + head + counters + data) if cc_length else b""
     secured = counters + cc + data
-    if spi.ciphered:
-        return cpl + head + keyset.encrypt(secured)
-    packet = head + secured  # pySim writes no CPL on a clear packet
-    if len(packet) > sms_user_data_bytes_max:
-        raise ValueError(f"a command packet is at most {sms_user_data_bytes_max} bytes")
-    return packet
+    return cpl + head + (keyset.encrypt(secured) if spi.ciphered else secured)
 
 
 def peek_header(packet: bytes) -> tuple[Spi, int, int, bytes]:
-    """SPI, KIc, KID and TAR of a (ciphered, CPL-prefixed) command packet, before any key."""
-    if len(packet) < 2 + 8 or int.from_bytes(packet[:2], "big") != len(packet) - 2:
+    """SPI, KIc, KID and TAR of a command packet (CPL first), before any key."""
+    if len(packet) < 2 + 8:
+        raise OtaError(PorStatus.UNDEFINED_SECURITY_ERROR, "shorter than CPL and a header")
+    if int.from_bytes(packet[:2], "big") != len(packet) - 2:
         raise OtaError(PorStatus.UNDEFINED_SECURITY_ERROR, "CPL does not match the packet")
     spi = Spi.decode(packet[3:5])
     return spi, packet[5], packet[6], packet[7:10]

@@ -10,7 +10,12 @@ commands_per_script_max = 16
 
 
 def encode_script(apdus: list[bytes]) -> bytes:
-    assert 1 <= len(apdus) <= commands_per_script_max
+    if not apdus:
+        raise ValueError("a script holds at least one command")
+    if len(apdus) > commands_per_script_max:
+        raise ValueError(
+            f"a script holds at most {commands_per_script_max} commands; these are {len(apdus)}"
+        )
     return b"".join(apdus)
 
 

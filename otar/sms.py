@@ -35,7 +35,10 @@ def encode_sms_deliver(originator: str, packet: bytes, timestamp: bytes = bytes(
     address, digit_count = _address(originator)
     user_data = COMMAND_UDH + packet
     if len(user_data) > 140:
-        raise ValueError("a command packet does not fit one SMS")
+        raise ValueError(
+            f"a command packet does not fit one SMS: {len(packet)} bytes, "
+            f"{len(user_data)} with its header 02 70 00; one SMS carries 140"
+        )
     return (
         bytes((0x40, digit_count))
         + address

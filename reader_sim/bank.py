@@ -9,10 +9,13 @@ argument; ``BankApp``/``app.py bank serve`` put HTTP around it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import csv
 import io
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -332,6 +335,30 @@ def deliver_due(
 
 
 def new_webhook_secret() -> str:
-    import base64
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: ``whsec_`` ‖ base64 of the key (RFC 4648
+    §4, padding optional). Stricter than ``standardwebhooks.Webhook``, which takes any
+    prefix-less string, drops characters outside the alphabet and fails only when it signs
+    or verifies: a secret the two sides could read differently is refused here, at start.
+    ValueError says what is wrong, never what the secret is."""
+    encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    rule = f"a webhook secret is {WEBHOOK_SECRET_PREFIX} followed by the key in base64"
+    if encoded == secret:
+        raise ValueError(f"{rule}: this one does not start with {WEBHOOK_SECRET_PREFIX}")
+    if not _BASE64.fullmatch(encoded) or len(encoded.rstrip("=")) % 4 == 1:
+        raise ValueError(f"{rule} (A-Z a-z 0-9 + /, = padding): this one is not base64")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError(f"{rule}: this one is not base64") from None
+    if not key:
+        raise ValueError(f"{rule}: this one is empty")
+    Webhook(secret)  # what is accepted here, the library reads as the same key
+    return key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from datetime import date
@@ -14,6 +15,7 @@ from reader_sim.bank import Bank, BankRefused, deliver_due
 
 sender_interval_s = 0.2
 delivery_timeout_s = 5.0
+log = logging.getLogger(__name__)
 
 
 def create_bank_app(
@@ -91,7 +93,8 @@ def create_bank_app(
 
 class WebhookSender:
     """The bank's sender thread: it delivers what is due when woken (a new payment) and
-    every ``sender_interval_s`` (retries)."""
+    every ``sender_interval_s`` (retries). An unexpected error ends one pass, logged, never
+    the thread."""
 
     def __init__(self, bank: Bank, secret: str) -> None:
         self.bank, self.secret = bank, secret
@@ -115,5 +118,10 @@ class WebhookSender:
         while not self.stop.is_set():
             self.woken.wait(sender_interval_s)
             self.woken.clear()
-            if not self.stop.is_set():
+            if self.stop.is_set():
+                return
+            try:
                 deliver_due(self.bank, self.secret, self._post)
+            except Exception as error:  # the sender outlives any one pass: due webhooks
+                # stay due, and the next pass (woken, or in sender_interval_s) retries them
+                log.exception("webhook sender: a delivery pass failed: %s", error)

@@ -368,7 +368,7 @@ def bank() -> None:
     "--secret",
     envvar="BANK_WEBHOOK_SECRET",
     required=True,
-    help="the Standard Webhooks secret shared with the platform (whsec_…)",
+    help="the Standard Webhooks secret shared with the platform: whsec_ + the key in base64",
 )
 @click.option(
     "--merchant",
@@ -379,9 +379,13 @@ def bank() -> None:
 )
 def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple[str, ...]) -> None:
     """Serve the bank over HTTP and send its webhooks."""
-    from reader_sim.bank import Bank
+    from reader_sim.bank import Bank, webhook_key
     from reader_sim.bank_http import WebhookSender, create_bank_app
 
+    try:
+        webhook_key(secret)
+    except ValueError as error:
+        raise BadInput(f"--secret: {error}") from None
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     the_bank = Bank(db_path)
     for item in merchants:
@@ -474,17 +478,18 @@ def _parse_hex(value: str, what: str) -> bytes:
 @click.argument("packet_hex")
 @click.option("--originator", default="10658888", show_default=True)
 def card_ota(image: str, packet_hex: str, originator: str) -> None:
-    """Hand one SMS-PP command packet (CPL onwards, no UDH, as pySim's OtaDialectSms
-    encode_cmd builds it) to the SIM in an ENVELOPE; save the image; print the PoR."""
+    """Hand one SMS-PP command packet (CPL onwards, no UDH: ota.md §1, as ota encode
+    prints it) to the SIM in an ENVELOPE; save the image; print the PoR (its UDH 02 71 00
+    first). No PoR (a packet the SIM cannot read, or whose SPI asks for none): why, on
+    stderr, and exit 1."""
     from otar.sms import encode_envelope, encode_sms_deliver
     from sim_applet.apdu import split_response
 
     sim = _load_sim(image)
     _ota_domain(sim)
+    packet = _parse_hex(packet_hex, "PACKET_HEX")
     try:
-        envelope = encode_envelope(
-            encode_sms_deliver(originator, _parse_hex(packet_hex, "PACKET_HEX"))
-        )
+        envelope = encode_envelope(encode_sms_deliver(originator, packet))
     except ValueError as error:
         raise BadInput(str(error)) from None
     data, sw = split_response(sim.transmit(envelope))
@@ -492,7 +497,27 @@ def card_ota(image: str, packet_hex: str, originator: str) -> None:
     if sw != 0x9000:
         click.echo(f"the SIM answered {sw:04X}", err=True)
         sys.exit(1)
+    if not data:
+        click.echo(f"no Proof of Receipt: {_why_no_por(packet)}", err=True)
+        sys.exit(1)
     click.echo(data.hex().upper())
+
+
+def _why_no_por(packet: bytes) -> str:
+    from otar.packets import OtaError, PorRequest, peek_header
+
+    try:
+        spi, _, _, _ = peek_header(packet)
+    except OtaError as error:
+        return (
+            f"the SIM cannot read the packet's header ({error}); a command packet is "
+            "CPL(2) CHL(1) SPI(2) KIc(1) KID(1) TAR(3) then the secured data (ota.md §1)"
+        )
+    if spi.por is PorRequest.NEVER:
+        return "the packet's SPI asks for none (SPI byte 2, bits 1-2: 00)"
+    if spi.por is PorRequest.ON_ERROR:
+        return "the packet's SPI asks for one only on error (SPI byte 2, bits 1-2: 10)"
+    return "the SIM sent none"  # not reached: a readable packet asking for one gets one
 
 
 @card.command("ota-keys")
@@ -504,6 +529,7 @@ def card_ota_keys(image: str) -> None:
 
     domain = _ota_domain(_load_sim(image))
     index, keys = next(iter(sorted(domain.keysets.items())))
+    counter = _next_counter(domain, index)
     click.echo(
         json.dumps(
             {
@@ -513,11 +539,29 @@ def card_ota_keys(image: str) -> None:
                 "algo_auth": keys.algo_auth,
                 "kid_idx": keys.kid_idx,
                 "kid": keys.kid.hex(),
-                "cntr": domain.last_counters.get(index, -1) + 1,
+                "cntr": counter,
                 "tar": TRANSIT_TAR.hex(),
             }
         )
     )
+    if counter is None:
+        click.echo(_COUNTER_EXHAUSTED, err=True)
+        sys.exit(1)
+
+
+_COUNTER_EXHAUSTED = (
+    "the SIM's OTA counter is exhausted: its last packet had counter FFFFFFFFFF, the highest "
+    "of CNTR's 5 bytes, so the SIM takes no further packet under these keys (a new key "
+    "version carries the counter over)"
+)
+
+
+def _next_counter(domain, index: int) -> int | None:  # type: ignore[no-untyped-def]
+    """The counter of the next packet under keyset ``index``; None when exhausted."""
+    from otar.packets import counter_max
+
+    counter = domain.last_counters.get(index, -1) + 1
+    return counter if counter <= counter_max else None
 
 
 @click.group()
@@ -530,20 +574,22 @@ def ota() -> None:
 @click.argument("apdus_hex", nargs=-1, required=True)
 def ota_encode(image: str, apdus_hex: tuple[str, ...]) -> None:
     """The command packet the platform would send to IMAGE's SIM for APDUS_HEX (ciphered,
-    CC, counter one above the SIM's last), in hex."""
+    CC, counter one above the SIM's last), in hex. At most 16 APDUs, in one SMS: the
+    packet at most 137 bytes (140 with its header 02 70 00)."""
     from otar.packets import Spi, encode_command
     from otar.remote_apdu import decode_script, encode_script
     from otar.sim_side import TRANSIT_TAR
 
     domain = _ota_domain(_load_sim(image))
     index, keys = next(iter(sorted(domain.keysets.items())))
+    counter = _next_counter(domain, index)
+    if counter is None:
+        raise click.ClickException(_COUNTER_EXHAUSTED)  # the card's state: exit 1
     apdus = [_parse_hex(apdu, "APDU") for apdu in apdus_hex]
     try:
         script = encode_script(apdus)
         decode_script(script)  # the SIM must be able to split it again
-        packet = encode_command(
-            keys, Spi(), TRANSIT_TAR, domain.last_counters.get(index, -1) + 1, script
-        )
-    except (ValueError, AssertionError) as error:
+        packet = encode_command(keys, Spi(), TRANSIT_TAR, counter, script)
+    except ValueError as error:
         raise BadInput(f"cannot script these APDUs: {error}") from None
     click.echo(packet.hex().upper())

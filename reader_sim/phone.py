@@ -29,6 +29,7 @@ from reader_sim.smsc import Sms
 from sim_applet.apdu import CommandApdu
 from sim_applet.sim import Sim
 from sim_applet.stk import (
+    INPUT_ALPHABET,
     INPUT_HIDDEN,
     CommandType,
     ProactiveCommand,
@@ -43,6 +44,11 @@ from sim_applet.stk import (
 # SEND SHORT MESSAGE). The SIM here does not vary its menu by profile.
 TERMINAL_PROFILE = bytes.fromhex("FFFFFFFF1F")
 proactive_commands_per_action_max = 32  # a SIM that never stops proposing is cut off
+input_attempts_max = 3  # tries at one GET INPUT while the answers fall out of its bounds
+_DIGITS = set("0123456789*#+")  # GET INPUT "digits only" (TS 102 223 §6.4.17)
+# The platform's texts that end a top-up (wallet_service/services/phone_requests.py and
+# topups.py): a scripted phone waiting for its outcome stops at them.
+PLATFORM_REFUSALS = ("未受理 Refused:", "已退款 Refunded")
 _PAYMENT_LINK = re.compile(r"buspay://([A-Za-z0-9_-]+)/([A-Za-z0-9-]+)/([0-9]+)")
 
 
@@ -161,10 +167,7 @@ class Phone:
             self.screen.show(command.text or "")
             return TerminalResponse.for_command(command)
         if kind is CommandType.GET_INPUT:
-            low, high = command.response_length or (0, 255)
-            typed = self.screen.ask(
-                command.text or "", low, high, bool(command.qualifier & INPUT_HIDDEN)
-            )
+            typed = self._get_input(command)
             if typed is None:
                 return TerminalResponse.for_command(command, result=Result.BACKWARD_MOVE)
             return TerminalResponse.for_command(command, text=typed)
@@ -174,6 +177,29 @@ class Phone:
                 return TerminalResponse.for_command(command, result=Result.BACKWARD_MOVE)
             return TerminalResponse.for_command(command, item_id=chosen)
         return self._send_short_message(command)
+
+    def _get_input(self, command: ProactiveCommand) -> str | None:
+        """What the passenger typed, within the command's minimum and maximum length (and
+        digits only, unless it allows the alphabet), as a phone's keypad keeps it (TS 102
+        223 §6.4.17): an answer out of bounds is not sent; the phone says why and asks
+        again. None: back, or no answer in bounds after ``input_attempts_max``."""
+        low, high = command.response_length or (0, 255)
+        digits_only = not command.qualifier & INPUT_ALPHABET
+        hidden = bool(command.qualifier & INPUT_HIDDEN)
+        for _ in range(input_attempts_max):
+            typed = self.screen.ask(command.text or "", low, high, hidden)
+            if typed is None:
+                return None
+            if low <= len(typed) <= high and (not digits_only or set(typed) <= _DIGITS):
+                return typed
+            what = "digits" if digits_only else "characters"
+            span = f"{low}" if low == high else f"{low} to {high}"
+            self.screen.show(f"Enter {span} {what}")
+        return None
+
+    def outcome_refused(self) -> str | None:
+        """The first SMS from the platform that ended a request or an order, if any."""
+        return next((t for t in self.inbox if any(r in t for r in PLATFORM_REFUSALS)), None)
 
     def _send_short_message(self, command: ProactiveCommand) -> TerminalResponse:
         if command.alpha:

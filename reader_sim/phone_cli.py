@@ -1,10 +1,13 @@
 """``python app.py phone IMAGE``: the phone simulator in a terminal, interactive or scripted.
 
 Scripted (tests, shell scripts): ``--select`` menu items in order, ``--input`` answers to
-the SIM's questions in order, ``--follow SECONDS`` keeps receiving SMS (command packets go
-to the SIM, PoRs go back, payment links are paid with ``--bank-card``). Every screen is
-printed. Interactive: the menu, a number picks an item, ``r`` receives SMS, ``q`` quits;
-SMS are received in the background too. The image is saved after every action.
+the SIM's questions (and choices in its sub-menus) in order, ``--follow SECONDS`` keeps
+receiving SMS (command packets go to the SIM, PoRs go back, payment links are paid with
+``--bank-card``), ``--until TEXT`` stops at the SMS containing TEXT — or at once, exit 1
+with the reason, when the platform refuses or refunds or the bank refuses the payment.
+Every screen is printed. Interactive: the menu, a number picks an item, ``r`` receives
+SMS, ``q`` quits; SMS are received in the background too. The image is saved after every
+action.
 """
 
 from __future__ import annotations
@@ -34,8 +37,15 @@ class PrintingScreen(ScriptedScreen):
 
     def ask(self, prompt: str, low: int, high: int, hidden: bool) -> str | None:
         answer = super().ask(prompt, low, high, hidden)
-        click.echo(f"{prompt}? {'*' * len(answer or '') if hidden else answer}")
+        shown = "(back)" if answer is None else "*" * len(answer) if hidden else answer
+        click.echo(f"{prompt}? {shown}")
         return answer
+
+    def choose(self, title: str, items: list[tuple[int, str]]) -> int | None:
+        chosen = super().choose(title, items)
+        click.echo(self.screens[-1])
+        click.echo(f"choice? {'(back)' if chosen is None else chosen}")
+        return chosen
 
 
 class TerminalScreen:
@@ -52,24 +62,41 @@ class TerminalScreen:
         return int(answer) if answer.isdigit() else None
 
 
-def bank_app(bank_url: str, card_number: str):  # type: ignore[no-untyped-def]
-    """The passenger's bank app: pays a payment link with one bank card."""
+class BankApp:
+    """The passenger's bank app: pays a payment link with one bank card; keeps the bank's
+    refusals (one line each) for ``--until``."""
 
-    def pay(merchant: str, order_id: str, amount_fen: int) -> None:
+    def __init__(self, bank_url: str, card_number: str) -> None:
+        self.bank_url, self.card_number = bank_url.rstrip("/"), card_number
+        self.refusals: list[str] = []
+
+    def __call__(self, merchant: str, order_id: str, amount_fen: int) -> None:
         answer = requests.post(
-            f"{bank_url.rstrip('/')}/api/payments",
+            f"{self.bank_url}/api/payments",
             json={
                 "merchant": merchant,
                 "order_id": order_id,
                 "amount_fen": amount_fen,
-                "card_number": card_number,
+                "card_number": self.card_number,
             },
             timeout=request_timeout_s,
         )
-        outcome = "paid" if answer.ok else f"refused: {answer.text.strip()}"
+        outcome = "paid"
+        if not answer.ok:
+            reason = bank_refusal_reason(answer)
+            self.refusals.append(f"the bank refused the payment for {order_id}: {reason}")
+            outcome = f"refused: {reason}"
         click.echo(f"[bank app: {amount_fen / 100:.2f} yuan for {order_id} {outcome}]")
 
-    return pay
+
+def bank_refusal_reason(answer: requests.Response) -> str:
+    """The bank's ``{"error": {"code", "message"}}`` as one line; else the HTTP status."""
+    try:
+        error = answer.json()["error"]
+        message = " ".join(str(error["message"]).split())
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {answer.status_code}"
+    return message or str(error.get("code") or f"HTTP {answer.status_code}")
 
 
 @click.command()
@@ -81,7 +108,12 @@ def bank_app(bank_url: str, card_number: str):  # type: ignore[no-untyped-def]
 @click.option("--select", "selections", multiple=True, type=int, help="menu item, in order")
 @click.option("--input", "answers", multiple=True, help="an answer to the SIM, in order")
 @click.option("--follow", type=click.FloatRange(0), help="receive SMS for this many seconds")
-@click.option("--until", "until_text", help="stop following once an SMS contains this text")
+@click.option(
+    "--until",
+    "until_text",
+    help="stop following once an SMS contains this text; a refusal (the platform's or the "
+    "bank's) stops at once, exit 1",
+)
 def phone(
     image: str,
     number: str,
@@ -101,12 +133,12 @@ def phone(
     lock = threading.Lock()
     scripted = bool(selections or answers or follow is not None)
     screen = PrintingScreen(list(answers)) if scripted else TerminalScreen()
-    pay = bank_app(bank_url, bank_card) if bank_card else None
+    pay = BankApp(bank_url, bank_card) if bank_card else None
     handset = Phone(sim, number, HttpGateway(smsc_url, number), screen, pay)
     try:
         handset.power_on()
         if scripted:
-            _scripted(handset, sim, image, selections, follow or 0, until_text)
+            _scripted(handset, pay, sim, image, selections, follow or 0, until_text)
             if until_text and not any(until_text in text for text in handset.inbox):
                 raise click.ClickException(f"no SMS with {until_text!r} within {follow} s")
         else:
@@ -121,6 +153,7 @@ def phone(
 
 def _scripted(
     handset: Phone,
+    bank: BankApp | None,
     sim: Sim,
     image: str,
     selections: tuple[int, ...],
@@ -138,6 +171,12 @@ def _scripted(
             sim.save(image)
         if until_text and any(until_text in text for text in handset.inbox):
             return
+        if until_text:  # what it waits for will not come: say why, now
+            refused = handset.outcome_refused()
+            if refused is not None:
+                raise click.ClickException(f"the platform refused: {' '.join(refused.split())}")
+            if bank is not None and bank.refusals:
+                raise click.ClickException(bank.refusals[0])
 
 
 def _interactive(handset: Phone, sim: Sim, image: str, lock: threading.Lock) -> None:

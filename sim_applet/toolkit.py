@@ -47,6 +47,8 @@ DEFAULT_PLATFORM_NUMBER = "10658888"  # the bus company's SMS short code (projec
 history_lines_max = 5
 log_records_max = 10
 topup_yuan_max = 1000  # the card's balance limit, card-application.md §1
+# VERIFY / CHANGE PIN take the PIN as 2–6 BCD bytes (card-application.md §2), two digits a
+# byte: 4, 6, 8, 10 or 12 digits. GET INPUT can only say 4 to 12; the rest is checked here.
 pin_digits_min, pin_digits_max = 4, 12
 
 MENU_ITEMS = ("balance", "topups", "rides", "topup", "loss", "pin", "language")
@@ -75,7 +77,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "loss_sent": "Loss report sent",
         "not_sent": "Not sent: no network",
         "old_pin": "Current PIN",
-        "new_pin": "New PIN (4-12 digits)",
+        "new_pin": "New PIN (4, 6, 8, 10 or 12 digits)",
+        "pin_rule": "A PIN is 4, 6, 8, 10 or 12 digits",
         "again_pin": "New PIN again",
         "pin_mismatch": "The new PINs differ",
         "pin_changed": "PIN changed",
@@ -104,7 +107,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "loss_sent": "挂失申请已发送",
         "not_sent": "发送失败：无网络",
         "old_pin": "原密码",
-        "new_pin": "新密码（4-12位数字）",
+        "new_pin": "新密码（4、6、8、10或12位数字）",
+        "pin_rule": "密码为4、6、8、10或12位数字",
         "again_pin": "再次输入新密码",
         "pin_mismatch": "两次输入的新密码不一致",
         "pin_changed": "密码已修改",
@@ -237,10 +241,10 @@ class Toolkit:
     def _dialog_pin(self) -> Dialog:
         entered = []
         for prompt in ("old_pin", "new_pin", "again_pin"):
-            answer = yield self._input(self.text(prompt), pin_digits_min, pin_digits_max, True)
-            if answer.result is not Result.OK or not _is_pin(answer.text):
+            pin = yield from self._pin_input(prompt)
+            if pin is None:
                 return
-            entered.append(answer.text or "")
+            entered.append(pin)
         old, new, again = entered
         if new != again:
             yield self._display(self.text("pin_mismatch"))
@@ -263,11 +267,23 @@ class Toolkit:
 
     # --- shared steps --------------------------------------------------------------------
 
+    def _pin_input(self, prompt: str) -> Generator[ProactiveCommand, TerminalResponse, str | None]:
+        """A PIN typed at ``prompt``; None when the passenger went back, or typed one the
+        card would refuse — then told the rule on the screen, and the card sent nothing.
+        The terminal should keep to GET INPUT's lengths; the SIM does not count on it."""
+        answer = yield self._input(self.text(prompt), pin_digits_min, pin_digits_max, True)
+        if answer.result is not Result.OK:
+            return None
+        if not _is_pin(answer.text):
+            yield self._display(self.text("pin_rule"))
+            return None
+        return answer.text
+
     def _pin_checked(self) -> Generator[ProactiveCommand, TerminalResponse, bool]:
-        answer = yield self._input(self.text("enter_pin"), pin_digits_min, pin_digits_max, True)
-        if answer.result is not Result.OK or not _is_pin(answer.text):
+        pin = yield from self._pin_input("enter_pin")
+        if pin is None:
             return False
-        _, sw = self.card(verify_pin(bcd_encode(answer.text or "")))
+        _, sw = self.card(verify_pin(bcd_encode(pin)))
         refusal = self._pin_outcome(sw)
         if refusal:
             yield self._display(refusal)
@@ -301,7 +317,13 @@ class Toolkit:
 
 
 def _is_pin(text: str | None) -> bool:
-    return bool(text) and text.isdigit() and len(text) % 2 == 0  # type: ignore[union-attr]
+    return (
+        text is not None
+        and text.isascii()
+        and text.isdigit()
+        and pin_digits_min <= len(text) <= pin_digits_max
+        and len(text) % 2 == 0
+    )
 
 
 def _date(record: LogRecord) -> str:

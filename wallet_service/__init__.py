@@ -24,7 +24,7 @@ def default_config() -> dict[str, Any]:
             "WALLET_PERSONALIZATION_DIR", str(instance / "personalization")
         ),
         "KEY_FILE": os.environ.get("WALLET_KEY_FILE"),
-        "BANK_WEBHOOK_SECRET": os.environ.get("WALLET_BANK_WEBHOOK_SECRET"),
+        "BANK_WEBHOOK_SECRET": _bank_webhook_secret(os.environ.get("WALLET_BANK_WEBHOOK_SECRET")),
         # The platform's merchant id at the bank: payment links in order SMS name it.
         "BANK_MERCHANT": os.environ.get("WALLET_BANK_MERCHANT", "BUSCARD"),
         # Sum of debits = sum of credits, verified inside every transaction before commit.
@@ -45,6 +45,21 @@ def _database_url(url: str) -> str:
             "DATABASE_URL is not a database URL (sqlite:///path, postgresql+psycopg://user@host/db)"
         ) from None
     return url
+
+
+def _bank_webhook_secret(secret: str | None) -> str | None:
+    """The bank's Standard Webhooks secret as the bank's webhook library will read it, or
+    a ConfigurationError now (not a 401 for every callback later). Unset or empty: no
+    secret, and every callback is refused."""
+    from reader_sim.bank import webhook_key
+    from wallet_service.errors import ConfigurationError
+
+    if secret:
+        try:
+            webhook_key(secret)
+        except ValueError as error:
+            raise ConfigurationError(f"WALLET_BANK_WEBHOOK_SECRET: {error}") from None
+    return secret
 
 
 def _secret_key(config: dict[str, Any]) -> str:
@@ -76,6 +91,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(default_config())
     app.config.update(config or {})
     app.config.setdefault("CLOCK", utc_now)
+    _bank_webhook_secret(app.config["BANK_WEBHOOK_SECRET"])
     if "KEY_STORE" not in app.config:
         app.config["KEY_STORE"] = key_store_from(app.config["KEY_FILE"])
     Path(app.config["PERSONALIZATION_DIR"]).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from wallet_service import default_config
 @click.option("--no-migrate", is_flag=True, help="do not apply migrations first")
 def serve(host: str, port: int, workers: int, threads: int, no_migrate: bool) -> None:
     """Run the wallet service (gunicorn; migrations applied first)."""
+    default_config()  # a setup mistake stops here, in one line, not in each worker's boot
     if not no_migrate:
         _upgrade()
     from gunicorn.app.base import BaseApplication
