@@ -10,7 +10,7 @@ import click
 
 from reader_sim.cli import bank, card, ota, pos, smsc
 from reader_sim.phone_cli import phone
-from wallet_service.cli import admin, clearing, db, serve, worker
+from wallet_service.cli import admin, clearing, db, serve, topups, worker
 
 
 class Cli(click.Group):
@@ -53,6 +53,7 @@ cli.add_command(phone)
 cli.add_command(serve)
 cli.add_command(db)
 cli.add_command(admin)
+cli.add_command(topups)
 cli.add_command(clearing)
 cli.add_command(worker)
 

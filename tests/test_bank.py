@@ -198,11 +198,41 @@ def test_bank_serve_calls_back_the_running_platform(  # type: ignore[no-untyped-
             time.sleep(0.05)
         log = requests.get(f"{bank_url}/webhooks", timeout=5).json()
         assert log[0]["delivered_at"] and log[0]["last_status"] == 200
+        _reconcile_from_the_bank(env, f"http://127.0.0.1:{bank_port}")
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         process.stderr.close()  # type: ignore[union-attr]
     assert process.returncode == 0 and _stored_events(database) == 1
+
+
+def _reconcile_from_the_bank(env: dict[str, str], bank: str) -> None:
+    """``topups reconcile`` fetches the day's statement from the bank: a payment for an
+    order the platform never made is a finding (exit 1); a statement file the bank would
+    not write is refused (exit 2); a bank that does not answer says so (exit 1)."""
+    from datetime import date
+
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "app.py")]
+    reconcile = [*command, "topups", "reconcile", "--date", date.today().isoformat()]
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*reconcile, *args], input=stdin, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    found = run("--bank", bank, "--merchant", MERCHANT)
+    assert found.returncode == 1, found.stderr
+    report = json.loads(found.stdout)
+    assert report["bank_paid_fen"] == 1200 and report["findings"] == [
+        {"kind": "paid_unknown_order", "order": "O1", "bank_net_fen": 1200}
+    ]
+    quiet_day = run("--statement", "-", stdin="kind,id,payment_id,order_id,amount_fen,at\r\n")
+    assert quiet_day.returncode == 0 and json.loads(quiet_day.stdout)["matched"]
+    bad = run("--statement", "-", stdin="kind,id\n")
+    assert bad.returncode == 2 and bad.stderr.startswith("Error: a statement's header")
+    down = run("--bank", f"http://127.0.0.1:{_free_port()}")
+    assert down.returncode == 1 and "could not be fetched" in down.stderr
+    assert "Traceback" not in found.stderr + bad.stderr + down.stderr
 
 
 def _wait_until_up(url: str) -> None:

@@ -132,16 +132,23 @@ def clearing_run(day) -> None:  # type: ignore[no-untyped-def]
 def _clear(business_date) -> None:  # type: ignore[no-untyped-def]
     import json
 
+    from wallet_service.services import clearing as clearing_service
+
+    report = _as_admin(lambda ctx: clearing_service.run(ctx, business_date))
+    click.echo(json.dumps(report.__dict__, default=str, indent=1))
+
+
+def _as_admin(work):  # type: ignore[no-untyped-def]
+    """``work(ctx)`` in one transaction of the configured database, as the platform."""
     from wallet_service import create_app
     from wallet_service.auth import Principal
-    from wallet_service.services import clearing as clearing_service
     from wallet_service.services.registry import Context
 
     _upgrade()
     app = create_app()
     database = app.extensions["database"]
 
-    def work(session):  # type: ignore[no-untyped-def]
+    def in_context(session):  # type: ignore[no-untyped-def]
         ctx = Context(
             session,
             Principal(0, "admin"),
@@ -149,13 +156,12 @@ def _clear(business_date) -> None:  # type: ignore[no-untyped-def]
             app.config["KEY_STORE"],
             app.config["PERSONALIZATION_DIR"],
         )
-        return clearing_service.run(ctx, business_date)
+        return work(ctx)
 
     try:
-        report = database.run(work)
+        return database.run(in_context)
     finally:
         database.dispose()
-    click.echo(json.dumps(report.__dict__, default=str, indent=1))
 
 
 @clearing.command("schedule")
@@ -219,3 +225,64 @@ def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
     click.echo(f"worker: SMS centre {smsc_url}, bank {bank_url}")
     with contextlib.suppress(KeyboardInterrupt):
         run_forever(app, gateway, bank, stop)
+
+
+@click.group()
+def topups() -> None:
+    """Over-the-air top-ups: the daily three-way match with the bank."""
+
+
+statement_timeout_s = 30
+
+
+@topups.command("reconcile")
+@click.option(
+    "--date", "day", type=click.DateTime(["%Y-%m-%d"]), help="the business day (default: yesterday)"
+)
+@click.option(
+    "--bank",
+    "bank_url",
+    default="http://127.0.0.1:8090",
+    show_default=True,
+    help="the bank whose daily statement to fetch",
+)
+@click.option(
+    "--merchant", help="the platform's merchant id at the bank (default: WALLET_BANK_MERCHANT)"
+)
+@click.option(
+    "--statement", type=click.File("r", encoding="utf-8"),
+    help="the statement CSV from a file ('-': standard input) instead of the bank",
+)  # fmt: skip
+def topups_reconcile(day, bank_url: str, merchant: str | None, statement) -> None:  # type: ignore[no-untyped-def]
+    """Match the bank's statement of a day, the orders and the confirmed loads; print the
+    report (JSON). Exit 0: all matched; 1: findings (or the bank unreachable); 2: the
+    statement is not one the bank writes."""
+    import json
+    import os
+    from datetime import date, timedelta
+
+    import requests
+
+    from wallet_service.errors import InvalidInput
+    from wallet_service.services import reconciliation
+
+    business_day = day.date() if day else date.today() - timedelta(days=1)
+    if statement is not None:
+        csv = statement.read()
+    else:
+        merchant = merchant or os.environ.get("WALLET_BANK_MERCHANT", "BUSCARD")
+        url = f"{bank_url.rstrip('/')}/api/statements/{merchant}/{business_day}.csv"
+        try:
+            answer = requests.get(url, timeout=statement_timeout_s)
+            answer.raise_for_status()
+        except requests.RequestException as error:
+            click.echo(f"Error: the bank's statement could not be fetched: {error}", err=True)
+            sys.exit(1)
+        csv = answer.text
+    try:
+        report = _as_admin(lambda ctx: reconciliation.reconcile(ctx, business_day, csv))
+    except InvalidInput as error:
+        click.echo(f"Error: {error.message}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(report, indent=1, ensure_ascii=False))
+    sys.exit(0 if report["matched"] else 1)
