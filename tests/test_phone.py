@@ -539,3 +539,46 @@ def test_a_message_that_always_conflicts_is_dropped_not_delivered_for_ever(
     world.smsc.clock.advance(seconds=worker_module.sms_lease_ms / 1000)  # type: ignore[attr-defined]
     assert worker.read_sms() == 0  # both acknowledged
     world.bank.close()
+
+
+def _top_up_reporting_loss_at(world: PhoneWorld, state: str) -> None:
+    """A top-up of 30 yuan from the menu, worked step by step; the card is reported lost
+    the moment its order reaches ``state`` (before the phone receives the next packet)."""
+    from wallet_service.services import cards
+
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    lost = False
+    for _ in range(12):
+        run_once(world.wallet.app, world.gateway, world.bank)
+        if not lost and [s for _, s, _ in _orders(world.wallet)] == [state]:
+            world.run(
+                lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x")
+            )
+            lost = True
+        world.phone.receive()
+    assert lost
+
+
+def test_a_card_reported_lost_after_its_credit_was_sent_still_has_the_load_posted(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The CREDIT may have run: the phone's proof settles it (it used to be dropped as from
+    an unknown phone, and the order stayed unsettled for ever)."""
+    world = PhoneWorld(wallet, tmp_path)
+    _top_up_reporting_loss_at(world, "credit_sent")
+    assert _orders(wallet) == [(3000, "loaded", None)]
+    assert purse(world.sim).balance == 3000
+    assert world.books()[f"card_float:{world.serial}"] == 3000  # (goes to its replacement)
+    world.bank.close()
+
+
+def test_a_card_reported_lost_before_its_credit_gets_none_and_the_money_goes_back(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    world = PhoneWorld(wallet, tmp_path)
+    _top_up_reporting_loss_at(world, "init_sent")
+    assert _orders(wallet) == [(3000, "refunded", "the card is lost")]
+    assert purse(world.sim).balance == 0
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    world.bank.close()

@@ -124,8 +124,11 @@ def committed_then_sent(
 
 # Built once: asked for every PoR (built per call, a statement's expression tree and cache
 # key cost more CPU than running it).
-_ACTIVE_CARD_OF_PHONE = select(Card).where(
-    Card.phone == bindparam("phone", type_=String), Card.status == "active"
+_CARD_OF_PHONE = (
+    select(Card)
+    .where(Card.phone == bindparam("phone", type_=String), Card.status.in_(("active", "lost")))
+    .order_by((Card.status == "active").desc(), Card.id.desc())
+    .limit(1)
 )
 
 
@@ -140,8 +143,10 @@ class CardKeysets:
         self.session, self.masters = session, masters
         self.cards: dict[str, Card] = {}
 
-    def active_card_of(self, phone: str) -> Card | None:
-        card = self.session.scalar(_ACTIVE_CARD_OF_PHONE, {"phone": phone})
+    def card_of(self, phone: str) -> Card | None:
+        """The phone's active card; else the one it reported lost (its answers may still
+        settle a load under way — never start one)."""
+        card = self.session.scalar(_CARD_OF_PHONE, {"phone": phone})
         if card is not None:
             self.cards[card.serial] = card
         return card
@@ -172,7 +177,7 @@ def handle_incoming_sms(
         return phone_requests.handle(ctx, channel, sms.sender, sms.user_data, merchant)
     if sms.udh != RESPONSE_UDH:
         return "not a proof of receipt"
-    card = channel.keyset_for.active_card_of(sms.sender)
+    card = channel.keyset_for.card_of(sms.sender)
     if card is None:
         return "unknown phone"
     card_serial = card.serial
@@ -189,7 +194,7 @@ def handle_incoming_sms(
     except ValueError:
         return "forged or damaged proof of receipt"
     return topups.on_proof_of_receipt(
-        ctx, channel, card_serial, por.counter, response.last_response
+        ctx, channel, card_serial, por.counter, response.last_response, card.status == "active"
     )
 
 

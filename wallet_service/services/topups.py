@@ -584,14 +584,24 @@ _ORDER_AT_STEP = (
 
 
 def on_proof_of_receipt(
-    ctx: Context, channel: OtaChannel, card_serial: str, step: int, last_response: bytes
+    ctx: Context,
+    channel: OtaChannel,
+    card_serial: str,
+    step: int,
+    last_response: bytes,
+    card_active: bool = True,
 ) -> str:
-    """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW."""
+    """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW.
+    A card reported lost (``card_active`` False) gets no CREDIT; a load it may already
+    have done is still settled."""
     order = ctx.session.scalar(_ORDER_AT_STEP, {"serial": card_serial.upper(), "step": step})
     if order is None or len(last_response) < 2:
         return "stale"
     data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
     if order.state == "init_sent":
+        if not card_active:  # safe: no CREDIT went to it yet
+            _to_refund(ctx, order, "the card is lost")
+            return "card lost: refunding"
         return _initialized(ctx, order, channel, data, sw)
     if order.state == "credit_sent":
         if sw == 0x9000 and _tac_ok(ctx, order, data):
