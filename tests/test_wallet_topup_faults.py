@@ -103,6 +103,11 @@ def test_a_signed_body_that_is_not_json_is_bad_input_not_a_bad_signature(world: 
     code, answer = _signed_post(world, b"{not json")
     assert code == 422 and "JSON" in answer["error"]["message"], answer
     assert _stored_events(world) == []
+    stamp = str(int(time.time()))
+    headers = {"webhook-id": "msg_x", "webhook-timestamp": stamp, "webhook-signature": "v1,AA=="}
+    latin = world.wallet.client().post("/api/v1/bank/webhooks", data=b"\xff{}", headers=headers)
+    assert latin.status_code == 422 and "UTF-8" in latin.get_json()["error"]["message"]
+    assert _stored_events(world) == []
 
 
 def test_an_unusable_stored_callback_is_set_aside_and_the_others_apply(world: World) -> None:

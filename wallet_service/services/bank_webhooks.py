@@ -69,12 +69,16 @@ def receive(
     if len(raw_body) > payload_bytes_max:
         raise InvalidInput(f"a webhook body is at most {payload_bytes_max} bytes")
     try:
+        raw_body.decode("utf-8")  # (the library decodes before it checks the signature)
+    except UnicodeDecodeError:
+        raise InvalidInput("a webhook body is JSON in UTF-8") from None
+    try:
         # Checks the HMAC over id.timestamp.body and the 5-minute timestamp tolerance,
         # then parses the body (a JSON error: the signature was good).
         payload = Webhook(secret).verify(raw_body, headers)
     except json.JSONDecodeError as error:
         raise InvalidInput(f"a webhook body is JSON: {error}") from None
-    except (WebhookVerificationError, ValueError, TypeError, UnicodeDecodeError) as error:
+    except (WebhookVerificationError, ValueError, TypeError) as error:
         raise Unauthorized(f"webhook signature rejected: {error}") from None
     webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
     event_data(payload)
