@@ -228,6 +228,11 @@ def _reconcile_from_the_bank(env: dict[str, str], bank: str) -> None:
     ]
     quiet_day = run("--statement", "-", stdin="kind,id,payment_id,order_id,amount_fen,at\r\n")
     assert quiet_day.returncode == 0 and json.loads(quiet_day.stdout)["matched"]
+    undated = subprocess.run(
+        [*command, "topups", "reconcile", "--statement", "-"], env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert undated.returncode == 2 and "--statement needs --date" in undated.stderr
     bad = run("--statement", "-", stdin="kind,id\n")
     assert bad.returncode == 2 and bad.stderr.startswith("Error: a statement's header")
     down = run("--bank", f"http://127.0.0.1:{_free_port()}")

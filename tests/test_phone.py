@@ -582,3 +582,62 @@ def test_a_card_reported_lost_before_its_credit_gets_none_and_the_money_goes_bac
     assert purse(world.sim).balance == 0
     assert world.bank.card_balance(BANK_CARD) == 100_000
     world.bank.close()
+
+
+def test_the_worker_refunds_money_for_an_unknown_order(wallet: Wallet, tmp_path: Path) -> None:
+    world = PhoneWorld(wallet, tmp_path)
+    world.bank_app("BUSCARD", "NOBODY-1", 100)
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 100
+    report = run_once(world.wallet.app, world.gateway, world.bank)
+    assert report.bank_events == 1 and report.steps == 1
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    assert run_once(world.wallet.app, world.gateway, world.bank).steps == 0
+    world.bank.close()
+
+
+def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """Re-issued first, the old card's float would move without the load, and its phone's
+    proof would find no card: 30 yuan on the old SIM and 30 in the books, never settled."""
+    from sqlalchemy import update
+
+    from wallet_service.errors import Conflict
+    from wallet_service.services import cards
+
+    world = PhoneWorld(wallet, tmp_path)
+    id_number = "110101199001011234"
+    with wallet.database.transaction() as session:
+        session.execute(update(Card).values(holder_id_number=id_number))
+
+    def reissue():  # type: ignore[no-untyped-def]
+        from wallet_service.auth import Principal
+        from wallet_service.services.registry import Context
+
+        perso = Path(wallet.app.config["PERSONALIZATION_DIR"])
+        keys = wallet.app.config["KEY_STORE"]
+        return wallet.database.run(
+            lambda session: cards.reissue(
+                Context(session, Principal(0, "admin"), wallet.clock(), keys, perso),
+                world.serial,
+                id_number,
+                "8986001234567890999",
+                PHONE,
+            )
+        )
+
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    for _ in range(12):
+        run_once(world.wallet.app, world.gateway, world.bank)
+        if [s for _, s, _ in _orders(wallet)] == ["credit_sent"]:
+            break
+        world.phone.receive()
+    world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x"))
+    with pytest.raises(Conflict, match="being settled"):
+        reissue()
+    world.settle()
+    assert _orders(wallet) == [(3000, "loaded", None)]
+    new_card = reissue()
+    assert world.books()[f"card_float:{new_card.serial}"] == 3000
+    world.bank.close()

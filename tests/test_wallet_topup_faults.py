@@ -78,7 +78,8 @@ GOOD = {"order_id": "X-1", "payment_id": "pay_1", "amount_fen": 100}
         {k: v for k, v in GOOD.items() if k != "payment_id"},
         {**GOOD, "order_id": ""},
         {**GOOD, "order_id": 7},
-        {**GOOD, "order_id": "X" * 41},
+        {**GOOD, "order_id": "X" * 101},
+        {**GOOD, "payment_id": "P" * 41},
         {**GOOD, "paid_at": "yesterday"},
         {**GOOD, "paid_at": 1764496800},
     ],
@@ -166,32 +167,48 @@ def _paid_at_bank(world: World, reference: str, amount: int = 3000) -> None:
     deliver_due(world.bank, world.secret, post)
 
 
-def test_money_for_an_unknown_order_refused_back_by_the_bank_blocks_no_other_callback(
+def test_money_for_an_unknown_order_goes_back_in_a_step_of_its_own(world: World) -> None:
+    """The callback is applied without asking the bank (a bank that cannot be asked used
+    to keep such a callback first in line every pass: a batch of them stopped every later
+    payment from being applied, and every pass asked the bank again)."""
+    world.bank.pay("BUSCARD", "NOBODY-1", 100, BANK_CARD)
+    reference = world.order()
+    _paid_at_bank(world, reference)
+    assert world.run(lambda ctx: topups.process_bank_events(ctx)) == 2
+    assert world.state(reference) == "paid"
+    assert all(event.processed_at is not None for event in _stored_events(world))
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 100 - 3000
+    down = RefusingBank(requests.ConnectionError("connection refused"))
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, down)) == (
+        "refund: the bank could not be asked"
+    )
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, world.bank)) is None
+    world.later(topups.refund_retry_s)
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, world.bank)) == (
+        "refunded"
+    )
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, world.bank)) is None
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000
+    [refunded] = _audit(world, "topup.unknown_payment_refunded")
+    assert refunded["amount_fen"] == 100
+    assert world.books().get("topup_pending:platform") == 3000  # (not the platform's money)
+
+
+def test_money_for_an_unknown_order_the_bank_will_not_refund_waits_for_a_person(
     world: World,
 ) -> None:
     _store_payment_for_unknown_order(world)
-    reference = world.order()
-    _paid_at_bank(world, reference)
-    bank = RefusingBank(topups.RefundRefused("HTTP 422: unknown payment"))
-    assert world.run(lambda ctx: topups.process_bank_events(ctx, bank)) == 2
-    assert bank.asked == 1 and world.state(reference) == "paid"
-    assert all(event.processed_at is not None for event in _stored_events(world))
-    [unknown] = _audit(world, "topup.payment_for_unknown_order")
-    assert "refused by the bank" in unknown["refund"] and unknown["amount_fen"] == 100
-
-
-def test_money_for_an_unknown_order_waits_while_the_bank_is_unreachable(world: World) -> None:
-    _store_payment_for_unknown_order(world)
-    reference = world.order()
-    _paid_at_bank(world, reference)
-    down = RefusingBank(requests.ConnectionError("connection refused"))
-    # The one left is not work done: the worker rests instead of asking the bank in a loop.
-    assert world.run(lambda ctx: topups.process_bank_events(ctx, down)) == 1
-    assert world.state(reference) == "paid"
-    assert [e.id for e in _stored_events(world) if e.processed_at is None] == ["msg_unknown_order"]
-    answering = RefusingBank(topups.RefundRefused("HTTP 422: unknown payment"))
-    assert world.run(lambda ctx: topups.process_bank_events(ctx, answering)) == 1
-    assert all(event.processed_at is not None for event in _stored_events(world))
+    assert world.run(lambda ctx: topups.process_bank_events(ctx)) == 1
+    refusing = RefusingBank(topups.RefundRefused("HTTP 422: unknown payment"))
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, refusing)) == (
+        "refund refused by the bank"
+    )
+    assert _audit(world, "topup.refund_refused")[0]["reason"] == "HTTP 422: unknown payment"
+    world.later(topups.refund_retry_s)
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, refusing)) is None
+    world.later(topups.refund_refused_retry_s)
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, refusing)) is not None
+    assert refusing.asked == 2
 
 
 def test_a_refund_the_bank_cannot_do_now_waits_and_the_others_go_on(world: World) -> None:
@@ -286,3 +303,67 @@ def test_the_database_keeps_one_active_card_per_phone(wallet: Wallet) -> None:
         wallet.ok("POST", "/api/v1/cards", company.counter_token, {"iccid": iccid, "phone": PHONE})
     with pytest.raises(IntegrityError), wallet.database.transaction() as session:
         session.execute(update(Card).values(status="active"))
+
+
+class AnswerLostBank:
+    """The bank does the refund, but its answer is lost (a read timeout)."""
+
+    def __init__(self, bank) -> None:  # type: ignore[no-untyped-def]
+        self.bank = bank
+
+    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
+        self.bank.refund(payment_id, amount_fen, reason, refund_key)
+        raise requests.ReadTimeout("read timed out")
+
+
+def test_a_refund_whose_answer_was_lost_is_posted_once_when_the_bank_confirms_it(
+    world: World,
+) -> None:
+    """The bank's refund.succeeded comes before the step's retry: the step runs at once,
+    gets the same refund under the same key, posts it and tells the passenger (the callback
+    used to mark the order refunded with nothing posted: 25 yuan stuck in the books)."""
+    reference = world.order(amount=3000)
+    world.pay(reference, amount=2500)
+    lost = AnswerLostBank(world.bank)
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, lost)).action == (
+        "refund: the bank could not be asked"
+    )
+    world.pay_callbacks()  # the bank's refund.succeeded, applied
+    assert world.work() == "refunded"
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    assert world.books()["topup_pending:platform"] == 0
+    assert world.channel.notices[-1][1].endswith("Refunded 25.00")
+    assert world.work() is None  # once
+
+
+@pytest.mark.parametrize(
+    ("status", "refused"), [(409, True), (422, True), (429, False), (408, False), (503, False)]
+)
+def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
+    status: int, refused: bool
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from wallet_service.worker import HttpBankClient
+
+    class Bank(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Bank)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HttpBankClient(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(topups.RefundRefused if refused else requests.HTTPError):
+            client.refund("pay_1", 100, "test", "key-1")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -95,6 +95,10 @@ class World:
 
     def pay(self, reference: str, amount: int = 3000) -> None:
         self.bank.pay("BUSCARD", reference, amount, BANK_CARD)
+        self.pay_callbacks()
+
+    def pay_callbacks(self) -> None:
+        """The bank's due callbacks delivered to the platform, and applied."""
 
         def post(url: str, payload: str, headers: dict[str, str]) -> int:
             answer = self.wallet.client().post(
@@ -103,7 +107,7 @@ class World:
             return answer.status_code
 
         deliver_due(self.bank, self.secret, post)
-        self.run(lambda ctx: topups.process_bank_events(ctx, self.bank))
+        self.run(lambda ctx: topups.process_bank_events(ctx))
 
     def work(self) -> str | None:
         result = self.run(lambda ctx: topups.work_once(ctx, self.channel, self.bank))
@@ -263,7 +267,7 @@ def test_the_same_payment_told_twice_pays_once(world: World) -> None:
                 processed_at=None,
             )
         )
-    assert world.run(lambda ctx: topups.process_bank_events(ctx, world.bank)) == 1
+    assert world.run(lambda ctx: topups.process_bank_events(ctx)) == 1
     assert world.books()["topup_pending:platform"] == 3000
     assert json.loads(first.payload)["data"]["order_id"] == reference
 

@@ -266,6 +266,8 @@ def topups_reconcile(day, bank_url: str, merchant: str | None, statement) -> Non
     from wallet_service.errors import InvalidInput
     from wallet_service.services import reconciliation
 
+    if statement is not None and day is None:
+        raise click.UsageError("--statement needs --date: the day the statement is of")
     business_day = day.date() if day else date.today() - timedelta(days=1)
     if statement is not None:
         csv = statement.read()

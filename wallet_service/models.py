@@ -374,6 +374,9 @@ class BankWebhookEvent(Base):
     payload: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # A payment for an order the platform never made: its refund is due from then (a step
+    # of its own, so no callback waits for the bank).
+    refund_due_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class TopUpOrder(Base):

@@ -33,7 +33,11 @@ notify_wait_s = 1.0
 idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1 (no NOTIFY)
 idle_poll_ms_listening = 250  # with LISTEN/NOTIFY a callback wakes the loop; timeouts are slow
 request_timeout_s = 10.0
-RARE_KINDS = ("refunds", "rekeys")  # due work looked for after each batch, in one query
+RARE_KINDS = ("refunds", "unknown_payments", "rekeys")  # due work looked for after each
+# batch, in one query
+
+
+BUSY_STATUSES = (408, 425, 429)  # timeout, too early, too many requests: ask again later
 
 
 class HttpBankClient:
@@ -54,7 +58,8 @@ class HttpBankClient:
             },
             timeout=request_timeout_s,
         )
-        if 400 <= answer.status_code < 500:  # the bank said no: asking again will not help
+        if 400 <= answer.status_code < 500 and answer.status_code not in BUSY_STATUSES:
+            # the bank said no: asking again will not help
             raise topups.RefundRefused(f"HTTP {answer.status_code}: {answer.text[:200]}")
         answer.raise_for_status()  # a server error: asked again later
         return answer.json()["refund_id"]
@@ -95,7 +100,7 @@ class Worker:
         return ota_channel.committed_then_sent(self._in_transaction, self._channel, work)
 
     def apply_bank_events(self) -> int:
-        return self._in_transaction(lambda ctx: topups.process_bank_events(ctx, self.bank))
+        return self._in_transaction(lambda ctx: topups.process_bank_events(ctx))
 
     def read_sms(self, wait_ms: int = 0) -> int:
         """PoRs and requests from phones (waiting up to ``wait_ms`` for the first): all
@@ -150,14 +155,19 @@ class Worker:
         return done + self.do_due_steps(rare_kinds)
 
     def _callbacks_and_packets(self, ctx: Context, box: Outbox) -> tuple[int, int, set[str]]:
-        events = topups.process_bank_events(ctx, self.bank)
+        events = topups.process_bank_events(ctx)
         steps = len(topups.work_batch(ctx, box, self.bank))
-        due = ctx.session.execute(select(topups.refunds_due(ctx), rekeys.anything_due(ctx))).one()
+        due = ctx.session.execute(
+            select(
+                topups.refunds_due(ctx), topups.unknown_payments_due(ctx), rekeys.anything_due(ctx)
+            )
+        ).one()
         return events, steps, {kind for kind, is_due in zip(RARE_KINDS, due, strict=True) if is_due}
 
     def do_due_steps(self, kinds: set[str] | None = None) -> int:
-        """Packet-sending steps in batches, refunds one at a time, then rekey steps."""
-        kinds = {"orders", "refunds", "rekeys"} if kinds is None else kinds
+        """Packet-sending steps in batches; refunds, refunds of payments for unknown orders
+        and rekey steps one at a time."""
+        kinds = {"orders", *RARE_KINDS} if kinds is None else kinds
         done = 0
         if "orders" in kinds:
             for _ in range(steps_per_pass_max):
@@ -169,6 +179,10 @@ class Worker:
                     break
         for kind, step in (
             ("refunds", lambda ctx, box: topups.refund_once(ctx, box, self.bank)),
+            (
+                "unknown_payments",
+                lambda ctx, box: topups.refund_unknown_payment_once(ctx, self.bank),
+            ),
             ("rekeys", lambda ctx, box: rekeys.work_once(ctx, box)),
         ):
             if kind not in kinds:

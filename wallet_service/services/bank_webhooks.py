@@ -22,7 +22,9 @@ from wallet_service.services.registry import Context
 
 KNOWN_EVENTS = ("payment.succeeded", "refund.succeeded")
 payload_bytes_max = 64_000
-id_chars_max = 40  # the orders' reference and payment id columns
+id_chars_max = 40  # the orders' payment id column
+# An order id the platform never made is still taken (its money goes back), up to this
+order_id_chars_max = 100
 amount_fen_max = 10**12  # ten billion yuan: a sane bound for one payment
 
 
@@ -35,10 +37,10 @@ def event_data(payload: Any) -> dict[str, Any]:
     data = payload.get("data")
     if not isinstance(data, dict):
         raise InvalidInput("a webhook event carries a data object")
-    for field in ("order_id", "payment_id"):
+    for field, chars_max in (("order_id", order_id_chars_max), ("payment_id", id_chars_max)):
         value = data.get(field)
-        if not isinstance(value, str) or not 0 < len(value) <= id_chars_max:
-            raise InvalidInput(f"data.{field} is a string of 1..{id_chars_max} characters")
+        if not isinstance(value, str) or not 0 < len(value) <= chars_max:
+            raise InvalidInput(f"data.{field} is a string of 1..{chars_max} characters")
     amount = data.get("amount_fen")
     if type(amount) is not int or not 0 < amount <= amount_fen_max:
         raise InvalidInput(f"data.amount_fen is a whole number of fen, 1..{amount_fen_max}")

@@ -17,7 +17,7 @@ from sim_applet.crypto import Algorithm
 from sim_applet.personalize import personalize
 from wallet_service import audit, ledger
 from wallet_service.errors import Conflict, InvalidInput, NotFound
-from wallet_service.models import BlacklistChange, BusinessHall, Card
+from wallet_service.models import BlacklistChange, BusinessHall, Card, TopUpOrder
 from wallet_service.services.registry import Context
 
 SERIAL_PREFIX = bytes.fromhex("2026")  # project-defined issuer range for application serials
@@ -207,6 +207,7 @@ def reissue(ctx: Context, serial: str, id_number: str, new_iccid: str, phone: st
     _check_identity(card, id_number)
     if card.status != "lost":
         raise Conflict("only a card reported lost can be re-issued")
+    _no_load_unsettled(ctx, card)
     old_float = ledger.open_account(ctx.session, ledger.CARD_FLOAT, card.serial)
     remaining = ledger.balance(old_float)
     new_card = issue(ctx, new_iccid, phone, card.algorithm, max(remaining, 0))
@@ -235,6 +236,28 @@ def reissue(ctx: Context, serial: str, id_number: str, new_iccid: str, phone: st
     return new_card
 
 
+# Top-up orders under way (topups.IN_FLIGHT; not imported: topups imports this module).
+_TOPUPS_UNDER_WAY = ("paid", "init_sent", "credit_sent", "proving")
+_CREDIT_MAY_HAVE_RUN = ("credit_sent", "proving")
+
+
+def _no_load_unsettled(ctx: Context, card: Card) -> None:
+    """A card whose over-the-air CREDIT may have run is not re-issued or closed until its
+    phone's proof settles it: its float would move without that load, and the old SIM's
+    proof would then find no card. (The orders under way are locked first: one the worker
+    is moving past INITIALIZE is read as it commits.)"""
+    states = ctx.session.scalars(
+        select(TopUpOrder.state)
+        .where(TopUpOrder.card_serial == card.serial, TopUpOrder.state.in_(_TOPUPS_UNDER_WAY))
+        .with_for_update()
+    ).all()
+    if any(state in _CREDIT_MAY_HAVE_RUN for state in states):
+        raise Conflict(
+            f"card {card.serial} has an over-the-air top-up being settled (its CREDIT may "
+            "have run): again once the phone has answered"
+        )
+
+
 def close(ctx: Context, serial: str, id_number: str) -> tuple[Card, int]:
     """Close the card and refund its platform balance in cash at this counter."""
     ctx.principal.require("counter")
@@ -242,6 +265,7 @@ def close(ctx: Context, serial: str, id_number: str) -> tuple[Card, int]:
     _check_identity(card, id_number)
     if card.status in ("closed", "replaced"):
         raise Conflict(f"card {card.serial} is {card.status}")
+    _no_load_unsettled(ctx, card)
     hall = ctx.session.get(BusinessHall, ctx.principal.hall_id)
     assert hall is not None
     card_float = ledger.open_account(ctx.session, ledger.CARD_FLOAT, card.serial)

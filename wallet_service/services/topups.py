@@ -200,58 +200,121 @@ _UNPROCESSED_EVENTS = (
 )
 
 
-def process_bank_events(ctx: Context, bank: BankClient, limit: int = events_per_batch) -> int:
-    """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once."""
+def process_bank_events(ctx: Context, limit: int = events_per_batch) -> int:
+    """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once; none
+    calls the bank (a refund is a step of its own)."""
     events = ctx.session.scalars(_UNPROCESSED_EVENTS, {"limit": limit}).all()
-    applied = 0
     for event in events:
-        if _apply(ctx, bank, event):
-            event.processed_at, applied = ctx.now, applied + 1
-    return applied  # (one left for later is not work done: the worker may rest)
+        _apply(ctx, event)
+        event.processed_at = ctx.now
+    return len(events)
 
 
-def _apply(ctx: Context, bank: BankClient, event: BankWebhookEvent) -> bool:
-    """Apply one stored callback; False: not now (the bank could not be asked for a refund),
-    it stays for the next pass — and the batch's other callbacks go on."""
+def _apply(ctx: Context, event: BankWebhookEvent) -> None:
     try:
         data = bank_webhooks.event_data(json.loads(event.payload))
     except (ValueError, InvalidInput) as error:  # stored before callbacks were checked
         audit.record(
             ctx.session, "bank", "bank_callback.unusable", event.id, ctx.now, reason=str(error)
         )
-        return True
+        return
     if event.event_type == "refund.succeeded":
         _refund_confirmed(ctx, data)
-        return True
+        return
     order = _order_by_reference(ctx, data["order_id"])
-    if order is None:
-        return _refund_unknown_payment(ctx, bank, data)
+    if order is None:  # money for an order the platform never made: it goes back
+        event.refund_due_at = ctx.now
+        audit.record(
+            ctx.session,
+            "bank",
+            "topup.payment_for_unknown_order",
+            data["order_id"][:60],
+            ctx.now,
+            amount_fen=data["amount_fen"],
+            payment=data["payment_id"],
+        )
+        return
     _paid(ctx, order, data)
-    return True
 
 
-def _refund_unknown_payment(ctx: Context, bank: BankClient, data: dict) -> bool:
-    """Money for an order the platform never made goes straight back (no ledger posting:
-    it never was the platform's)."""
+_UNKNOWN_PAYMENT_DUE = (
+    select(BankWebhookEvent)
+    .where(BankWebhookEvent.refund_due_at <= bindparam("now"))
+    .order_by(BankWebhookEvent.refund_due_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+
+
+def unknown_payments_due(ctx: Context) -> Exists:
+    """(An expression: the worker asks it together with others, in one query.)"""
+    return exists().where(BankWebhookEvent.refund_due_at <= ctx.now)
+
+
+def refund_unknown_payment_once(ctx: Context, bank: BankClient) -> str | None:
+    """Refund the next payment for an unknown order (no ledger posting: that money never
+    was the platform's); None when none is due."""
+    event = ctx.session.scalar(_UNKNOWN_PAYMENT_DUE, {"now": ctx.now})
+    if event is None:
+        return None
+    data = json.loads(event.payload)["data"]
     payment, amount = data["payment_id"], data["amount_fen"]
-    try:
-        refund = bank.refund(payment, amount, "unknown order", f"unknown:{payment}")
-    except RefundRefused as error:
-        refund = f"refused by the bank: {error}"  # for a person (and reconciliation)
-    except Exception as error:  # unreachable, timed out: asked again next pass
-        log.warning("refund of payment %s for unknown order failed: %s", payment, error)
-        return False
+    refund = _refund_at_bank(
+        ctx, bank, payment, amount, "unknown order", f"unknown:{payment}", data["order_id"]
+    )
+    if isinstance(refund, _NotNow):
+        event.refund_due_at = ctx.now + timedelta(seconds=refund.wait_s)
+        return refund.outcome
+    event.refund_due_at = None
     audit.record(
         ctx.session,
-        "bank",
-        "topup.payment_for_unknown_order",
-        data["order_id"],
+        "worker",
+        "topup.unknown_payment_refunded",
+        data["order_id"][:60],
         ctx.now,
-        amount_fen=amount,
         payment=payment,
+        amount_fen=amount,
         refund=refund,
     )
-    return True
+    return "refunded"
+
+
+@dataclass(frozen=True)
+class _NotNow:
+    """The bank did not refund: ask again after ``wait_s``."""
+
+    wait_s: int
+    outcome: str
+
+
+def _refund_at_bank(
+    ctx: Context,
+    bank: BankClient,
+    payment_id: str,
+    amount_fen: int,
+    reason: str,
+    refund_key: str,
+    subject: str,
+) -> str | _NotNow:
+    """The bank's refund id — or when to ask again: an hour when it said no (audited: a
+    person looks), a minute when it could not be asked. Either way the other refunds go
+    on; asked again, the same key gets the same refund."""
+    try:
+        return bank.refund(payment_id, amount_fen, reason, refund_key)
+    except RefundRefused as error:
+        audit.record(
+            ctx.session,
+            "worker",
+            "topup.refund_refused",
+            subject[:60],
+            ctx.now,
+            refund_key=refund_key,
+            reason=str(error)[:200],
+        )
+        return _NotNow(refund_refused_retry_s, "refund refused by the bank")
+    except Exception as error:  # unreachable, timed out, a server error
+        log.warning("refund %s failed, again later: %s", refund_key, error)
+        return _NotNow(refund_retry_s, "refund: the bank could not be asked")
 
 
 def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
@@ -283,9 +346,12 @@ def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
 
 
 def _refund_confirmed(ctx: Context, data: dict) -> None:
+    """The bank did a refund: an order still refunding (the bank's answer to the refund step
+    was lost) takes its refund step now — asked again under the same key, the bank answers
+    with the same refund, and the step posts it and tells the passenger."""
     order = _order_by_reference(ctx, data["order_id"])
     if order is not None and order.state == "refunding":
-        order.state, order.finished_at = "refunded", ctx.now
+        order.next_action_at = ctx.now
 
 
 def _post(
@@ -410,29 +476,18 @@ def _refund(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClie
     """What the bank holds for the order goes back. When the bank cannot be asked, or says
     no, the order waits (it is asked again later) and the other refunds go on."""
     held_fen = order.paid_fen if order.paid_fen is not None else order.amount_fen
-    try:
-        refund_id = bank.refund(
-            order.payment_id or "",
-            held_fen,
-            order.failure or "not loaded",
-            f"topup:{order.reference}",
-        )
-    except RefundRefused as error:
-        order.next_action_at = ctx.now + timedelta(seconds=refund_refused_retry_s)
-        audit.record(
-            ctx.session,
-            "worker",
-            "topup.refund_refused",
-            order.card_serial,
-            ctx.now,
-            order=order.reference,
-            reason=str(error)[:200],
-        )
-        return "refund refused by the bank"
-    except Exception as error:  # unreachable, timed out, a server error: later
-        log.warning("refund of order %s failed, again later: %s", order.reference, error)
-        order.next_action_at = ctx.now + timedelta(seconds=refund_retry_s)
-        return "refund: the bank could not be asked"
+    refund_id = _refund_at_bank(
+        ctx,
+        bank,
+        order.payment_id or "",
+        held_fen,
+        order.failure or "not loaded",
+        f"topup:{order.reference}",
+        order.reference,
+    )
+    if isinstance(refund_id, _NotNow):
+        order.next_action_at = ctx.now + timedelta(seconds=refund_id.wait_s)
+        return refund_id.outcome
     _post(
         ctx,
         TOPUP_PENDING,

@@ -4,7 +4,8 @@ A phone's SMS name its card by the phone number: two active cards on one number 
 card's PoRs to the other's orders. And an order paid a wrong amount kept only the paid
 amount (the asked one was overwritten), so reconciliation could not show the mismatch;
 and reconciliation took a day's orders by their creation, so one made before midnight and
-paid after it showed up as loaded but not paid.
+paid after it showed up as loaded but not paid. Money for an unknown order is refunded in
+a step of its own (bank_webhook_events.refund_due_at), not while the callbacks wait.
 
 Revision ID: 0007
 Revises: 0006
@@ -56,9 +57,13 @@ def upgrade() -> None:
         "UPDATE topup_orders SET paid_fen = amount_fen, paid_at = created_at "
         "WHERE payment_id IS NOT NULL"
     )
+    with op.batch_alter_table("bank_webhook_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("refund_due_at", sa.DateTime(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("bank_webhook_events", schema=None) as batch_op:
+        batch_op.drop_column("refund_due_at")
     with op.batch_alter_table("topup_orders", schema=None) as batch_op:
         batch_op.drop_column("paid_at")
         batch_op.drop_column("paid_fen")
