@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from reader_sim.bank import deliver_due
 from reader_sim.phone import Phone, PhoneError, ScriptedScreen
 from reader_sim.smsc import SmsCentre
 from sim_applet.apdu import CommandApdu
@@ -204,15 +203,7 @@ class PhoneWorld(World):
 
     def bank_app(self, merchant: str, order_id: str, amount_fen: int) -> None:
         self.bank.pay(merchant, order_id, amount_fen, BANK_CARD)
-        deliver_due(
-            self.bank,
-            self.secret,
-            lambda url, payload, headers: (
-                self.wallet.client()
-                .post("/api/v1/bank/webhooks", data=payload, headers=headers)
-                .status_code
-            ),
-        )
+        self.deliver_callbacks()
 
     def settle(self, passes: int = 8) -> None:
         for _ in range(passes):

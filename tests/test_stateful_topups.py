@@ -1,6 +1,8 @@
 """Every paid order ends loaded exactly once or refunded: random sequences of top-up
-requests, payments in any order (and twice), rekeys, worker passes, lost and duplicated
-SMS both ways and time passing, over the real secured packets, the SIM model and the bank.
+requests, payments in any order (and twice), payments for orders never made, rekeys, the
+card reported lost, worker passes, lost and duplicated SMS both ways, refunds the bank
+fails (before doing them, or after, the answer lost) and time passing, over the real
+secured packets, the SIM model and the bank.
 
 After every step: the books balance, and the SIM holds what the platform counts as loaded
 plus at most what it may have loaded without knowing yet (orders whose CREDIT went out).
@@ -14,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import requests
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -53,6 +56,8 @@ class TopUpMachine(RuleBasedStateMachine):
         self.world = PhoneWorld(self.wallet, self.directory)
         self.world.phone.pay = None  # the passenger pays by rule, in any order
         self.paid: set[tuple[str, str, int]] = set()
+        self.bank = FlakyRefunds(self.world.bank)  # the worker's bank
+        self.payments_for_no_order = 0
 
     def teardown(self) -> None:
         try:
@@ -79,7 +84,28 @@ class TopUpMachine(RuleBasedStateMachine):
 
     @rule()
     def worker_pass(self) -> None:
-        run_once(self.wallet.app, self.world.gateway, self.world.bank)
+        run_once(self.wallet.app, self.world.gateway, self.bank)
+
+    @rule(after=st.booleans())
+    def the_next_refund_fails(self, after: bool) -> None:
+        """The bank cannot be reached — or does the refund and its answer is lost."""
+        self.bank.failures.append(after)
+
+    @rule()
+    def the_banks_callbacks_arrive(self) -> None:
+        self.world.deliver_callbacks()
+
+    @precondition(lambda self: self.payments_for_no_order < 2)
+    @rule()
+    def a_payment_for_an_order_never_made(self) -> None:
+        self.payments_for_no_order += 1
+        self.world.bank_app("BUSCARD", f"NOBODY-{self.payments_for_no_order}", 100)
+
+    @rule()
+    def the_passenger_reports_the_card_lost(self) -> None:
+        """(Top-ups refused from then on; a CREDIT already sent still settles.)"""
+        self.world.screen.answers[:] = ["123456"]
+        self.world.phone.select(5)
 
     @rule()
     def phone_receives(self) -> None:
@@ -136,6 +162,7 @@ class TopUpMachine(RuleBasedStateMachine):
             for _ in range(3):
                 run_once(self.wallet.app, self.world.gateway, self.world.bank)
                 self.world.phone.receive()
+                self.world.deliver_callbacks()
                 for link in self.world.phone.payment_links:
                     if link not in self.paid:
                         self.world.bank_app(*link)
@@ -158,6 +185,22 @@ class TopUpMachine(RuleBasedStateMachine):
         books = self.world.books()
         assert books.get("topup_pending:platform", 0) == 0
         assert books.get(f"card_float:{self.world.serial}", 0) == loaded
+
+
+class FlakyRefunds:
+    """The simulated bank, failing the next refunds as told: True — done at the bank, the
+    answer lost; False — not reached."""
+
+    def __init__(self, bank) -> None:  # type: ignore[no-untyped-def]
+        self.bank, self.failures = bank, []
+
+    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
+        if not self.failures:
+            return self.bank.refund(payment_id, amount_fen, reason, refund_key)
+        if self.failures.pop(0):
+            self.bank.refund(payment_id, amount_fen, reason, refund_key)
+            raise requests.ReadTimeout("the bank's answer was lost")
+        raise requests.ConnectionError("the bank could not be reached")
 
 
 TopUpMachine.TestCase.settings = settings(

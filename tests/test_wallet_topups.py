@@ -99,6 +99,11 @@ class World:
 
     def pay_callbacks(self) -> None:
         """The bank's due callbacks delivered to the platform, and applied."""
+        self.deliver_callbacks()
+        self.run(lambda ctx: topups.process_bank_events(ctx))
+
+    def deliver_callbacks(self) -> None:
+        """The bank's due callbacks delivered to the platform's webhook endpoint."""
 
         def post(url: str, payload: str, headers: dict[str, str]) -> int:
             answer = self.wallet.client().post(
@@ -107,7 +112,6 @@ class World:
             return answer.status_code
 
         deliver_due(self.bank, self.secret, post)
-        self.run(lambda ctx: topups.process_bank_events(ctx))
 
     def work(self) -> str | None:
         result = self.run(lambda ctx: topups.work_once(ctx, self.channel, self.bank))
