@@ -632,3 +632,31 @@ def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled
     new_card = reissue()
     assert world.books()[f"card_float:{new_card.serial}"] == 3000
     world.bank.close()
+
+
+def test_a_bank_down_costs_a_worker_pass_one_refund_attempt_not_one_a_refund(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """(Each attempt may wait out the request timeout: the other due work goes first.)"""
+    import requests
+
+    from wallet_service.services import topups
+
+    world = PhoneWorld(wallet, tmp_path)
+    for amount in (2000, 1000):
+        world.pay(world.order(amount=amount), amount=amount + 500)  # both to refund
+
+    class DownBank:
+        asked = 0
+
+        def refund(self, *args: object) -> str:
+            DownBank.asked += 1
+            raise requests.ConnectionError("connection refused")
+
+    run_once(world.wallet.app, world.gateway, DownBank())
+    assert DownBank.asked == 1
+    world.later(topups.refund_retry_s)
+    run_once(world.wallet.app, world.gateway, world.bank)
+    assert [state for _, state, _ in _orders(wallet)] == ["refunded", "refunded"]
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    world.bank.close()

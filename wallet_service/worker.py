@@ -188,9 +188,13 @@ class Worker:
             if kind not in kinds:
                 continue
             for _ in range(steps_per_pass_max):
-                if self._committed_then_sent(step) is None:
+                result = self._committed_then_sent(step)
+                if result is None:
                     break
                 done += 1
+                outcome = result.action if isinstance(result, topups.WorkResult) else result
+                if outcome == topups.BANK_NOT_ASKED:
+                    break  # the bank is down: one timeout a pass, not one a refund due
         return done
 
 

@@ -98,6 +98,7 @@ class RefundRefused(Exception):
 
 
 refund_retry_s = 60  # the bank could not be asked: again after this
+BANK_NOT_ASKED = "refund: the bank could not be asked"  # (a step's outcome)
 refund_refused_retry_s = 3600  # the bank said no: again (after someone looked) after this
 
 
@@ -314,7 +315,7 @@ def _refund_at_bank(
         return _NotNow(refund_refused_retry_s, "refund refused by the bank")
     except Exception as error:  # unreachable, timed out, a server error
         log.warning("refund %s failed, again later: %s", refund_key, error)
-        return _NotNow(refund_retry_s, "refund: the bank could not be asked")
+        return _NotNow(refund_retry_s, BANK_NOT_ASKED)
 
 
 def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
