@@ -231,3 +231,33 @@ def test_two_workers_holding_two_orders_of_one_card_decide_one_after_the_other(
     thread.join(timeout=10)
     assert seen == ["waiting for the card's other top-up"]
     world.bank.close()
+
+
+def test_one_bank_callback_delivered_by_many_threads_at_once_is_stored_once(
+    pg_wallet: Wallet,
+) -> None:
+    """(The bank retrying while its first delivery is still being stored.)"""
+    from datetime import datetime
+
+    from reader_sim.bank import new_webhook_secret, signed_headers
+    from wallet_service.models import BankWebhookEvent
+
+    secret = new_webhook_secret()
+    pg_wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    payload = json.dumps(
+        {
+            "type": "payment.succeeded",
+            "data": {"order_id": "X-1", "payment_id": "pay_1", "amount_fen": 100},
+        }
+    )
+    headers = signed_headers(secret, "msg_once", payload, datetime.now())
+
+    def deliver(_: int):  # type: ignore[no-untyped-def]
+        answer = pg_wallet.client().post("/api/v1/bank/webhooks", data=payload, headers=headers)
+        return answer.status_code, answer.get_json()["duplicate"]
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        answers = list(pool.map(deliver, range(THREADS)))
+    assert sorted(answers) == [(200, False)] + [(200, True)] * (THREADS - 1), answers
+    with pg_wallet.database.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(BankWebhookEvent)) == 1

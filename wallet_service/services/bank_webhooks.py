@@ -12,7 +12,9 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -86,20 +88,29 @@ def receive(
     event_data(payload)
     if len(webhook_id) > 100:
         raise InvalidInput("webhook-id too long")
-    if ctx.session.scalar(select(BankWebhookEvent.id).where(BankWebhookEvent.id == webhook_id)):
+    row = {
+        "id": webhook_id,
+        "event_type": payload["type"],
+        "payload": json.dumps(payload),
+        "received_at": ctx.now,
+    }
+    if not _stored_once(ctx.session, row):
         return {"webhook_id": webhook_id, "duplicate": True}
-    ctx.session.add(
-        BankWebhookEvent(
-            id=webhook_id,
-            event_type=payload["type"],
-            payload=json.dumps(payload),
-            received_at=ctx.now,
-            processed_at=None,
-        )
-    )
-    ctx.session.flush()
     work_waiting(ctx.session)
     return {"webhook_id": webhook_id, "duplicate": False}
+
+
+def _stored_once(session: Any, row: dict[str, Any]) -> bool:
+    """Store the event unless its webhook-id is stored already: one statement (a twin
+    delivered at the same moment waits for the first's commit, then stores nothing)."""
+    dialect_insert = (
+        postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    )
+    table = BankWebhookEvent.__table__
+    statement = (
+        dialect_insert(table).values(**row).on_conflict_do_nothing(index_elements=[table.c.id])
+    )
+    return session.execute(statement.returning(table.c.id)).first() is not None
 
 
 WORK_CHANNEL = "wallet_work"
