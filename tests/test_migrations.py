@@ -91,3 +91,55 @@ def test_0007_keeps_what_paid_orders_were_paid(tmp_path: Path) -> None:
         paid = connection.execute(text("SELECT reference, paid_fen FROM topup_orders")).all()
     assert sorted(tuple(row) for row in paid) == [("C-1", 2500), ("C-2", None)]
     engine.dispose()
+
+
+def test_0007_down_and_up_again_loses_no_refund_due(tmp_path: Path) -> None:
+    """Down to 0006, a payment for an unknown order still to be refunded goes back to the
+    callbacks' batch (where 0006 refunds it, same key); up again, the schema is whole."""
+    from alembic import command
+
+    from wallet_service.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO bank_webhook_events (id, event_type, payload, received_at, "
+                "processed_at, refund_due_at) VALUES ('msg_1', 'payment.succeeded', '{}', "
+                "'2026-11-30', '2026-11-30', '2026-11-30')"
+            )
+        )
+    command.downgrade(alembic_config(url), "0006")
+    with engine.connect() as connection:
+        assert (
+            connection.execute(text("SELECT processed_at FROM bank_webhook_events")).scalar_one()
+            is None
+        )
+    upgrade(url)
+    with engine.connect() as connection:
+        indexes = (
+            connection.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'bank_%'")
+            )
+            .scalars()
+            .all()
+        )
+    assert sorted(indexes) == ["bank_webhook_events_refund_due", "bank_webhook_events_unprocessed"]
+    engine.dispose()
+
+
+def test_the_migrations_build_the_schema_the_models_declare(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from wallet_service.db import Base
+
+    url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []

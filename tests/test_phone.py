@@ -634,7 +634,7 @@ def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled
     world.bank.close()
 
 
-def test_a_bank_down_costs_a_worker_pass_one_refund_attempt_not_one_a_refund(
+def test_a_bank_down_costs_a_worker_pass_one_attempt_not_one_a_refund_due(
     wallet: Wallet, tmp_path: Path
 ) -> None:
     """(Each attempt may wait out the request timeout: the other due work goes first.)"""
@@ -645,6 +645,7 @@ def test_a_bank_down_costs_a_worker_pass_one_refund_attempt_not_one_a_refund(
     world = PhoneWorld(wallet, tmp_path)
     for amount in (2000, 1000):
         world.pay(world.order(amount=amount), amount=amount + 500)  # both to refund
+    world.bank_app("BUSCARD", "NOBODY-1", 100)  # and money for an order never made
 
     class DownBank:
         asked = 0
@@ -658,5 +659,67 @@ def test_a_bank_down_costs_a_worker_pass_one_refund_attempt_not_one_a_refund(
     world.later(topups.refund_retry_s)
     run_once(world.wallet.app, world.gateway, world.bank)
     assert [state for _, state, _ in _orders(wallet)] == ["refunded", "refunded"]
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    world.bank.close()
+
+
+def test_a_card_closed_while_packet_1_s_answer_is_on_its_way_gets_no_credit(
+    pg_wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker read the card (active) before the counter closed it, then takes the
+    order: the close sent it to a refund under the order's lock, so the answer is stale —
+    it used to send CREDIT to the closed card (30 yuan on it, 30 stuck in the books)."""
+    import threading
+
+    from sqlalchemy import update
+
+    from wallet_service.auth import Principal
+    from wallet_service.models import BusinessHall
+    from wallet_service.services import cards, topups
+    from wallet_service.services.registry import Context
+
+    wallet = pg_wallet
+    world = PhoneWorld(wallet, tmp_path)
+    id_number = "110101199001011234"
+    with wallet.database.transaction() as session:
+        session.execute(update(Card).values(holder_id_number=id_number))
+        hall_id = session.scalar(select(BusinessHall.id))
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    for _ in range(12):
+        run_once(wallet.app, world.gateway, world.bank)
+        if [s for _, s, _ in _orders(wallet)] == ["init_sent"]:
+            break
+        world.phone.receive()
+    closed: list[object] = []
+    keys, perso = wallet.app.config["KEY_STORE"], Path(wallet.app.config["PERSONALIZATION_DIR"])
+    counter = Principal(1, "counter", hall_id=hall_id)
+
+    def close() -> None:
+        closed.append(
+            wallet.database.run(
+                lambda s: cards.close(
+                    Context(s, counter, wallet.clock(), keys, perso), world.serial, id_number
+                )
+            )
+        )
+
+    answered = topups.on_proof_of_receipt
+
+    def closed_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not closed:  # (the card was read before: active)
+            thread = threading.Thread(target=close)
+            thread.start()
+            thread.join(10)
+        return answered(*args, **kwargs)
+
+    monkeypatch.setattr(topups, "on_proof_of_receipt", closed_meanwhile)
+    world.phone.receive()  # the SIM answers packet 1
+    run_once(wallet.app, world.gateway, world.bank)
+    monkeypatch.setattr(topups, "on_proof_of_receipt", answered)
+    assert closed
+    world.settle()
+    assert _orders(wallet) == [(3000, "refunded", "the card was closed or re-issued")]
+    assert purse(world.sim).balance == 0
     assert world.bank.card_balance(BANK_CARD) == 100_000
     world.bank.close()

@@ -367,3 +367,20 @@ def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_second_payment_of_a_paid_order_goes_back(world: World) -> None:
+    """A bank that took the order twice (here: its order ids are case-sensitive, the
+    platform's not): the second payment used to be taken for the first told again —
+    neither posted nor refunded, kept by the bank."""
+    reference = world.order()
+    world.pay(reference)
+    world.pay(reference.lower())
+    while world.work() is not None:
+        pass
+    assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, world.bank)) == (
+        "refunded"
+    )
+    assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000  # one kept, one back
+    assert world.books()["topup_pending:platform"] == 3000  # the first, still loading
+    assert _audit(world, "topup.second_payment")[0]["amount_fen"] == 3000

@@ -369,6 +369,21 @@ class BankWebhookEvent(Base):
     """A bank callback, stored (deduplicated by its webhook-id) before it is acknowledged."""
 
     __tablename__ = "bank_webhook_events"
+    __table_args__ = (
+        # The worker looks for both on every pass; the table only grows.
+        Index(
+            "bank_webhook_events_unprocessed",
+            "received_at",
+            sqlite_where=text("processed_at IS NULL"),
+            postgresql_where=text("processed_at IS NULL"),
+        ),
+        Index(
+            "bank_webhook_events_refund_due",
+            "refund_due_at",
+            sqlite_where=text("refund_due_at IS NOT NULL"),
+            postgresql_where=text("refund_due_at IS NOT NULL"),
+        ),
+    )
     id: Mapped[str] = mapped_column(String(100), primary_key=True)  # webhook-id
     event_type: Mapped[str] = mapped_column(String(40))
     payload: Mapped[str] = mapped_column(Text)

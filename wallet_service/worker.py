@@ -33,6 +33,7 @@ notify_wait_s = 1.0
 idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1 (no NOTIFY)
 idle_poll_ms_listening = 250  # with LISTEN/NOTIFY a callback wakes the loop; timeouts are slow
 request_timeout_s = 10.0
+BANK_KINDS = ("refunds", "unknown_payments")  # steps that ask the bank
 RARE_KINDS = ("refunds", "unknown_payments", "rekeys")  # due work looked for after each
 # batch, in one query
 
@@ -177,6 +178,7 @@ class Worker:
                 done += len(batch)
                 if len(batch) < topups.orders_per_batch:
                     break
+        bank_down = False
         for kind, step in (
             ("refunds", lambda ctx, box: topups.refund_once(ctx, box, self.bank)),
             (
@@ -185,7 +187,7 @@ class Worker:
             ),
             ("rekeys", lambda ctx, box: rekeys.work_once(ctx, box)),
         ):
-            if kind not in kinds:
+            if kind not in kinds or (bank_down and kind in BANK_KINDS):
                 continue
             for _ in range(steps_per_pass_max):
                 result = self._committed_then_sent(step)
@@ -194,7 +196,8 @@ class Worker:
                 done += 1
                 outcome = result.action if isinstance(result, topups.WorkResult) else result
                 if outcome == topups.BANK_NOT_ASKED:
-                    break  # the bank is down: one timeout a pass, not one a refund due
+                    bank_down = True  # one timeout a pass, not one a refund due
+                    break
         return done
 
 

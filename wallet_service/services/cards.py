@@ -244,18 +244,24 @@ _CREDIT_MAY_HAVE_RUN = ("credit_sent", "proving")
 def _no_load_unsettled(ctx: Context, card: Card) -> None:
     """A card whose over-the-air CREDIT may have run is not re-issued or closed until its
     phone's proof settles it: its float would move without that load, and the old SIM's
-    proof would then find no card. (The orders under way are locked first: one the worker
-    is moving past INITIALIZE is read as it commits.)"""
-    states = ctx.session.scalars(
-        select(TopUpOrder.state)
+    proof would then find no card. Its orders not that far go to a refund now: a late
+    answer to their packet 1 is then stale, never a CREDIT to a closed card. (The orders
+    under way are locked first: one the worker is moving past INITIALIZE is read as it
+    commits — a deadlock with the worker is retried by Database.run.)"""
+    from wallet_service.services import topups  # (it imports this module)
+
+    orders = ctx.session.scalars(
+        select(TopUpOrder)
         .where(TopUpOrder.card_serial == card.serial, TopUpOrder.state.in_(_TOPUPS_UNDER_WAY))
         .with_for_update()
     ).all()
-    if any(state in _CREDIT_MAY_HAVE_RUN for state in states):
+    if any(order.state in _CREDIT_MAY_HAVE_RUN for order in orders):
         raise Conflict(
             f"card {card.serial} has an over-the-air top-up being settled (its CREDIT may "
             "have run): again once the phone has answered"
         )
+    for order in orders:
+        topups.to_refund(ctx, order, "the card was closed or re-issued")
 
 
 def close(ctx: Context, serial: str, id_number: str) -> tuple[Card, int]:

@@ -223,12 +223,14 @@ def _apply(ctx: Context, event: BankWebhookEvent) -> None:
         _refund_confirmed(ctx, data)
         return
     order = _order_by_reference(ctx, data["order_id"])
-    if order is None:  # money for an order the platform never made: it goes back
+    if order is None or order.payment_id not in (None, data["payment_id"]):
+        # Money for an order the platform never made, or a second payment of one already
+        # paid (a bank that took the order twice): it goes back, in a step of its own.
         event.refund_due_at = ctx.now
         audit.record(
             ctx.session,
             "bank",
-            "topup.payment_for_unknown_order",
+            "topup.payment_for_unknown_order" if order is None else "topup.second_payment",
             data["order_id"][:60],
             ctx.now,
             amount_fen=data["amount_fen"],
@@ -253,8 +255,8 @@ def unknown_payments_due(ctx: Context) -> Exists:
 
 
 def refund_unknown_payment_once(ctx: Context, bank: BankClient) -> str | None:
-    """Refund the next payment for an unknown order (no ledger posting: that money never
-    was the platform's); None when none is due."""
+    """Refund the next payment for an unknown order, or a second payment of an order (no
+    ledger posting: that money never was the platform's); None when none is due."""
     event = ctx.session.scalar(_UNKNOWN_PAYMENT_DUE, {"now": ctx.now})
     if event is None:
         return None
@@ -341,7 +343,7 @@ def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
     order.paid_at = bank_webhooks.paid_at(data) or ctx.now
     if late or amount != order.amount_fen or ctx.now > order.expires_at:
         reason = "amount mismatch" if amount != order.amount_fen else "paid after it expired"
-        _to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
+        to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
         return
     order.state, order.next_action_at = "paid", ctx.now
 
@@ -458,11 +460,11 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
     if order.state in ("paid", "init_sent") and card_status != "active":
         # Safe, as below: no CREDIT can have happened yet. (A lost card's phone is not
         # trusted with a load, and its answers are not read.)
-        _to_refund(ctx, order, f"the card is {card_status}")
+        to_refund(ctx, order, f"the card is {card_status}")
         return "giving up"
     if order.state == "paid" and other_order_under_way:
         if ctx.now > order.expires_at:
-            _to_refund(ctx, order, "another top-up of this card is still under way")
+            to_refund(ctx, order, "another top-up of this card is still under way")
             return "giving up"
         order.next_action_at = ctx.now + timedelta(seconds=card_busy_wait_s)
         return "waiting for the card's other top-up"
@@ -516,7 +518,7 @@ def _send_packet_1(ctx: Context, order: TopUpOrder, channel: OtaChannel, card_co
     if order.init_attempts >= init_attempts_max:
         # Safe: from here no CREDIT can have succeeded (a CREDIT without an answer goes to
         # proving, never back here unproven).
-        _to_refund(ctx, order, "the phone did not answer")
+        to_refund(ctx, order, "the phone did not answer")
         return "giving up"
     order.init_attempts += 1
     request = InitializeRequest(LOAD_KEY_INDEX, order.amount_fen, OTA_TERMINAL_ID)
@@ -612,7 +614,7 @@ def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
     order.state, order.next_action_at = state, ctx.now + timedelta(seconds=seconds)
 
 
-def _to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
+def to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
     order.state, order.failure, order.next_action_at = "refunding", reason[:80], ctx.now
     audit.record(
         ctx.session,
@@ -656,7 +658,7 @@ def on_proof_of_receipt(
     data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
     if order.state == "init_sent":
         if not card_active:  # safe: no CREDIT went to it yet
-            _to_refund(ctx, order, "the card is lost")
+            to_refund(ctx, order, "the card is lost")
             return "card lost: refunding"
         return _initialized(ctx, order, channel, data, sw)
     if order.state == "credit_sent":
@@ -675,7 +677,7 @@ def on_proof_of_receipt(
 
 def _initialized(ctx: Context, order: TopUpOrder, channel: OtaChannel, data: bytes, sw: int) -> str:
     if sw != 0x9000:
-        _to_refund(ctx, order, f"card refused INITIALIZE FOR LOAD: {sw:04X}")
+        to_refund(ctx, order, f"card refused INITIALIZE FOR LOAD: {sw:04X}")
         return "refused"
     try:
         card = InitializeForLoadResponse.decode(data)
@@ -698,7 +700,7 @@ def _initialized(ctx: Context, order: TopUpOrder, channel: OtaChannel, data: byt
             ctx.now,
             order=order.reference,
         )
-        _to_refund(ctx, order, "MAC1 invalid: wrong or cloned card")
+        to_refund(ctx, order, "MAC1 invalid: wrong or cloned card")
         return "mac1 invalid"
     date_bcd, time_bcd = bcd_date(ctx.now), bcd_time(ctx.now)
     order.online_ctc, order.old_balance_fen = card.online_ctc, card.old_balance

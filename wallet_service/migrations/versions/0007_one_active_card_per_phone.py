@@ -59,9 +59,25 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("bank_webhook_events", schema=None) as batch_op:
         batch_op.add_column(sa.Column("refund_due_at", sa.DateTime(), nullable=True))
+    for name, column, where in (
+        ("bank_webhook_events_unprocessed", "received_at", "processed_at IS NULL"),
+        ("bank_webhook_events_refund_due", "refund_due_at", "refund_due_at IS NOT NULL"),
+    ):
+        op.create_index(
+            name,
+            "bank_webhook_events",
+            [column],
+            sqlite_where=sa.text(where),
+            postgresql_where=sa.text(where),
+        )
 
 
 def downgrade() -> None:
+    # Refunds still due go back to the callbacks' batch, where 0006 refunds an unknown
+    # order's payment (same refund key): none is lost.
+    op.execute("UPDATE bank_webhook_events SET processed_at = NULL WHERE refund_due_at IS NOT NULL")
+    op.drop_index("bank_webhook_events_refund_due", table_name="bank_webhook_events")
+    op.drop_index("bank_webhook_events_unprocessed", table_name="bank_webhook_events")
     with op.batch_alter_table("bank_webhook_events", schema=None) as batch_op:
         batch_op.drop_column("refund_due_at")
     with op.batch_alter_table("topup_orders", schema=None) as batch_op:
