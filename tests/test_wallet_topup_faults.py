@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import requests
 from sqlalchemy import select
-from standardwebhooks import Webhook
 
+from reader_sim.bank import signed_headers
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service.models import AuditEvent, BankWebhookEvent, TopUpOrder
@@ -29,21 +29,9 @@ def world(wallet: Wallet, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _signed_post(world: World, body: bytes, msg_id: str = "msg_test") -> tuple[int, dict]:
-    stamp = int(time.time())
-    signature = Webhook(world.secret).sign(msg_id, _utc(stamp), body.decode())
-    headers = {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(stamp),
-        "webhook-signature": signature,
-    }
+    headers = signed_headers(world.secret, msg_id, body.decode(), datetime.now())
     answer = world.wallet.client().post("/api/v1/bank/webhooks", data=body, headers=headers)
     return answer.status_code, answer.get_json()
-
-
-def _utc(stamp: int):  # type: ignore[no-untyped-def]
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(stamp, tz=UTC)
 
 
 def _stored_events(world: World) -> list[BankWebhookEvent]:
@@ -157,14 +145,8 @@ def _store_payment_for_unknown_order(world: World) -> None:
 
 def _paid_at_bank(world: World, reference: str, amount: int = 3000) -> None:
     """Paid, and the bank's callback stored (not yet applied)."""
-    from reader_sim.bank import deliver_due
-
     world.bank.pay("BUSCARD", reference, amount, BANK_CARD)
-
-    def post(url: str, payload: str, headers: dict[str, str]) -> int:
-        return world.wallet.client().post(url, data=payload, headers=headers).status_code
-
-    deliver_due(world.bank, world.secret, post)
+    world.deliver_callbacks()
 
 
 def test_money_for_an_unknown_order_goes_back_in_a_step_of_its_own(world: World) -> None:

@@ -258,7 +258,6 @@ def topups_reconcile(day, bank_url: str, merchant: str | None, statement) -> Non
     report (JSON). Exit 0: all matched; 1: findings (or the bank unreachable); 2: the
     statement is not one the bank writes."""
     import json
-    import os
     from datetime import date, timedelta
 
     import requests
@@ -272,7 +271,7 @@ def topups_reconcile(day, bank_url: str, merchant: str | None, statement) -> Non
     if statement is not None:
         csv = statement.read()
     else:
-        merchant = merchant or os.environ.get("WALLET_BANK_MERCHANT", "BUSCARD")
+        merchant = merchant or default_config()["BANK_MERCHANT"]
         url = f"{bank_url.rstrip('/')}/api/statements/{merchant}/{business_day}.csv"
         try:
             answer = requests.get(url, timeout=statement_timeout_s)

@@ -8,6 +8,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from wallet_service.services.reconciliation import (
+    AT_TO_THE_SECOND,
+    PAYMENT_AMOUNT,
+    REFUND_AMOUNT,
+    STATEMENT_COLUMNS,
+)
+
 COUNT_MAX = 2**62  # versions, ids, counters: well inside a 64-bit signed column
 
 Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,16}$")]
@@ -401,11 +408,11 @@ class WebhookAck(BaseModel):
 
 # The bank's daily statement CSV, exactly (reader_sim.bank.Bank.statement); sized to fit a
 # request body, and so far below the service's statement line limit.
+_IDS = r"[^,\r\n]+,[^,\r\n]*,[^,\r\n]+"  # id, payment_id (may be empty), order_id
 STATEMENT_PATTERN = (
-    r"^kind,id,payment_id,order_id,amount_fen,at\r?\n"
-    r"(((payment,[^,\r\n]+,[^,\r\n]*,[^,\r\n]+,[1-9][0-9]{0,11})"  # paid: positive
-    r"|(refund,[^,\r\n]+,[^,\r\n]*,[^,\r\n]+,-[1-9][0-9]{0,11}))"  # refunded: negated
-    r",[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\r?\n)*$"  # at, to the second
+    rf"^{','.join(STATEMENT_COLUMNS)}\r?\n"
+    rf"((payment,{_IDS},{PAYMENT_AMOUNT}|refund,{_IDS},{REFUND_AMOUNT})"
+    rf",{AT_TO_THE_SECOND}\r?\n)*$"
 )
 
 

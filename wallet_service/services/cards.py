@@ -236,11 +236,6 @@ def reissue(ctx: Context, serial: str, id_number: str, new_iccid: str, phone: st
     return new_card
 
 
-# Top-up orders under way (topups.IN_FLIGHT; not imported: topups imports this module).
-_TOPUPS_UNDER_WAY = ("paid", "init_sent", "credit_sent", "proving")
-_CREDIT_MAY_HAVE_RUN = ("credit_sent", "proving")
-
-
 def _no_load_unsettled(ctx: Context, card: Card) -> None:
     """A card whose over-the-air CREDIT may have run is not re-issued or closed until its
     phone's proof settles it: its float would move without that load, and the old SIM's
@@ -248,20 +243,24 @@ def _no_load_unsettled(ctx: Context, card: Card) -> None:
     answer to their packet 1 is then stale, never a CREDIT to a closed card. (The orders
     under way are locked first: one the worker is moving past INITIALIZE is read as it
     commits — a deadlock with the worker is retried by Database.run.)"""
-    from wallet_service.services import topups  # (it imports this module)
+    from wallet_service.services.topups import (  # (topups imports this module)
+        CREDIT_MAY_HAVE_RUN,
+        IN_FLIGHT,
+        to_refund,
+    )
 
     orders = ctx.session.scalars(
         select(TopUpOrder)
-        .where(TopUpOrder.card_serial == card.serial, TopUpOrder.state.in_(_TOPUPS_UNDER_WAY))
+        .where(TopUpOrder.card_serial == card.serial, TopUpOrder.state.in_(IN_FLIGHT))
         .with_for_update()
     ).all()
-    if any(order.state in _CREDIT_MAY_HAVE_RUN for order in orders):
+    if any(order.state in CREDIT_MAY_HAVE_RUN for order in orders):
         raise Conflict(
             f"card {card.serial} has an over-the-air top-up being settled (its CREDIT may "
             "have run): again once the phone has answered"
         )
     for order in orders:
-        topups.to_refund(ctx, order, "the card was closed or re-issued")
+        to_refund(ctx, order, "the card was closed or re-issued")
 
 
 def close(ctx: Context, serial: str, id_number: str) -> tuple[Card, int]:

@@ -29,12 +29,13 @@ statement_lines_max = 1_000_000
 STATEMENT_COLUMNS = ["kind", "id", "payment_id", "order_id", "amount_fen", "at"]
 # A payment's amount is what was paid; a refund's is written negated (-refunds.amount_fen);
 # never zero, at most 12 digits (as the API's statement pattern bounds it).
-STATEMENT_AMOUNTS = {
-    "payment": re.compile(r"[1-9][0-9]{0,11}"),
-    "refund": re.compile(r"-[1-9][0-9]{0,11}"),
-}
+# (The API's statement pattern is made of the same pieces.)
+PAYMENT_AMOUNT = r"[1-9][0-9]{0,11}"
+REFUND_AMOUNT = "-" + PAYMENT_AMOUNT
+STATEMENT_AMOUNTS = {"payment": re.compile(PAYMENT_AMOUNT), "refund": re.compile(REFUND_AMOUNT)}
 # `at` is the bank's datetime.isoformat() of a time to the second, without a zone.
-STATEMENT_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")
+AT_TO_THE_SECOND = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+STATEMENT_AT = re.compile(AT_TO_THE_SECOND)
 
 
 @dataclass
@@ -117,6 +118,13 @@ def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
     bank = statement.totals
     start = datetime.combine(day, time())
     end = start + timedelta(days=1)
+
+    def on_day(column):  # type: ignore[no-untyped-def]
+        return (column >= start) & (column < end)
+
+    def in_day(at: datetime | None) -> bool:
+        return at is not None and start <= at < end
+
     # The day's orders: those its statement names, those the platform was told were paid
     # that day (the bank's paid_at: its business day, whenever the order was made or
     # loaded), loads of that day without any payment, and the day's refunds.
@@ -126,14 +134,11 @@ def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
             select(TopUpOrder).where(
                 or_(
                     TopUpOrder.reference.in_(list(bank)),
-                    (TopUpOrder.paid_at >= start) & (TopUpOrder.paid_at < end),
+                    on_day(TopUpOrder.paid_at),
                     (TopUpOrder.state == "loaded")
                     & TopUpOrder.payment_id.is_(None)
-                    & (TopUpOrder.finished_at >= start)
-                    & (TopUpOrder.finished_at < end),
-                    (TopUpOrder.state == "refunded")
-                    & (TopUpOrder.finished_at >= start)
-                    & (TopUpOrder.finished_at < end),
+                    & on_day(TopUpOrder.finished_at),
+                    (TopUpOrder.state == "refunded") & on_day(TopUpOrder.finished_at),
                 )
             )
         )
@@ -159,15 +164,13 @@ def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
             find("loaded_and_refunded", reference, refunded_fen=money["refunded"])
     for reference, order in sorted(orders.items()):
         money = bank.get(reference, {"paid": 0, "refunded": 0})
-        paid_today = order.paid_at is not None and start <= order.paid_at < end
         if (
             order.state == "loaded"
             and money["paid"] == 0
-            and (paid_today or order.payment_id is None)
+            and (in_day(order.paid_at) or order.payment_id is None)
         ):  # (told of a payment the bank does not show: a forged or misrouted callback)
             find("loaded_not_paid", reference, order_fen=order.amount_fen)
-        refunded_today = order.state == "refunded" and start <= (order.finished_at or end) < end
-        if refunded_today and money["refunded"] == 0:
+        if order.state == "refunded" and in_day(order.finished_at) and money["refunded"] == 0:
             find("refund_not_at_bank", reference, order_fen=order.amount_fen)
     loaded = [o for o in orders.values() if o.state == "loaded"]
     return {

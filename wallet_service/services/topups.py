@@ -74,6 +74,7 @@ rekey_wait_s = 10
 topup_amount_fen_max = 100_000
 IN_FLIGHT = ("paid", "init_sent", "credit_sent", "proving")
 SENDING_PACKETS = ("init_sent", "credit_sent", "proving")  # at most one per card
+CREDIT_MAY_HAVE_RUN = ("credit_sent", "proving")  # never refunded blind
 card_busy_wait_s = 5
 
 
@@ -470,7 +471,7 @@ def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient
         return "waiting for the card's other top-up"
     if order.state in ("paid", "init_sent"):
         return _send_packet_1(ctx, order, channel, card_counter)
-    if order.state in ("credit_sent", "proving"):
+    if order.state in CREDIT_MAY_HAVE_RUN:
         return _send_packet_3(ctx, order, channel, card_counter)
     raise AssertionError(f"no step from {order.state}")
 
