@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from bench.scratch import free_port, scratch_database
+from tests.helpers import wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 batch_records = 500
@@ -69,13 +70,8 @@ def _start_service(env: dict, port: int, *options: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
-            time.sleep(0.05)
+    if wait_until_up(f"http://127.0.0.1:{port}/health", startup_timeout_s, process):
+        return process
     process.kill()
     raise RuntimeError("the service did not start")
 

@@ -30,6 +30,7 @@ from bench.scratch import ScratchDatabase, free_port, scratch_database
 from reader_sim.bank import new_webhook_secret
 from reader_sim.phone import Phone, ScriptedScreen
 from sim_applet.sim import Sim
+from tests.helpers import wait_until_up
 from wallet_service.sms_gateway import HttpGateway
 
 phones = 48
@@ -94,15 +95,8 @@ def _start(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def _wait_up(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up") from None
-            time.sleep(0.05)
+    if not wait_until_up(url, 30):
+        raise RuntimeError(f"{url} did not come up")
 
 
 class BenchPhone:

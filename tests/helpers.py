@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
+
+import requests
 
 from reader_sim.link import InMemoryLink
 from reader_sim.load_terminal import Loaded, LoadTerminal
@@ -107,3 +111,20 @@ def load(sim: Sim, amount_fen: int, clock: Clock | None = None) -> Loaded:
 
 def store_at(tmp_path: Path, records_max: int = 100_000) -> RecordStore:
     return RecordStore(tmp_path / "pos.sqlite", records_max=records_max)
+
+
+def wait_until_up(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> bool:
+    """True once ``GET url`` answers 2xx; False when ``timeout_s`` passes, or ``process``
+    (the server) exits, first. Refused connections and slow answers (a busy machine: a
+    server still importing) both mean "not yet"."""
+    deadline = time.monotonic() + timeout_s
+    while process is None or process.poll() is None:
+        try:
+            if requests.get(url, timeout=1).ok:
+                return True
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False

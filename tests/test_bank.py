@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
 from reader_sim.bank import Bank, BankRefused, deliver_due, new_webhook_secret, signed_headers
-from tests.helpers import Clock
+from tests.helpers import Clock, wait_until_up
 from tests.wallet_fixtures import Wallet, _free_port
 from wallet_service.models import BankWebhookEvent
 
@@ -241,14 +241,7 @@ def _reconcile_from_the_bank(env: dict[str, str], bank: str) -> None:
 
 
 def _wait_until_up(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            assert time.monotonic() < deadline, f"{url} did not come up"
-            time.sleep(0.05)
+    assert wait_until_up(url, 20), f"{url} did not come up"
 
 
 def _stored_events(database: Path) -> int:

@@ -17,6 +17,7 @@ import requests
 
 from reader_sim.bank import new_webhook_secret
 from sim_applet.sim import Sim
+from tests.helpers import wait_until_up
 from tests.wallet_fixtures import ROOT, _free_port, cli_token
 
 PHONE, BANK_CARD, MERCHANT, SHORT_CODE = "13800138000", "6222020000000009", "BUSCARD", "10658888"
@@ -35,17 +36,8 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def _wait_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + process_wait_s
-    while True:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{url} did not come up: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
+    if not wait_until_up(url, process_wait_s, process):
+        pytest.fail(f"{url} did not come up: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
-from tests.helpers import Clock
+from tests.helpers import Clock, wait_until_up
 from tests.wallet_fixtures import _free_port
 from wallet_service.sms_gateway import GatewayError, HttpGateway, InProcessGateway
 
@@ -134,14 +133,7 @@ def test_the_http_gateway_against_smsc_serve() -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                requests.get(f"{base}/stats", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        assert wait_until_up(f"{base}/stats", 20, process)
         gateway = HttpGateway(base, PLATFORM)
         gateway.send(PHONE, b"\x01\x02")
         phone_box = requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"]

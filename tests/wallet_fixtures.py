@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from sqlalchemy import create_engine, text
 
-from tests.helpers import Clock
+from tests.helpers import Clock, wait_until_up
 from wallet_service import create_app
 from wallet_service.auth import create_token
 from wallet_service.db import Base
@@ -256,17 +254,9 @@ def _serve(
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_timeout_s
-    while True:
-        try:
-            if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the service did not start: {process.communicate()[1][-2000:]}")
-        time.sleep(0.05)
+    if not wait_until_up(f"{base}/health", startup_timeout_s, process):
+        process.kill()
+        pytest.fail(f"the service did not start: {process.communicate()[1][-2000:]}")
     yield base, env
     process.terminate()
     process.wait(timeout=10)
