@@ -8,6 +8,10 @@
 - clearing_records_per_s, clearing_peak_rss_mb: a generated day of 1,000,000 records
   cleared by ``app.py clearing run`` in its own process, PostgreSQL.
 - pcsc_*: GET BALANCE through pyscard → pcscd → vpcd → TCP → the card model.
+- ota_*: over-the-air top-ups end to end, every party its own process (``bench.ota``);
+  ota_worker_*: the OTA worker alone, in one process (``bench.ota_worker``), its CPU,
+  statements and — under valgrind — instructions per top-up, which the machine's speed
+  does not move.
 """
 
 from __future__ import annotations
@@ -100,6 +104,21 @@ def main() -> None:
         flush=True,
     )
     print("\n".join(cpu_lines(figures)), flush=True)
+
+    from bench.ota_worker import instructions_per_topup, worker_figures
+
+    figures = worker_figures(phones=48, rounds=4)
+    print(
+        f"ota_worker_cpu_ms_per_topup: {figures['ota_worker_cpu_ms_per_topup']:.2f} ms  "
+        f"# in one process, full batches; statements per top-up: "
+        f"{figures['ota_worker_statements_per_topup']:.1f}",
+        flush=True,
+    )
+    try:
+        minstr = instructions_per_topup(phones=8, rounds=2)
+        print(f"ota_worker_minstr_per_topup: {minstr:.2f} Minstr  # callgrind", flush=True)
+    except SystemExit as missing:  # no valgrind here
+        print(f"ota_worker_minstr_per_topup skipped: {missing}", file=sys.stderr)
 
     try:
         from bench.pcsc import pcsc_figures

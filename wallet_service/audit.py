@@ -6,20 +6,25 @@ import json
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from wallet_service.models import AuditEvent
+
+# Written at once, as a plain INSERT: an event is never read back in the transaction that
+# writes it, and an ORM object would cost a unit-of-work flush (about four times the
+# INSERT's CPU; the worker writes one or two per top-up). Built once.
+_INSERT_EVENT = insert(AuditEvent.__table__)
 
 
 def record(
     session: Session, actor: str, action: str, subject: str, at: datetime, **details: Any
 ) -> None:
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action=action,
-            subject=subject,
-            details=json.dumps(details, sort_keys=True, default=str, ensure_ascii=False),
-            created_at=at,
-        )
-    )
+    event = {
+        "actor": actor,
+        "action": action,
+        "subject": subject,
+        "details": json.dumps(details, sort_keys=True, default=str, ensure_ascii=False),
+        "created_at": at,
+    }
+    session.execute(_INSERT_EVENT, event)

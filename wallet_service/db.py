@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, Update, bindparam, create_engine, event, inspect, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -20,6 +20,55 @@ serialization_retries_max = 5
 
 class Base(DeclarativeBase):
     pass
+
+
+_updates_by_id: dict[Table, Update] = {}
+
+
+def write_now(session: Session, row: Base) -> None:
+    """What a flush would write for ``row``, at once and as one plain UPDATE by its id:
+    its changed columns. The ORM then holds those values as committed, so no flush writes
+    them again. For the worker's hot paths: the unit of work costs about four times the
+    UPDATE's own CPU there. Call it before any other write or ORM query in the transaction,
+    which would flush ``row`` the costly way first. A rolled-back transaction or savepoint
+    takes the UPDATE with it, like any other."""
+    state = inspect(row)
+    if not state.modified or state.identity is None:  # unchanged, or not inserted yet
+        return
+    columns = state.mapper.column_attrs
+    values = {  # the attributes set since the load (committed_state: their old values)
+        columns[key].columns[0].key: getattr(row, key)
+        for key in state.committed_state
+        if state.attrs[key].history.has_changes()
+    }
+    if values:
+        table = state.mapper.local_table
+        if table not in _updates_by_id:  # built once per table (rows with an "id" key)
+            _updates_by_id[table] = update(table).where(table.c.id == bindparam("row_id"))
+        with session.no_autoflush:  # (an autoflush would write the row the costly way)
+            session.execute(_updates_by_id[table], {"row_id": state.identity[0], **values})
+    # What a flush does once it has written a row (the models have column attributes
+    # only, all written now): nothing pending, and out of the session's dirty set.
+    state._commit_all(state.dict, session.identity_map)
+    session.info.setdefault(_WRITTEN_NOW, set()).add(row)
+
+
+# Rows ``write_now`` wrote in the session's transaction. A flushed row that a savepoint's
+# rollback takes back is expired by the ORM (read again when next used); these the ORM
+# does not know were written, so a rollback expires them here.
+_WRITTEN_NOW = "rows_written_now"
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _expire_written_now(session: Session, _transaction) -> None:  # type: ignore[no-untyped-def]
+    for row in session.info.pop(_WRITTEN_NOW, ()):
+        if row in session:
+            session.expire(row)
+
+
+@event.listens_for(Session, "after_commit")
+def _forget_written_now(session: Session) -> None:
+    session.info.pop(_WRITTEN_NOW, None)
 
 
 def make_engine(url: str) -> Engine:

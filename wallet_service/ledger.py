@@ -128,11 +128,26 @@ def post_at_commit(
     (an exception, a failed flush), takes its transfers' totals with it. Totals read inside
     the transaction do not show these transfers yet."""
     assert amount_fen > 0, "a transfer moves a positive amount"
-    debit_account, credit_account = open_accounts(session, debit, credit)
-    assert debit_account.id != credit_account.id, "a transfer moves money between two accounts"
-    row = _transfer_row(debit_account.id, credit_account.id, amount_fen, kind, reference, at)
+    debit_id, credit_id = _account_ids(session, debit, credit)
+    assert debit_id != credit_id, "a transfer moves money between two accounts"
+    row = _transfer_row(debit_id, credit_id, amount_fen, kind, reference, at)
     transfer_id = session.execute(_INSERT_TRANSFER, row).scalar_one()
     session.info.setdefault(_AT_COMMIT, []).append(transfer_id)
+
+
+# Account ids a transaction has read (code → id), in Session.info: a worker's batch posts
+# every top-up to the same hot accounts, and asks for them once. Forgotten when any
+# transaction or savepoint ends, so an id never outlives a rollback of the account's row.
+_IDS = "ledger_account_ids"
+
+
+def _account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> list[int]:
+    known: dict[str, int] = session.info.setdefault(_IDS, {})
+    codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
+    if not all(code in known for code in codes):
+        accounts = open_accounts(session, *kinds_and_owners)
+        known.update((account.code, account.id) for account in accounts)
+    return [known[code] for code in codes]
 
 
 def _moving_at_commit(session: Session) -> dict[int, list[int]]:
@@ -180,7 +195,9 @@ def _move_totals(session: Session) -> None:
 @event.listens_for(Session, "after_transaction_end")
 def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
     """A transaction closed without committing (its transfers are gone): nothing of it
-    may move with a later one on the same session."""
+    may move with a later one on the same session. Account ids read are forgotten at the
+    end of any transaction or savepoint (one rolled back may have created the account)."""
+    session.info.pop(_IDS, None)
     if transaction.parent is None:
         session.info.pop(_AT_COMMIT, None)
 

@@ -130,6 +130,11 @@ _CARD_OF_PHONE = (
     .order_by((Card.status == "active").desc(), Card.id.desc())
     .limit(1)
 )
+_CARDS_OF_PHONES = (
+    select(Card)
+    .where(Card.phone.in_(bindparam("phones", expanding=True)), Card.status.in_(("active", "lost")))
+    .order_by(Card.phone, (Card.status == "active").desc(), Card.id.desc())
+)
 
 
 class CardKeysets:
@@ -142,14 +147,27 @@ class CardKeysets:
     def __init__(self, session: Session, masters: tuple[bytes, bytes]) -> None:
         self.session, self.masters = session, masters
         self.cards: dict[str, Card] = {}
+        self.by_phone: dict[str, Card | None] = {}  # read ahead for a batch
 
     def card_of(self, phone: str) -> Card | None:
         """The phone's active card; else the one it reported lost (its answers may still
         settle a load under way — never start one)."""
+        if phone in self.by_phone:
+            return self.by_phone[phone]
         card = self.session.scalar(_CARD_OF_PHONE, {"phone": phone})
         if card is not None:
             self.cards[card.serial] = card
         return card
+
+    def read_phones(self, phones: set[str]) -> None:
+        """The cards of these phones, in one query (a batch of SMS): ``card_of`` then
+        answers from them, choosing as its own query does."""
+        found = self.session.scalars(_CARDS_OF_PHONES, {"phones": sorted(phones)}).all()
+        self.by_phone.update(dict.fromkeys(phones))
+        for card in found:  # ordered as _CARD_OF_PHONE orders: the first one wins
+            if self.by_phone[card.phone] is None:
+                self.by_phone[card.phone] = card
+                self.cards[card.serial] = card
 
     def __call__(self, card_serial: str, version: int | None = None) -> OtaKeyset:
         card = self.cards.get(card_serial)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1 (n
 idle_poll_ms_listening = 250  # with LISTEN/NOTIFY a callback wakes the loop; timeouts are slow
 request_timeout_s = 10.0
 BANK_KINDS = ("refunds", "unknown_payments")  # steps that ask the bank
-RARE_KINDS = ("refunds", "unknown_payments", "rekeys")  # due work looked for after each
-# batch, in one query
+RARE_KINDS = ("refunds", "unknown_payments", "rekeys")  # due work looked for in one query,
+rare_work_look_s = 1.0  # at most this often (not after every batch: under load, a pass
+# runs for every callback stored; these steps wait seconds to minutes anyway)
 
 
 BUSY_STATUSES = (408, 425, 429)  # timeout, too early, too many requests: ask again later
@@ -80,6 +82,7 @@ class Worker:
         self.app, self.gateway, self.bank = app, gateway, bank
         self.database = app.extensions["database"]
         self.woken = threading.Event()  # set by LISTEN/NOTIFY: work was stored
+        self.rare_work_looked_at = -rare_work_look_s  # (time.monotonic)
 
     def _context(self, session) -> Context:  # type: ignore[no-untyped-def]
         config = self.app.config
@@ -123,6 +126,7 @@ class Worker:
 
         def all_at_once(ctx: Context, box: Outbox) -> list[str]:
             try:
+                box.keyset_for.read_phones({sms.sender for sms in messages})
                 return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
             except (OperationalError, IntegrityError):
                 raise  # races: retried by Database.run; an outage: delivered again later
@@ -146,11 +150,12 @@ class Worker:
 
     def do_due_work(self) -> int:
         """Bank callbacks applied and due packets sent, one transaction per batch; then
-        refunds and rekey steps, when that transaction saw any due."""
+        refunds and rekey steps, when a look (at most one a ``rare_work_look_s``) saw any
+        due."""
         done, rare_kinds = 0, set()
         for _ in range(steps_per_pass_max):
-            events, steps, rare_kinds = self._committed_then_sent(self._callbacks_and_packets)
-            done += events + steps
+            events, steps, due = self._committed_then_sent(self._callbacks_and_packets)
+            done, rare_kinds = done + events + steps, rare_kinds | due
             if events < topups.events_per_batch and steps < topups.orders_per_batch:
                 break
         return done + self.do_due_steps(rare_kinds)
@@ -158,6 +163,9 @@ class Worker:
     def _callbacks_and_packets(self, ctx: Context, box: Outbox) -> tuple[int, int, set[str]]:
         events = topups.process_bank_events(ctx)
         steps = len(topups.work_batch(ctx, box, self.bank))
+        if time.monotonic() - self.rare_work_looked_at < rare_work_look_s:
+            return events, steps, set()
+        self.rare_work_looked_at = time.monotonic()
         due = ctx.session.execute(
             select(
                 topups.refunds_due(ctx), topups.unknown_payments_due(ctx), rekeys.anything_due(ctx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import String, bindparam, func, select
+from sqlalchemy import String, bindparam, event, func, inspect, select
 from sqlalchemy.orm import Session
 
 from sim_applet.crypto import Algorithm
@@ -65,8 +65,30 @@ _CARD_BY_SERIAL_LOCKED = _CARD_BY_SERIAL.with_for_update()
 
 
 def find_card(session: Session, serial: str, *, lock: bool = False) -> Card | None:
+    if not lock:
+        loaded = session.info.get(_LOADED, {}).get(serial.upper())
+        if loaded is not None and _current(loaded):
+            return loaded
     statement = _CARD_BY_SERIAL_LOCKED if lock else _CARD_BY_SERIAL
     return session.scalar(statement, {"serial": serial.upper()})
+
+
+# The cards a session has loaded, by serial: ``find_card`` answers from them without a
+# query. A query would return the same object anyway (the ORM does not refresh what its
+# transaction has loaded); the worker's batches look a card up three or four times.
+_LOADED = "cards_loaded_by_serial"
+
+
+@event.listens_for(Card, "load")
+def _remember_loaded(card: Card, context) -> None:  # type: ignore[no-untyped-def]
+    context.session.info.setdefault(_LOADED, {})[card.serial] = card
+
+
+def _current(card: Card) -> bool:
+    """Loaded in this transaction, and still in the session (a commit or a rollback
+    expires what was loaded: the next look asks the database)."""
+    state = inspect(card)
+    return state.persistent and not state.expired_attributes
 
 
 def card_by_serial(ctx: Context, serial: str, *, lock: bool = False) -> Card:

@@ -57,6 +57,7 @@ from sim_applet.structures import (
 )
 from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
+from wallet_service.db import write_now
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
 from wallet_service.services import bank_webhooks, cards, rekeys
@@ -209,6 +210,7 @@ def process_bank_events(ctx: Context, limit: int = events_per_batch) -> int:
     for event in events:
         _apply(ctx, event)
         event.processed_at = ctx.now
+        write_now(ctx.session, event)
     return len(events)
 
 
@@ -347,6 +349,7 @@ def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
         to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
         return
     order.state, order.next_action_at = "paid", ctx.now
+    write_now(ctx.session, order)
 
 
 def _refund_confirmed(ctx: Context, data: dict) -> None:
@@ -401,11 +404,12 @@ _DUE_TO_SEND = (
     .limit(bindparam("limit", type_=Integer))
     .with_for_update(skip_locked=True)
 )
-_LOCK_CARDS = (
-    select(Card.id)
+_LOCK_CARDS = (  # whole rows, read as locked: the packets' keys come from these cards
+    select(Card)
     .where(Card.serial.in_(bindparam("serials", expanding=True)))
     .order_by(Card.serial)
     .with_for_update()
+    .execution_options(populate_existing=True)
 )
 
 
@@ -417,7 +421,7 @@ def work_batch(
     committed, and its packets never left)."""
     orders = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit}).all()
     _lock_cards(ctx, [order.card_serial for order in orders])
-    return [WorkResult(order.id, _step(ctx, order, channel, bank)) for order in orders]
+    return [WorkResult(order.id, _step_written(ctx, order, channel, bank)) for order in orders]
 
 
 def _lock_cards(ctx: Context, serials: list[str]) -> None:
@@ -425,7 +429,7 @@ def _lock_cards(ctx: Context, serials: list[str]) -> None:
     two workers holding orders of one card decide one after the other (each then reads what
     the other committed), and two batches never wait for each other in a cycle."""
     if serials:
-        ctx.session.execute(_LOCK_CARDS, {"serials": sorted(set(serials))}).all()
+        ctx.session.scalars(_LOCK_CARDS, {"serials": sorted(set(serials))}).all()
 
 
 def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
@@ -443,7 +447,13 @@ def refund_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResu
         .limit(1)
         .with_for_update(skip_locked=True)
     )
-    return None if order is None else WorkResult(order.id, _step(ctx, order, channel, bank))
+    return None if order is None else WorkResult(order.id, _step_written(ctx, order, channel, bank))
+
+
+def _step_written(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
+    outcome = _step(ctx, order, channel, bank)
+    write_now(ctx.session, order)
+    return outcome
 
 
 def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
@@ -502,6 +512,7 @@ def _refund(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClie
         f"topup_refund:{order.id}",
     )
     order.state, order.finished_at, order.next_action_at = "refunded", ctx.now, None
+    write_now(ctx.session, order)
     channel.notify(order.phone, f"充值未完成，已退款 Refunded {yuan(held_fen)}")
     audit.record(
         ctx.session,
@@ -617,6 +628,7 @@ def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
 
 def to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
     order.state, order.failure, order.next_action_at = "refunding", reason[:80], ctx.now
+    write_now(ctx.session, order)
     audit.record(
         ctx.session,
         "worker",
@@ -656,6 +668,18 @@ def on_proof_of_receipt(
     order = ctx.session.scalar(_ORDER_AT_STEP, {"serial": card_serial.upper(), "step": step})
     if order is None or len(last_response) < 2:
         return "stale"
+    outcome = _answered(ctx, channel, order, last_response, card_active)
+    write_now(ctx.session, order)
+    return outcome
+
+
+def _answered(
+    ctx: Context,
+    channel: OtaChannel,
+    order: TopUpOrder,
+    last_response: bytes,
+    card_active: bool,
+) -> str:
     data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
     if order.state == "init_sent":
         if not card_active:  # safe: no CREDIT went to it yet
@@ -751,6 +775,7 @@ def _loaded(ctx: Context, channel: OtaChannel, order: TopUpOrder, tac: bytes) ->
     )
     order.state, order.tac, order.finished_at = "loaded", tac.hex().upper(), ctx.now
     order.next_action_at = None
+    write_now(ctx.session, order)
     audit.record(
         ctx.session,
         "worker",

@@ -1,0 +1,202 @@
+"""The worker's hot paths skip the ORM's costlier machinery (bench.ota_worker measures it):
+rows written at once by ``write_now``, cards and ledger accounts read once per transaction,
+a batch's cards read in one query, rare work looked for once a second. Each must keep the
+meaning of what it replaces — on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import event, select
+
+from reader_sim.smsc import SmsCentre
+from tests.helpers import wait_until_up
+from tests.test_wallet_topups import PHONE, World
+from tests.wallet_fixtures import Wallet
+from wallet_service import ledger
+from wallet_service.db import write_now
+from wallet_service.models import Account, Card, TopUpOrder, Transfer
+from wallet_service.ota_channel import CardKeysets
+from wallet_service.services import cards
+from wallet_service.sms_gateway import InProcessGateway
+from wallet_service.worker import Worker, rare_work_look_s
+
+
+@contextmanager
+def statements(wallet: Wallet) -> Iterator[list[str]]:
+    """The SQL statements run meanwhile."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_) -> None:  # type: ignore[no-untyped-def]
+        if not statement.startswith("BEGIN"):  # (SQLite's BEGIN IMMEDIATE)
+            seen.append(" ".join(statement.split()))
+
+    engine = wallet.database.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _order(session, reference: str) -> TopUpOrder:  # type: ignore[no-untyped-def]
+    return session.scalar(select(TopUpOrder).where(TopUpOrder.reference == reference))
+
+
+def test_write_now_writes_the_changed_columns_once_and_leaves_nothing_to_flush(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    world = World(wallet, tmp_path)
+    reference = world.order(3000)
+    with wallet.database.transaction() as session:
+        order = _order(session, reference)
+        order.state, order.attempts, order.failure = "failed", 4, order.failure  # (unchanged)
+        with statements(wallet) as seen:
+            write_now(session, order)
+            session.flush()  # nothing left for the unit of work
+        assert len(seen) == 1 and seen[0].startswith("UPDATE topup_orders SET ")
+        assert "state" in seen[0] and "attempts" in seen[0] and "failure" not in seen[0]
+        assert order not in session.dirty
+    with wallet.database.transaction() as session:
+        assert (_order(session, reference).state, _order(session, reference).attempts) == (
+            "failed",
+            4,
+        )
+
+
+def test_write_now_inside_a_savepoint_rolled_back_is_undone(wallet: Wallet, tmp_path: Path) -> None:
+    world = World(wallet, tmp_path)
+    reference = world.order(3000)
+    with wallet.database.transaction() as session:
+        order = _order(session, reference)
+        savepoint = session.begin_nested()
+        order.state = "failed"
+        write_now(session, order)
+        savepoint.rollback()
+        assert session.scalar(select(TopUpOrder.state).where(TopUpOrder.id == order.id)) == (
+            "created"
+        )
+        assert order.state == "created"  # the ORM's object is reloaded as the row is
+
+
+def test_find_card_answers_from_the_cards_its_transaction_loaded(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    serial = World(wallet, tmp_path).serial
+    with wallet.database.transaction() as session, statements(wallet) as seen:
+        card = cards.find_card(session, serial)
+        assert cards.find_card(session, serial.lower()) is card
+        assert len(seen) == 1
+    with wallet.database.transaction() as session, statements(wallet) as seen:
+        cards.find_card(session, serial)  # a new transaction reads again
+        assert len(seen) == 1
+        assert cards.find_card(session, serial, lock=True) is not None  # a lock is a query
+        assert len(seen) == 2
+
+
+def test_a_batch_reads_its_phones_cards_at_once_and_chooses_as_one_by_one(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The active card of a phone first; else the one it reported lost, the newest."""
+    world = World(wallet, tmp_path)
+    phone = "13800009999"
+
+    def new_card(iccid: str, status: str) -> None:
+        def add(session) -> None:  # type: ignore[no-untyped-def]
+            template = cards.find_card(session, world.serial)
+            session.add(
+                Card(
+                    serial=iccid[-16:],
+                    iccid=iccid,
+                    phone=phone,
+                    algorithm=template.algorithm,
+                    status=status,
+                    issued_at=template.issued_at,
+                    image_file="-",
+                )
+            )
+
+        wallet.database.run(add)
+
+    new_card("8986009999000000001", "lost")
+    new_card("8986009999000000002", "lost")
+    phones = {phone, PHONE, "nobody"}
+    with wallet.database.transaction() as session:
+        one_by_one = {number: CardKeysets(session, (b"", b"")).card_of(number) for number in phones}
+        batch = CardKeysets(session, (b"", b""))
+        with statements(wallet) as seen:
+            batch.read_phones(phones)
+            at_once = {number: batch.card_of(number) for number in phones}
+        assert len(seen) == 1 and at_once == one_by_one
+        assert at_once[phone].iccid == "8986009999000000002" and at_once["nobody"] is None
+    new_card("8986009999000000003", "active")
+    with wallet.database.transaction() as session:
+        batch = CardKeysets(session, (b"", b""))
+        batch.read_phones({phone})
+        assert batch.card_of(phone).iccid == "8986009999000000003"
+
+
+def test_an_account_created_in_a_savepoint_rolled_back_is_created_again(
+    wallet: Wallet,
+) -> None:
+    """Account ids are read once per transaction — and forgotten with a savepoint, which
+    may take the account's row with it."""
+
+    def post(session, reference: str) -> None:  # type: ignore[no-untyped-def]
+        ledger.post_at_commit(
+            session,
+            debit=("topup_pending", "platform"),
+            credit=(ledger.CARD_FLOAT, "NEWCARD"),
+            amount_fen=100,
+            kind="topup_loaded",
+            reference=reference,
+            at=wallet.clock(),
+        )
+
+    with wallet.database.transaction() as session:
+        savepoint = session.begin_nested()
+        post(session, "topup_loaded:1")
+        post(session, "topup_loaded:2")  # the account's id from what was read
+        savepoint.rollback()
+        post(session, "topup_loaded:3")  # the account created again, not the old id used
+    with wallet.database.transaction() as session:
+        account = session.scalar(select(Account).where(Account.code == "card_float:NEWCARD"))
+        assert ledger.balance(account) == 100
+        assert session.scalars(select(Transfer.reference)).all() == ["topup_loaded:3"]
+        ledger.check_balanced(session)
+
+
+def test_the_worker_looks_for_refunds_at_most_once_a_look_interval(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    world = World(wallet, tmp_path)
+    worker = Worker(wallet.app, InProcessGateway(SmsCentre(), "10658888"), world.bank)
+    first = world.order(2000)
+    world.pay(first, amount=2500)  # the wrong amount: refunded
+    worker.do_due_work()
+    assert world.state(first) == "refunded"
+    second = world.order(2000)
+    world.pay(second, amount=2500)
+    worker.do_due_work()
+    assert world.state(second) == "refunding"  # not looked for again yet
+    worker.rare_work_looked_at -= rare_work_look_s  # the interval passed
+    worker.do_due_work()
+    assert world.state(second) == "refunded"
+
+
+def test_a_server_that_accepts_but_does_not_answer_is_not_up_yet() -> None:
+    """A server still starting on a busy machine: its socket listens, no answer comes
+    within the probe's second. Waiting goes on instead of failing the run."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.append(listening.accept()[0]), daemon=True).start()
+        port = listening.getsockname()[1]
+        assert wait_until_up(f"http://127.0.0.1:{port}/health", timeout_s=1.5) is False
+        for connection in accepted:
+            connection.close()
