@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 
 from reader_sim.smsc import SmsCentre
 from tests.helpers import wait_until_up
@@ -21,7 +23,7 @@ from wallet_service import ledger
 from wallet_service.db import write_now
 from wallet_service.models import Account, Card, TopUpOrder, Transfer
 from wallet_service.ota_channel import CardKeysets
-from wallet_service.services import cards
+from wallet_service.services import cards, topups
 from wallet_service.sms_gateway import InProcessGateway
 from wallet_service.worker import Worker, rare_work_look_s
 
@@ -83,6 +85,39 @@ def test_write_now_inside_a_savepoint_rolled_back_is_undone(wallet: Wallet, tmp_
         assert order.state == "created"  # the ORM's object is reloaded as the row is
 
 
+def test_write_now_in_a_savepoint_released_then_rolled_back_with_its_parent_is_undone(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    reference = World(wallet, tmp_path).order(3000)
+    with wallet.database.transaction() as session:
+        order = _order(session, reference)
+        outer = session.begin_nested()
+        inner = session.begin_nested()
+        order.state = "failed"
+        write_now(session, order)
+        inner.commit()  # released: its changes now belong to the outer savepoint
+        outer.rollback()
+        assert order.state == "created"
+
+
+def test_packet_1s_card_lock_reads_the_card_as_another_transaction_left_it(
+    pg_wallet: Wallet, tmp_path: Path
+) -> None:
+    """The packets' keys come from the cards locked: read as committed, not as loaded
+    before the lock (a rekey may have moved the key version meanwhile)."""
+    serial = World(pg_wallet, tmp_path).serial
+
+    def rekeyed(session) -> None:  # type: ignore[no-untyped-def]
+        session.execute(update(Card).where(Card.serial == serial).values(ota_key_version=2))
+
+    with pg_wallet.database.transaction() as session:
+        card = cards.find_card(session, serial)
+        assert card.ota_key_version == 1
+        pg_wallet.database.run(rekeyed)  # another transaction, committed
+        topups._lock_cards(SimpleNamespace(session=session), [serial])
+        assert card.ota_key_version == 2
+
+
 def test_find_card_answers_from_the_cards_its_transaction_loaded(
     wallet: Wallet, tmp_path: Path
 ) -> None:
@@ -96,6 +131,9 @@ def test_find_card_answers_from_the_cards_its_transaction_loaded(
         assert len(seen) == 1
         assert cards.find_card(session, serial, lock=True) is not None  # a lock is a query
         assert len(seen) == 2
+        session.expire(cards.find_card(session, serial))
+        assert cards.find_card(session, serial).serial == serial  # expired: read again
+        assert len(seen) == 3
 
 
 def test_a_batch_reads_its_phones_cards_at_once_and_chooses_as_one_by_one(
@@ -181,6 +219,7 @@ def test_the_worker_looks_for_refunds_at_most_once_a_look_interval(
     assert world.state(first) == "refunded"
     second = world.order(2000)
     world.pay(second, amount=2500)
+    worker.rare_work_looked_at = time.monotonic()  # as if it had just looked
     worker.do_due_work()
     assert world.state(second) == "refunding"  # not looked for again yet
     worker.rare_work_looked_at -= rare_work_look_s  # the interval passed

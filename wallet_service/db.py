@@ -53,22 +53,24 @@ def write_now(session: Session, row: Base) -> None:
     session.info.setdefault(_WRITTEN_NOW, set()).add(row)
 
 
-# Rows ``write_now`` wrote in the session's transaction. A flushed row that a savepoint's
-# rollback takes back is expired by the ORM (read again when next used); these the ORM
-# does not know were written, so a rollback expires them here.
+# Rows ``write_now`` wrote in the session's transaction, until it ends. A flushed row that
+# a savepoint's rollback takes back is expired by the ORM (read again when next used);
+# these the ORM does not know were written, so any rollback — of any savepoint, however
+# deep — expires all of them (one written outside it is merely read again).
 _WRITTEN_NOW = "rows_written_now"
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _expire_written_now(session: Session, _transaction) -> None:  # type: ignore[no-untyped-def]
-    for row in session.info.pop(_WRITTEN_NOW, ()):
+    for row in session.info.get(_WRITTEN_NOW, ()):
         if row in session:
             session.expire(row)
 
 
-@event.listens_for(Session, "after_commit")
-def _forget_written_now(session: Session) -> None:
-    session.info.pop(_WRITTEN_NOW, None)
+@event.listens_for(Session, "after_transaction_end")
+def _forget_written_now(session: Session, transaction) -> None:  # type: ignore[no-untyped-def]
+    if transaction.parent is None:  # the transaction, not a savepoint or a flush
+        session.info.pop(_WRITTEN_NOW, None)
 
 
 def make_engine(url: str) -> Engine:

@@ -136,8 +136,8 @@ def post_at_commit(
 
 
 # Account ids a transaction has read (code → id), in Session.info: a worker's batch posts
-# every top-up to the same hot accounts, and asks for them once. Forgotten when any
-# transaction or savepoint ends, so an id never outlives a rollback of the account's row.
+# every top-up to the same hot accounts, and asks for them once. Forgotten when the
+# transaction or any savepoint ends, so an id never outlives a rollback of its row.
 _IDS = "ledger_account_ids"
 
 
@@ -196,8 +196,10 @@ def _move_totals(session: Session) -> None:
 def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
     """A transaction closed without committing (its transfers are gone): nothing of it
     may move with a later one on the same session. Account ids read are forgotten at the
-    end of any transaction or savepoint (one rolled back may have created the account)."""
-    session.info.pop(_IDS, None)
+    end of the transaction or of any savepoint (one rolled back may have created the
+    account) — not of a flush's own inner transaction."""
+    if transaction.nested or transaction.parent is None:
+        session.info.pop(_IDS, None)
     if transaction.parent is None:
         session.info.pop(_AT_COMMIT, None)
 

@@ -154,18 +154,24 @@ class Worker:
         due."""
         done, rare_kinds = 0, set()
         for _ in range(steps_per_pass_max):
-            events, steps, due = self._committed_then_sent(self._callbacks_and_packets)
+            look = time.monotonic() - self.rare_work_looked_at >= rare_work_look_s
+            events, steps, due = self._committed_then_sent(
+                lambda ctx, box, look=look: self._callbacks_and_packets(ctx, box, look)
+            )
+            if look:  # (once committed: a transaction retried or failed looks again)
+                self.rare_work_looked_at = time.monotonic()
             done, rare_kinds = done + events + steps, rare_kinds | due
             if events < topups.events_per_batch and steps < topups.orders_per_batch:
                 break
         return done + self.do_due_steps(rare_kinds)
 
-    def _callbacks_and_packets(self, ctx: Context, box: Outbox) -> tuple[int, int, set[str]]:
+    def _callbacks_and_packets(
+        self, ctx: Context, box: Outbox, look: bool
+    ) -> tuple[int, int, set[str]]:
         events = topups.process_bank_events(ctx)
         steps = len(topups.work_batch(ctx, box, self.bank))
-        if time.monotonic() - self.rare_work_looked_at < rare_work_look_s:
+        if not look:
             return events, steps, set()
-        self.rare_work_looked_at = time.monotonic()
         due = ctx.session.execute(
             select(
                 topups.refunds_due(ctx), topups.unknown_payments_due(ctx), rekeys.anything_due(ctx)

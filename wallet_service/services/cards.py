@@ -84,9 +84,15 @@ def _remember_loaded(card: Card, context) -> None:  # type: ignore[no-untyped-de
     context.session.info.setdefault(_LOADED, {})[card.serial] = card
 
 
+@event.listens_for(Session, "after_transaction_end")
+def _forget_loaded(session: Session, transaction) -> None:  # type: ignore[no-untyped-def]
+    if transaction.parent is None:  # a session used again reads its cards again
+        session.info.pop(_LOADED, None)
+
+
 def _current(card: Card) -> bool:
-    """Loaded in this transaction, and still in the session (a commit or a rollback
-    expires what was loaded: the next look asks the database)."""
+    """Still in the session and not expired (a rollback, or an explicit expire: the next
+    look asks the database)."""
     state = inspect(card)
     return state.persistent and not state.expired_attributes
 
