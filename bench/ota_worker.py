@@ -39,7 +39,6 @@ from reader_sim.phone import Phone, ScriptedScreen
 from reader_sim.smsc import SmsCentre
 from sim_applet.sim import Sim
 from wallet_service import create_app
-from wallet_service import worker as worker_module
 from wallet_service.auth import create_token
 from wallet_service.migrate import upgrade
 from wallet_service.models import TopUpOrder
@@ -110,7 +109,7 @@ def worker_figures(phones: int, rounds: int, count_instructions: bool = False) -
         bank.add_merchant("BUSCARD", "http://platform/api/v1/bank/webhooks")
         handsets = _issue_phones(app, centre, bank, phones, Path(tmp) / "perso")
         worker = Worker(app, InProcessGateway(centre, SHORT_CODE), bank)
-        worker_module.rare_work_look_s = 0.0  # every pass looks: the same run after run
+        worker.rare_work_look_s = 0.0  # every pass looks: the same run after run
         meter = WorkerMeter(
             app.extensions["database"].engine, callgrind.toggle_collect if callgrind else None
         )
@@ -136,12 +135,12 @@ def worker_figures(phones: int, rounds: int, count_instructions: bool = False) -
         loaded = app.extensions["database"].run(
             lambda session: session.scalar(select(func.count()).where(TopUpOrder.state == "loaded"))
         )
-        if loaded != phones * (rounds_to_warm_up + rounds):
-            raise RuntimeError(f"{loaded} top-ups loaded of {phones * (rounds + 1)}")
+        expected = phones * (rounds_to_warm_up + rounds)
+        if loaded != expected:
+            raise RuntimeError(f"{loaded} top-ups loaded of {expected}")
         return {
             "ota_worker_cpu_ms_per_topup": meter.cpu_s * 1000 / topups,
             "ota_worker_statements_per_topup": meter.statements / topups,
-            "topups": topups,
         }
 
 
@@ -170,13 +169,15 @@ def _issue_phones(app, centre: SmsCentre, bank: Bank, count: int, perso: Path) -
     return handsets
 
 
+class CallgrindMissing(RuntimeError):
+    pass
+
+
 def instructions_per_topup(phones: int, rounds: int) -> float:
     """Millions of instructions the worker runs per top-up: this module again, under
     callgrind, counting only while the worker works."""
     if shutil.which("valgrind") is None or not Path("/usr/include/valgrind/callgrind.h").exists():
-        raise SystemExit(
-            "--instructions needs valgrind and a C compiler: apt-get install valgrind gcc"
-        )
+        raise CallgrindMissing("needs valgrind and a C compiler: apt-get install valgrind gcc")
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run(
             [
@@ -205,7 +206,10 @@ def main() -> None:
     if options.instructions:
         # Fewer top-ups: valgrind runs the process some 50 times slower.
         phones, rounds = min(options.phones, 8), min(options.rounds, 2)
-        minstr = instructions_per_topup(phones, rounds)
+        try:
+            minstr = instructions_per_topup(phones, rounds)
+        except CallgrindMissing as missing:
+            parser.exit(2, f"--instructions {missing}\n")
         print(f"ota_worker_minstr_per_topup: {minstr:.2f} Minstr  # {phones} phones x {rounds}")
         return
     figures = worker_figures(options.phones, options.rounds, options.under_callgrind)

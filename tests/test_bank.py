@@ -174,7 +174,7 @@ def test_bank_serve_calls_back_the_running_platform(  # type: ignore[no-untyped-
     database = Path(env["WALLET_INSTANCE_DIR"]) / "wallet.sqlite"
     try:
         bank_url = f"http://127.0.0.1:{bank_port}/api"
-        _wait_until_up(f"{bank_url}/webhooks")
+        assert wait_until_up(f"{bank_url}/webhooks", 20), "the bank did not come up"
         requests.post(
             f"{bank_url}/cards",
             json={"number": CARD, "holder": "Li Lei", "balance_fen": 5000},
@@ -238,10 +238,6 @@ def _reconcile_from_the_bank(env: dict[str, str], bank: str) -> None:
     down = run("--bank", f"http://127.0.0.1:{_free_port()}")
     assert down.returncode == 1 and "could not be fetched" in down.stderr
     assert "Traceback" not in found.stderr + bad.stderr + down.stderr
-
-
-def _wait_until_up(url: str) -> None:
-    assert wait_until_up(url, 20), f"{url} did not come up"
 
 
 def _stored_events(database: Path) -> int:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
+C = TypeVar("C")
 serialization_retries_max = 5
 
 
@@ -50,7 +51,7 @@ def write_now(session: Session, row: Base) -> None:
     # What a flush does once it has written a row (the models have column attributes
     # only, all written now): nothing pending, and out of the session's dirty set.
     state._commit_all(state.dict, session.identity_map)
-    session.info.setdefault(_WRITTEN_NOW, set()).add(row)
+    transaction_cache(session, _WRITTEN_NOW, set).add(row)
 
 
 # Rows ``write_now`` wrote in the session's transaction, until it ends. A flushed row that
@@ -67,10 +68,30 @@ def _expire_written_now(session: Session, _transaction) -> None:  # type: ignore
             session.expire(row)
 
 
+# Session.info keys of what ``transaction_cache`` keeps → also forgotten when a savepoint
+# ends (else only when the transaction does).
+_transaction_caches: dict[str, bool] = {}
+
+
+def transaction_cache(
+    session: Session, key: str, empty: Callable[[], C], *, savepoints: bool = False
+) -> C:
+    """What a transaction keeps in ``session.info[key]`` (made by ``empty`` the first
+    time): forgotten when the transaction ends — committed or not — and, with
+    ``savepoints``, when any savepoint ends too (one rolled back may take back the rows
+    it was read from). Not when a flush's own inner transaction ends."""
+    _transaction_caches[key] = savepoints
+    return session.info.setdefault(key, empty())
+
+
 @event.listens_for(Session, "after_transaction_end")
-def _forget_written_now(session: Session, transaction) -> None:  # type: ignore[no-untyped-def]
-    if transaction.parent is None:  # the transaction, not a savepoint or a flush
-        session.info.pop(_WRITTEN_NOW, None)
+def _forget_transaction_caches(session: Session, transaction) -> None:  # type: ignore[no-untyped-def]
+    ended = "transaction" if transaction.parent is None else "savepoint"
+    if ended == "savepoint" and not transaction.nested:
+        return  # a flush's inner transaction
+    for key, at_savepoints in _transaction_caches.items():
+        if ended == "transaction" or at_savepoints:
+            session.info.pop(key, None)
 
 
 def make_engine(url: str) -> Engine:

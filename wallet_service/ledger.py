@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
+from wallet_service.db import transaction_cache
 from wallet_service.models import Account, Transfer
 
 # Account kinds (the chart of accounts)
@@ -137,12 +138,13 @@ def post_at_commit(
 
 # Account ids a transaction has read (code → id), in Session.info: a worker's batch posts
 # every top-up to the same hot accounts, and asks for them once. Forgotten when the
-# transaction or any savepoint ends, so an id never outlives a rollback of its row.
+# transaction or any savepoint ends (``transaction_cache``), so an id never outlives a
+# rollback of its row.
 _IDS = "ledger_account_ids"
 
 
 def _account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> list[int]:
-    known: dict[str, int] = session.info.setdefault(_IDS, {})
+    known: dict[str, int] = transaction_cache(session, _IDS, dict, savepoints=True)
     codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
     if not all(code in known for code in codes):
         accounts = open_accounts(session, *kinds_and_owners)
@@ -195,11 +197,7 @@ def _move_totals(session: Session) -> None:
 @event.listens_for(Session, "after_transaction_end")
 def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
     """A transaction closed without committing (its transfers are gone): nothing of it
-    may move with a later one on the same session. Account ids read are forgotten at the
-    end of the transaction or of any savepoint (one rolled back may have created the
-    account) — not of a flush's own inner transaction."""
-    if transaction.nested or transaction.parent is None:
-        session.info.pop(_IDS, None)
+    may move with a later one on the same session."""
     if transaction.parent is None:
         session.info.pop(_AT_COMMIT, None)
 

@@ -146,7 +146,6 @@ class CardKeysets:
 
     def __init__(self, session: Session, masters: tuple[bytes, bytes]) -> None:
         self.session, self.masters = session, masters
-        self.cards: dict[str, Card] = {}
         self.by_phone: dict[str, Card | None] = {}  # read ahead for a batch
 
     def card_of(self, phone: str) -> Card | None:
@@ -154,10 +153,7 @@ class CardKeysets:
         settle a load under way — never start one)."""
         if phone in self.by_phone:
             return self.by_phone[phone]
-        card = self.session.scalar(_CARD_OF_PHONE, {"phone": phone})
-        if card is not None:
-            self.cards[card.serial] = card
-        return card
+        return self.session.scalar(_CARD_OF_PHONE, {"phone": phone})
 
     def read_phones(self, phones: set[str]) -> None:
         """The cards of these phones, in one query (a batch of SMS): ``card_of`` then
@@ -167,15 +163,11 @@ class CardKeysets:
         for card in found:  # ordered as _CARD_OF_PHONE orders: the first one wins
             if self.by_phone[card.phone] is None:
                 self.by_phone[card.phone] = card
-                self.cards[card.serial] = card
 
     def __call__(self, card_serial: str, version: int | None = None) -> OtaKeyset:
-        card = self.cards.get(card_serial)
+        card = cards.find_card(self.session, card_serial)  # (loaded once a transaction)
         if card is None:
-            card = cards.find_card(self.session, card_serial)
-            if card is None:
-                raise LookupError(f"no card {card_serial}")
-            self.cards[card_serial] = card
+            raise LookupError(f"no card {card_serial}")
         return derive_keyset(*self.masters, card.iccid, version or card.ota_key_version)
 
 
@@ -212,7 +204,7 @@ def handle_incoming_sms(
     except ValueError:
         return "forged or damaged proof of receipt"
     return topups.on_proof_of_receipt(
-        ctx, channel, card_serial, por.counter, response.last_response, card.status == "active"
+        ctx, channel, card_serial, por.counter, response.last_response
     )
 
 

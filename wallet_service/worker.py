@@ -82,6 +82,7 @@ class Worker:
         self.app, self.gateway, self.bank = app, gateway, bank
         self.database = app.extensions["database"]
         self.woken = threading.Event()  # set by LISTEN/NOTIFY: work was stored
+        self.rare_work_look_s = rare_work_look_s  # (a benchmark looks on every pass)
         self.rare_work_looked_at = -rare_work_look_s  # (time.monotonic)
 
     def _context(self, session) -> Context:  # type: ignore[no-untyped-def]
@@ -154,7 +155,7 @@ class Worker:
         due."""
         done, rare_kinds = 0, set()
         for _ in range(steps_per_pass_max):
-            look = time.monotonic() - self.rare_work_looked_at >= rare_work_look_s
+            look = time.monotonic() - self.rare_work_looked_at >= self.rare_work_look_s
             events, steps, due = self._committed_then_sent(
                 lambda ctx, box, look=look: self._callbacks_and_packets(ctx, box, look)
             )

@@ -19,12 +19,12 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from wallet_service.errors import InvalidInput, Unauthorized
-from wallet_service.models import BankWebhookEvent
+from wallet_service.models import BankWebhookEvent, TopUpOrder
 from wallet_service.services.registry import Context
 
 KNOWN_EVENTS = ("payment.succeeded", "refund.succeeded")
 payload_bytes_max = 64_000
-id_chars_max = 40  # the orders' payment id column
+id_chars_max = TopUpOrder.__table__.c.payment_id.type.length  # the orders' column
 # An order id the platform never made is still taken (its money goes back), up to this
 order_id_chars_max = 100
 amount_fen_max = 10**12  # ten billion yuan: a sane bound for one payment

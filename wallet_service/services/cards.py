@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from sim_applet.crypto import Algorithm
 from sim_applet.personalize import personalize
 from wallet_service import audit, ledger
+from wallet_service.db import transaction_cache
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BlacklistChange, BusinessHall, Card, TopUpOrder
 from wallet_service.services.registry import Context
@@ -81,13 +82,7 @@ _LOADED = "cards_loaded_by_serial"
 
 @event.listens_for(Card, "load")
 def _remember_loaded(card: Card, context) -> None:  # type: ignore[no-untyped-def]
-    context.session.info.setdefault(_LOADED, {})[card.serial] = card
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _forget_loaded(session: Session, transaction) -> None:  # type: ignore[no-untyped-def]
-    if transaction.parent is None:  # a session used again reads its cards again
-        session.info.pop(_LOADED, None)
+    transaction_cache(context.session, _LOADED, dict)[card.serial] = card
 
 
 def _current(card: Card) -> bool:

@@ -388,22 +388,23 @@ SENDING_STATES = (*IN_FLIGHT, "created")  # steps that only send packets (batche
 orders_per_batch = 20
 
 
-def _due(ctx: Context, states: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    return (TopUpOrder.next_action_at <= ctx.now, TopUpOrder.state.in_(states))
-
-
 def refunds_due(ctx: Context) -> Exists:
     """(An expression: the worker asks it together with others, in one query.)"""
-    return exists().where(*_due(ctx, ("refunding",)))
+    return exists().where(TopUpOrder.next_action_at <= ctx.now, TopUpOrder.state == "refunding")
 
 
-_DUE_TO_SEND = (
-    select(TopUpOrder)
-    .where(TopUpOrder.next_action_at <= bindparam("now"), TopUpOrder.state.in_(SENDING_STATES))
-    .order_by(TopUpOrder.next_action_at)
-    .limit(bindparam("limit", type_=Integer))
-    .with_for_update(skip_locked=True)
-)
+def _due_orders(states: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """Orders whose next step is due, oldest first, claimed with SKIP LOCKED."""
+    return (
+        select(TopUpOrder)
+        .where(TopUpOrder.next_action_at <= bindparam("now"), TopUpOrder.state.in_(states))
+        .order_by(TopUpOrder.next_action_at)
+        .limit(bindparam("limit", type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+
+
+_DUE_TO_SEND, _DUE_TO_REFUND = _due_orders(SENDING_STATES), _due_orders(("refunding",))
 _LOCK_CARDS = (  # whole rows, read as locked: the packets' keys come from these cards
     select(Card)
     .where(Card.serial.in_(bindparam("serials", expanding=True)))
@@ -440,13 +441,7 @@ def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult
 
 
 def refund_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
-    order = ctx.session.scalar(
-        select(TopUpOrder)
-        .where(*_due(ctx, ("refunding",)))
-        .order_by(TopUpOrder.next_action_at)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
+    order = ctx.session.scalar(_DUE_TO_REFUND, {"now": ctx.now, "limit": 1})
     return None if order is None else WorkResult(order.id, _step_written(ctx, order, channel, bank))
 
 
@@ -660,15 +655,14 @@ def on_proof_of_receipt(
     card_serial: str,
     step: int,
     last_response: bytes,
-    card_active: bool = True,
 ) -> str:
     """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW.
-    A card reported lost (``card_active`` False) gets no CREDIT; a load it may already
-    have done is still settled."""
+    A card reported lost gets no CREDIT; a load it may already have done is still
+    settled."""
     order = ctx.session.scalar(_ORDER_AT_STEP, {"serial": card_serial.upper(), "step": step})
     if order is None or len(last_response) < 2:
         return "stale"
-    outcome = _answered(ctx, channel, order, last_response, card_active)
+    outcome = _answered(ctx, channel, order, last_response)
     write_now(ctx.session, order)
     return outcome
 
@@ -678,11 +672,11 @@ def _answered(
     channel: OtaChannel,
     order: TopUpOrder,
     last_response: bytes,
-    card_active: bool,
 ) -> str:
     data, sw = last_response[:-2], int.from_bytes(last_response[-2:], "big")
     if order.state == "init_sent":
-        if not card_active:  # safe: no CREDIT went to it yet
+        card = cards.find_card(ctx.session, order.card_serial)  # (loaded: no query)
+        if card is None or card.status != "active":  # safe: no CREDIT went to it yet
             to_refund(ctx, order, "the card is lost")
             return "card lost: refunding"
         return _initialized(ctx, order, channel, data, sw)
