@@ -297,11 +297,12 @@ def card_serve(image: str, slot: int, host: str) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server = VirtualCardServer(sim, slot=slot, host=host, on_apdu=save_if_changed)
+    vpcd_address = f"{host}:{server.address[1]}"
     try:
         server.connect(timeout_s=10)
     except OSError as error:
-        raise BadInput(f"cannot reach vpcd at {host}:{35963 + slot}: {error}") from None
-    click.echo(f"card in reader slot {slot} ({host}:{35963 + slot}); Ctrl-C removes it")
+        raise BadInput(f"cannot reach vpcd at {vpcd_address}: {error}") from None
+    click.echo(f"card in reader slot {slot} ({vpcd_address}); Ctrl-C removes it")
     try:
         server.serve_forever(stop)
     except KeyboardInterrupt:

@@ -56,6 +56,8 @@ class PcscDaemon:
         self.stop()
 
     def start(self) -> None:
+        """pcscd running with vpcd listening: started here unless one runs already. Safe to
+        call again; a pcscd that has gone since (another program's, stopped) is started anew."""
         executable = shutil.which("pcscd") or "/usr/sbin/pcscd"
         if not Path(executable).exists():
             raise PcscUnavailable("pcscd is not installed (apt-get install pcscd)")

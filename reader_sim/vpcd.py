@@ -14,6 +14,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from reader_sim.link import Card
@@ -24,6 +25,7 @@ VPCD_PORT_BASE = 35963  # 0x8C7B, slot 0; slot N listens on VPCD_PORT_BASE + N
 frame_bytes_max = 0xFFFF
 poll_interval_ms = 100
 connect_timeout_s_default = 10.0
+connect_retry_interval_s = 0.05
 
 _POWER_OFF, _POWER_ON, _RESET, _GET_ATR = 0x00, 0x01, 0x02, 0x04
 
@@ -46,8 +48,17 @@ class VirtualCardServer:
     # --- connection ----------------------------------------------------------------------
 
     def connect(self, timeout_s: float = connect_timeout_s_default) -> None:
-        """Insert the card: connect to vpcd (retrying until it listens, up to timeout)."""
-        connection = socket.create_connection(self.address, timeout=timeout_s)
+        """Insert the card: connect to vpcd, retrying while nothing listens (pcscd still
+        starting, or restarting) until ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                connection = socket.create_connection(self.address, timeout=timeout_s)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(connect_retry_interval_s)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket = connection
 

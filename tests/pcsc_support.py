@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from reader_sim.link import Card
+from reader_sim.pcscd_process import PcscDaemon
 
 presence_timeout_s = 10.0
 
@@ -25,19 +26,19 @@ def _require_pcsc(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pcsc_daemon() -> Iterator[None]:
+def pcsc_daemon() -> Iterator[PcscDaemon]:
     try:
         import smartcard  # noqa: F401
     except ImportError as error:
         _require_pcsc(f"pyscard not importable: {error}")
-    from reader_sim.pcscd_process import PcscDaemon, PcscUnavailable
+    from reader_sim.pcscd_process import PcscUnavailable
 
     daemon = PcscDaemon()
     try:
         daemon.start()
     except PcscUnavailable as error:
         _require_pcsc(str(error))
-    yield
+    yield daemon
     daemon.stop()
 
 
@@ -50,14 +51,18 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = pres
 
 
 @pytest.fixture
-def insert_card(pcsc_daemon: None) -> Iterator[Callable[[Card], object]]:
-    """``link = insert_card(sim)``: the card in vpcd slot 0, a PcscLink connected to it."""
+def insert_card(pcsc_daemon: PcscDaemon) -> Iterator[Callable[[Card], object]]:
+    """``link = insert_card(sim)``: the card in vpcd slot 0, a PcscLink connected to it.
+
+    The session's pcscd may be another program's, which can stop it at any time: each
+    insertion first brings pcscd back if it has gone."""
     from reader_sim.pcsc_link import PcscLink, card_present
     from reader_sim.vpcd import VirtualCardServer
 
     inserted: list[tuple[VirtualCardServer, PcscLink]] = []
 
     def insert(card: Card) -> PcscLink:
+        pcsc_daemon.start()
         wait_until(lambda: not card_present(), "the reader is empty before inserting")
         server = VirtualCardServer(card)
         server.start_in_thread()

@@ -13,6 +13,7 @@ import pytest
 
 from reader_sim.link import CardRemoved
 from reader_sim.load_terminal import Loaded, LoadTerminal
+from reader_sim.pcscd_process import PcscDaemon, pcscd_running
 from reader_sim.pos import Outcome
 from sim_applet.personalize import DEMO_ISSUER_KEYS
 from sim_applet.sim import Sim
@@ -57,6 +58,18 @@ def test_a_phone_torn_away_mid_payment_is_charged_once_when_it_comes_back(insert
     assert purse(card).balance == 1000 - FARE_FEN and len(pos.store.records()) == 1
 
 
+def test_a_card_goes_in_after_pcscd_went_away(insert_card, pcsc_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The session's pcscd can be another program's, stopped under the suite's feet."""
+    if pcsc_daemon.process is not None:
+        pcsc_daemon.stop()
+    else:
+        subprocess.run(["pkill", "-x", "pcscd"], check=False)
+    wait_until(lambda: not pcscd_running(), "pcscd has gone")
+    link = insert_card(new_card(balance_fen=1000))
+    assert link.transmit(bytes.fromhex(SELECT))[-2:] == b"\x90\x00"
+    assert link.transmit(bytes.fromhex("805C000204")) == bytes.fromhex("000003E89000")
+
+
 def test_scriptor_drives_the_card(insert_card, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     insert_card(new_card(balance_fen=1000))
     script = tmp_path / "balance.apdu"
@@ -84,10 +97,11 @@ def test_opensc_tool_drives_the_card(insert_card) -> None:  # type: ignore[no-un
 
 
 def test_card_serve_inserts_an_image_and_saves_what_the_card_does(
-    pcsc_daemon: None, tmp_path: Path
+    pcsc_daemon: PcscDaemon, tmp_path: Path
 ) -> None:
     from reader_sim.pcsc_link import PcscLink, card_present
 
+    pcsc_daemon.start()  # back, if another program's pcscd went away
     image = tmp_path / "phone.json"
     new_card().save(image)
     process = subprocess.Popen(
