@@ -222,3 +222,39 @@ def test_the_worker_looks_for_refunds_at_most_once_a_look_interval(
     worker.rare_work_looked_at -= rare_work_look_s  # the interval passed
     worker.do_due_work()
     assert world.state(second) == "refunded"
+
+
+def test_totals_move_from_what_was_posted_unless_something_rolled_back(wallet: Wallet) -> None:
+    """Without a rollback the totals at commit come from the transfers as posted; after
+    one (a savepoint may have taken some), from the transfer rows that still exist."""
+
+    def post(session, reference: str) -> None:  # type: ignore[no-untyped-def]
+        ledger.post_at_commit(
+            session,
+            debit=(ledger.BANK_SETTLEMENT, "bank"),
+            credit=("topup_pending", "platform"),
+            amount_fen=10,
+            kind="topup_paid",
+            reference=reference,
+            at=wallet.clock(),
+        )
+
+    def transfers_read(seen: list[str]) -> int:  # (the tests' balance check sums them all)
+        return sum(
+            s.startswith("SELECT") and "FROM transfers WHERE transfers.id IN" in s for s in seen
+        )
+
+    with statements(wallet) as seen, wallet.database.transaction() as session:
+        post(session, "paid:1")
+        post(session, "paid:2")
+    assert transfers_read(seen) == 0
+    with statements(wallet) as seen, wallet.database.transaction() as session:
+        post(session, "paid:3")
+        savepoint = session.begin_nested()
+        post(session, "paid:4")
+        savepoint.rollback()
+    assert transfers_read(seen) == 1
+    with wallet.database.transaction() as session:
+        account = session.scalar(select(Account).where(Account.code == "topup_pending:platform"))
+        assert (account.debits_fen, account.credits_fen) == (0, 30)
+        ledger.check_balanced(session)

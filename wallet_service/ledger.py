@@ -106,8 +106,11 @@ def _transfer_row(
 
 
 # Transfers whose accounts' totals move when the transaction (or its savepoint) commits
-# (``post_at_commit``): their ids, in Session.info.
+# (``post_at_commit``), in Session.info: (transfer id, debit id, credit id, amount in fen).
 _AT_COMMIT = "ledger_transfers_moving_at_commit"
+# Set in Session.info once anything rolled back while transfers were waiting to move: a
+# rolled-back savepoint may have taken some of them, so the commit reads which still exist.
+_AT_COMMIT_UNSURE = "ledger_transfers_moving_at_commit_unsure"
 
 
 def post_at_commit(
@@ -124,16 +127,17 @@ def post_at_commit(
     transfer row is written now, the two accounts' totals just before the transaction
     commits — one UPDATE per account for all of the transaction's transfers, in id order.
     A worker's batch then holds a hot account's row lock only for its commit, not for the
-    rest of the batch, and two workers stop queueing behind each other. The totals are
-    summed from the transfer rows that still exist then, so a savepoint rolled back, however
-    (an exception, a failed flush), takes its transfers' totals with it. Totals read inside
-    the transaction do not show these transfers yet."""
+    rest of the batch, and two workers stop queueing behind each other. A savepoint rolled
+    back, however (an exception, a failed flush), takes its transfers' totals with it: after
+    any rollback the totals are summed from the transfer rows that still exist then, and
+    without one from what was posted. Totals read inside the transaction do not show these
+    transfers yet."""
     assert amount_fen > 0, "a transfer moves a positive amount"
     debit_id, credit_id = _account_ids(session, debit, credit)
     assert debit_id != credit_id, "a transfer moves money between two accounts"
     row = _transfer_row(debit_id, credit_id, amount_fen, kind, reference, at)
     transfer_id = session.execute(_INSERT_TRANSFER, row).scalar_one()
-    session.info.setdefault(_AT_COMMIT, []).append(transfer_id)
+    session.info.setdefault(_AT_COMMIT, []).append((transfer_id, debit_id, credit_id, amount_fen))
 
 
 # Account ids a transaction has read (code → id), in Session.info: a worker's batch posts
@@ -153,16 +157,22 @@ def _account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> list[i
 
 
 def _moving_at_commit(session: Session) -> dict[int, list[int]]:
-    """account id → [debits, credits] still to move: from the transfers that exist."""
-    ids = session.info.get(_AT_COMMIT)
+    """account id → [debits, credits] still to move: from the transfers posted, or, after a
+    rollback, from those of them that still exist."""
+    posted = session.info.get(_AT_COMMIT)
     moves: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0])
-    if not ids:
+    if not posted:
         return moves
-    for debit_id, credit_id, amount_fen in session.execute(
-        select(Transfer.debit_account_id, Transfer.credit_account_id, Transfer.amount_fen).where(
-            Transfer.id.in_(ids)
-        )
-    ):
+    if session.info.get(_AT_COMMIT_UNSURE):
+        posted = session.execute(
+            select(
+                Transfer.id,
+                Transfer.debit_account_id,
+                Transfer.credit_account_id,
+                Transfer.amount_fen,
+            ).where(Transfer.id.in_([transfer_id for transfer_id, *_ in posted]))
+        ).all()
+    for _, debit_id, credit_id, amount_fen in posted:
         moves[debit_id][0] += amount_fen
         moves[credit_id][1] += amount_fen
     return moves
@@ -173,7 +183,7 @@ def _move_totals(session: Session) -> None:
     """Before a commit or a savepoint's release (the UPDATEs then commit, or roll back,
     together with the transfers they are for)."""
     moves = _moving_at_commit(session)
-    session.info.pop(_AT_COMMIT, None)
+    _forget_moving(session)
     if not moves:
         return
     accounts = Account.__table__.c
@@ -199,7 +209,18 @@ def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> Non
     """A transaction closed without committing (its transfers are gone): nothing of it
     may move with a later one on the same session."""
     if transaction.parent is None:
-        session.info.pop(_AT_COMMIT, None)
+        _forget_moving(session)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _unsure_after_a_rollback(session: Session, _transaction: SessionTransaction) -> None:
+    if session.info.get(_AT_COMMIT):
+        session.info[_AT_COMMIT_UNSURE] = True
+
+
+def _forget_moving(session: Session) -> None:
+    session.info.pop(_AT_COMMIT, None)
+    session.info.pop(_AT_COMMIT_UNSURE, None)
 
 
 def reverse(session: Session, transfer: Transfer, *, reason: str, at: datetime) -> Transfer:
