@@ -39,7 +39,11 @@ ota_workers = 2
 server_workers = 2
 server_threads = 4  # gthread: the bank's webhooks keep their connection
 confirmation_wait_s = 30
-single_phone_topups = 15
+single_phone_topups = 30
+# The first top-ups after start-up pay once for what a running platform has done long
+# before: connections opened, caches filled, statements prepared (psycopg prepares one on
+# its fifth run on a connection). Measured apart, and printed as such.
+warm_up_topups = 10
 BANK_CARD, MERCHANT = "6222020000000777", "BUSCARD"
 
 
@@ -182,6 +186,7 @@ def _ota_figures(database: ScratchDatabase) -> dict[str, float]:
         ).raise_for_status()
         handsets = _issue_phones(env, base, smsc, bank)
         # One phone alone: the flow's own latency (no queue in front of it).
+        first = [handsets[0].top_up() for _ in range(warm_up_topups)]
         alone = [handsets[0].top_up() for _ in range(single_phone_topups)]
         commits_before = _commits(database)
         cpu_before = _cpu_by_party(processes, database)
@@ -200,6 +205,7 @@ def _ota_figures(database: ScratchDatabase) -> dict[str, float]:
         figures = {
             "ota_topups_per_s": len(latencies) / elapsed,
             "ota_topup_median_ms": statistics.median(alone),
+            "ota_topup_median_ms_first": statistics.median(first),
             "ota_topup_median_ms_loaded": statistics.median(latencies),
             "pg_commits_per_topup": commits / len(latencies),
         }
@@ -249,6 +255,14 @@ def _issue_phones(env: dict, base: str, smsc: str, bank: str) -> list[BenchPhone
     return handsets
 
 
+def median_alone_line(figures: dict[str, float]) -> str:
+    return (
+        f"{figures['ota_topup_median_ms']:.0f} ms  # one phone alone, after "
+        f"{warm_up_topups} top-ups since start-up (their median: "
+        f"{figures['ota_topup_median_ms_first']:.0f} ms)"
+    )
+
+
 def cpu_lines(figures: dict[str, float]) -> list[str]:
     """CPU per top-up over the loaded run: the platform's own cost, and the simulators'."""
 
@@ -269,7 +283,7 @@ if __name__ == "__main__":
         f"ota_topups_per_s: {figures['ota_topups_per_s']:.0f} top-ups/s  "
         f"# {phones} phones x {topups_per_phone}, {ota_workers} workers, PostgreSQL"
     )
-    print(f"ota_topup_median_ms: {figures['ota_topup_median_ms']:.0f} ms  # one phone alone")
+    print(f"ota_topup_median_ms: {median_alone_line(figures)}")
     print(
         f"ota_topup_median_ms_loaded: {figures['ota_topup_median_ms_loaded']:.0f} ms"
         f"  # {phones} phones at once"
