@@ -31,7 +31,7 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-sms_user_data_bytes_max = 140
+sms_user_data_bytes_max = 140  # 8-bit user data in one SMS, TS 23.040 §9.2.3.24
 COMMAND_UDH_BYTES = 3  # 02 70 00: UDHL, IEI 70 (command packet), length 0 — TS 31.115 §4
 command_packet_bytes_max = sms_user_data_bytes_max - COMMAND_UDH_BYTES  # no concatenated SMS
 cc_bytes = 8

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from otar.packets import sms_user_data_bytes_max
+
 COMMAND_UDH = bytes.fromhex("027000")  # UDHL 02, IEI 70 command packet, length 00
 RESPONSE_UDH = bytes.fromhex("027100")  # IEI 71: a response packet (PoR), TS 31.115 §4
 TP_PID_SIM_DATA_DOWNLOAD = 0x7F
@@ -34,10 +36,10 @@ def _digits(raw: bytes) -> str:
 def encode_sms_deliver(originator: str, packet: bytes, timestamp: bytes = bytes(7)) -> bytes:
     address, digit_count = _address(originator)
     user_data = COMMAND_UDH + packet
-    if len(user_data) > 140:
+    if len(user_data) > sms_user_data_bytes_max:
         raise ValueError(
-            f"a command packet does not fit one SMS: {len(packet)} bytes, "
-            f"{len(user_data)} with its header 02 70 00; one SMS carries 140"
+            f"a command packet does not fit one SMS: {len(packet)} bytes, {len(user_data)} "
+            f"with its header 02 70 00; one SMS carries {sms_user_data_bytes_max}"
         )
     return (
         bytes((0x40, digit_count))
@@ -83,7 +85,7 @@ def encode_sms_submit(destination: str, user_data: bytes, reference: int = 0) ->
     """SMS-SUBMIT (TS 23.040 §9.2.2.2), 8-bit data, no validity period, no header — what
     the SIM's SEND SHORT MESSAGE hands the phone."""
     address, digit_count = _address(destination)
-    if len(user_data) > 140:
+    if len(user_data) > sms_user_data_bytes_max:
         raise ValueError("more than one SMS of user data")
     return (
         bytes((0x01, reference & 0xFF, digit_count))

@@ -9,6 +9,7 @@ order, ``refund.succeeded`` confirms a refund.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -30,10 +31,21 @@ order_id_chars_max = 100
 amount_fen_max = 10**12  # ten billion yuan: a sane bound for one payment
 
 
-def event_data(payload: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EventData:
+    """A known event's ``data``, checked."""
+
+    order_id: str
+    payment_id: str
+    amount_fen: int
+    paid_at: datetime | None  # the platform's local time; None: the bank did not say
+
+
+def event_data(payload: Any) -> EventData:
     """The ``data`` of a known event, checked: the ids the orders are found by, a positive
-    whole amount in fen. Checked before a callback is acknowledged (the bank then retries
-    or someone looks: nothing unusable is stored) and again as a stored one is applied."""
+    whole amount in fen, when it was paid. Checked before a callback is acknowledged (the
+    bank then retries or someone looks: nothing unusable is stored) and again as a stored
+    one is applied."""
     if not isinstance(payload, dict) or payload.get("type") not in KNOWN_EVENTS:
         raise InvalidInput(f"a webhook event's type is one of {', '.join(KNOWN_EVENTS)}")
     data = payload.get("data")
@@ -46,11 +58,10 @@ def event_data(payload: Any) -> dict[str, Any]:
     amount = data.get("amount_fen")
     if type(amount) is not int or not 0 < amount <= amount_fen_max:
         raise InvalidInput(f"data.amount_fen is a whole number of fen, 1..{amount_fen_max}")
-    paid_at(data)
-    return data
+    return EventData(data["order_id"], data["payment_id"], amount, _paid_at(data))
 
 
-def paid_at(data: dict[str, Any]) -> datetime | None:
+def _paid_at(data: dict[str, Any]) -> datetime | None:
     """When the bank says a payment was made (its business day is reconciliation's), in
     the platform's local time; None when the callback does not say."""
     value = data.get("paid_at")

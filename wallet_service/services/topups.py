@@ -225,8 +225,8 @@ def _apply(ctx: Context, event: BankWebhookEvent) -> None:
     if event.event_type == "refund.succeeded":
         _refund_confirmed(ctx, data)
         return
-    order = _order_by_reference(ctx, data["order_id"])
-    if order is None or order.payment_id not in (None, data["payment_id"]):
+    order = _order_by_reference(ctx, data.order_id)
+    if order is None or order.payment_id not in (None, data.payment_id):
         # Money for an order the platform never made, or a second payment of one already
         # paid (a bank that took the order twice): it goes back, in a step of its own.
         event.refund_due_at = ctx.now
@@ -234,10 +234,10 @@ def _apply(ctx: Context, event: BankWebhookEvent) -> None:
             ctx.session,
             "bank",
             "topup.payment_for_unknown_order" if order is None else "topup.second_payment",
-            data["order_id"][:60],
+            data.order_id[:60],
             ctx.now,
-            amount_fen=data["amount_fen"],
-            payment=data["payment_id"],
+            amount_fen=data.amount_fen,
+            payment=data.payment_id,
         )
         return
     _paid(ctx, order, data)
@@ -263,10 +263,10 @@ def refund_unknown_payment_once(ctx: Context, bank: BankClient) -> str | None:
     event = ctx.session.scalar(_UNKNOWN_PAYMENT_DUE, {"now": ctx.now})
     if event is None:
         return None
-    data = json.loads(event.payload)["data"]
-    payment, amount = data["payment_id"], data["amount_fen"]
+    data = bank_webhooks.event_data(json.loads(event.payload))  # (checked as it was applied)
+    payment, amount = data.payment_id, data.amount_fen
     refund = _refund_at_bank(
-        ctx, bank, payment, amount, "unknown order", f"unknown:{payment}", data["order_id"]
+        ctx, bank, payment, amount, "unknown order", f"unknown:{payment}", data.order_id
     )
     if isinstance(refund, _NotNow):
         event.refund_due_at = ctx.now + timedelta(seconds=refund.wait_s)
@@ -276,7 +276,7 @@ def refund_unknown_payment_once(ctx: Context, bank: BankClient) -> str | None:
         ctx.session,
         "worker",
         "topup.unknown_payment_refunded",
-        data["order_id"][:60],
+        data.order_id[:60],
         ctx.now,
         payment=payment,
         amount_fen=amount,
@@ -327,8 +327,8 @@ def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
     return ctx.session.scalar(_ORDER_BY_REFERENCE, {"reference": str(reference).upper()})
 
 
-def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
-    amount = data["amount_fen"]
+def _paid(ctx: Context, order: TopUpOrder, data: bank_webhooks.EventData) -> None:
+    amount = data.amount_fen
     late = order.state == "failed" and order.payment_id is None  # paid after it expired
     if order.state != "created" and not late:
         return  # the same payment told twice
@@ -342,8 +342,8 @@ def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
         f"topup_paid:{order.id}",
     )
     # (Set after the posting, whose queries flush: the order is written in one UPDATE.)
-    order.payment_id, order.paid_fen = data["payment_id"], amount
-    order.paid_at = bank_webhooks.paid_at(data) or ctx.now
+    order.payment_id, order.paid_fen = data.payment_id, amount
+    order.paid_at = data.paid_at or ctx.now
     if late or amount != order.amount_fen or ctx.now > order.expires_at:
         reason = "amount mismatch" if amount != order.amount_fen else "paid after it expired"
         to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
@@ -352,11 +352,11 @@ def _paid(ctx: Context, order: TopUpOrder, data: dict) -> None:
     write_now(ctx.session, order)
 
 
-def _refund_confirmed(ctx: Context, data: dict) -> None:
+def _refund_confirmed(ctx: Context, data: bank_webhooks.EventData) -> None:
     """The bank did a refund: an order still refunding (the bank's answer to the refund step
     was lost) takes its refund step now — asked again under the same key, the bank answers
     with the same refund, and the step posts it and tells the passenger."""
-    order = _order_by_reference(ctx, data["order_id"])
+    order = _order_by_reference(ctx, data.order_id)
     if order is not None and order.state == "refunding":
         order.next_action_at = ctx.now
 
