@@ -14,11 +14,11 @@ from types import SimpleNamespace
 from sqlalchemy import event, select, update
 
 from reader_sim.smsc import SmsCentre
-from tests.test_wallet_topups import PHONE, World
+from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet
 from wallet_service import ledger
-from wallet_service.db import write_now
-from wallet_service.models import Account, Card, TopUpOrder, Transfer
+from wallet_service.db import write_all_now, write_now
+from wallet_service.models import Account, BankWebhookEvent, Card, TopUpOrder, Transfer
 from wallet_service.ota_channel import CardKeysets
 from wallet_service.services import cards, topups
 from wallet_service.sms_gateway import InProcessGateway
@@ -258,3 +258,82 @@ def test_totals_move_from_what_was_posted_unless_something_rolled_back(wallet: W
         account = session.scalar(select(Account).where(Account.code == "topup_pending:platform"))
         assert (account.debits_fen, account.credits_fen) == (0, 30)
         ledger.check_balanced(session)
+
+
+def test_write_all_now_writes_rows_changed_alike_in_one_update(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    world = World(wallet, tmp_path)
+    references = [world.order(3000) for _ in range(3)]
+    with wallet.database.transaction() as session:
+        orders = [_order(session, reference) for reference in references]
+        for order in orders:
+            order.state = "failed"
+        orders[2].attempts = 7  # changed otherwise: an UPDATE of its own
+        with statements(wallet) as seen:
+            write_all_now(session, orders)
+            session.flush()  # nothing left for the unit of work
+        assert len(seen) == 2 and all(s.startswith("UPDATE topup_orders SET ") for s in seen)
+        assert sum(" IN (" in s for s in seen) == 1
+        assert not session.dirty
+        savepoint = session.begin_nested()
+        orders[0].state = "loaded"
+        orders[1].state = "loaded"
+        write_all_now(session, orders[:2])
+        savepoint.rollback()
+        assert [order.state for order in orders] == ["failed"] * 3  # read again
+    with wallet.database.transaction() as session:
+        written = [_order(session, reference) for reference in references]
+        assert [(o.state, o.attempts) for o in written] == [
+            ("failed", 0),
+            ("failed", 0),
+            ("failed", 7),
+        ]
+
+
+def test_a_batch_of_callbacks_locks_its_orders_at_once(wallet: Wallet, tmp_path: Path) -> None:
+    """One statement locks the batch's orders, one marks the events processed (one more
+    for an event changed otherwise: a payment for an order never made, to send back)."""
+    world = World(wallet, tmp_path)
+    references = [world.order(3000) for _ in range(3)]
+    for reference in [*references, "NO-SUCH-ORDER"]:
+        world.bank.pay("BUSCARD", reference, 3000, BANK_CARD)
+    world.deliver_callbacks()
+    with statements(wallet) as seen:
+        assert world.run(lambda ctx: topups.process_bank_events(ctx)) == 4
+    locks = [s for s in seen if s.startswith("SELECT") and "FROM topup_orders" in s]
+    assert len(locks) == 1 and "topup_orders.reference IN" in locks[0]
+    assert sum(s.startswith("UPDATE bank_webhook_events") for s in seen) == 2
+    assert [world.state(reference) for reference in references] == ["paid"] * 3
+    with wallet.database.transaction() as session:
+        events = session.scalars(select(BankWebhookEvent)).all()
+        assert all(event.processed_at is not None for event in events)
+        assert sum(event.refund_due_at is not None for event in events) == 1
+
+
+def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:
+    serials = ["1000000000000001", "1000000000000002"]
+
+    def load(session, serial: str, order: int) -> None:  # type: ignore[no-untyped-def]
+        ledger.post_at_commit(
+            session,
+            debit=("topup_pending", "platform"),
+            credit=(ledger.CARD_FLOAT, serial),
+            amount_fen=100,
+            kind="topup_loaded",
+            reference=f"topup_loaded:{order}",
+            at=wallet.clock(),
+        )
+
+    with wallet.database.transaction() as session:
+        for order, serial in enumerate(serials):
+            load(session, serial, order)  # the accounts exist from now on
+    with wallet.database.transaction() as session, statements(wallet) as seen:
+        topups.read_load_accounts(SimpleNamespace(session=session), set(serials))
+        for order, serial in enumerate(serials, start=2):
+            load(session, serial, order)
+    assert sum("FROM accounts WHERE accounts.code IN" in s for s in seen) == 1
+    with wallet.database.transaction() as session:
+        for serial in serials:
+            account = session.scalar(select(Account).where(Account.code == f"card_float:{serial}"))
+            assert ledger.balance(account) == 200

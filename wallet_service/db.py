@@ -24,6 +24,7 @@ class Base(DeclarativeBase):
 
 
 _updates_by_id: dict[Table, Update] = {}
+_updates_by_ids: dict[Table, Update] = {}
 
 
 def write_now(session: Session, row: Base) -> None:
@@ -36,20 +37,66 @@ def write_now(session: Session, row: Base) -> None:
     state = inspect(row)
     if not state.modified or state.identity is None:  # unchanged, or not inserted yet
         return
-    columns = state.mapper.column_attrs
-    values = {  # the attributes set since the load (committed_state: their old values)
-        columns[key].columns[0].key: getattr(row, key)
-        for key in state.committed_state
-        if state.attrs[key].history.has_changes()
-    }
+    values = _changed_columns(state)
     if values:
         table = state.mapper.local_table
         if table not in _updates_by_id:  # built once per table (rows with an "id" key)
             _updates_by_id[table] = update(table).where(table.c.id == bindparam("row_id"))
         with session.no_autoflush:  # (an autoflush would write the row the costly way)
             session.execute(_updates_by_id[table], {"row_id": state.identity[0], **values})
-    # What a flush does once it has written a row (the models have column attributes
-    # only, all written now): nothing pending, and out of the session's dirty set.
+    _written(session, row)
+
+
+def write_all_now(session: Session, rows: list[Base]) -> None:
+    """``write_now`` for several rows: those of one table changed to the same values are
+    written by one UPDATE of all their ids (a batch's events, all processed now)."""
+    alike: dict[tuple, list[Base]] = {}
+    for row in rows:
+        state = inspect(row)
+        if not state.modified or state.identity is None:
+            continue
+        try:
+            values = tuple(sorted(_changed_columns(state).items()))
+            key = (state.mapper.local_table, values)
+            alike.setdefault(key, []).append(row)
+        except TypeError:  # a value that cannot be compared (JSON): on its own
+            write_now(session, row)
+    for (_, values), same in alike.items():
+        if len(same) > 1 and values:
+            _update_all(session, same, dict(values))
+        else:
+            for row in same:
+                write_now(session, row)
+
+
+def _update_all(session: Session, rows: list[Base], values: dict) -> None:
+    table = inspect(rows[0]).mapper.local_table
+    if table not in _updates_by_ids:  # built once per table
+        _updates_by_ids[table] = update(table).where(
+            table.c.id.in_(bindparam("row_ids", expanding=True))
+        )
+    ids = [inspect(row).identity[0] for row in rows]
+    with session.no_autoflush:
+        session.execute(_updates_by_ids[table], {"row_ids": ids, **values})
+    for row in rows:
+        _written(session, row)
+
+
+def _changed_columns(state) -> dict:  # type: ignore[no-untyped-def]
+    """Column → value of the attributes set since the load (committed_state holds their
+    old values)."""
+    columns = state.mapper.column_attrs
+    return {
+        columns[key].columns[0].key: getattr(state.obj(), key)
+        for key in state.committed_state
+        if state.attrs[key].history.has_changes()
+    }
+
+
+def _written(session: Session, row: Base) -> None:
+    """What a flush does once it has written a row (the models have column attributes
+    only, all written now): nothing pending, and out of the session's dirty set."""
+    state = inspect(row)
     state._commit_all(state.dict, session.identity_map)
     transaction_cache(session, _WRITTEN_NOW, set).add(row)
 

@@ -156,6 +156,19 @@ def _account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> list[i
     return [known[code] for code in codes]
 
 
+def read_account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> None:
+    """Those of these accounts that exist, their ids read in one query for the rest of the
+    transaction (a batch that will post to many: one query, not one per posting)."""
+    known: dict[str, int] = transaction_cache(session, _IDS, dict, savepoints=True)
+    codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
+    missing = [code for code in codes if code not in known]
+    if missing:
+        known.update(
+            (account.code, account.id)
+            for account in session.scalars(_ACCOUNTS_BY_CODE, {"codes": missing})
+        )
+
+
 def _moving_at_commit(session: Session) -> dict[int, list[int]]:
     """account id → [debits, credits] still to move: from the transfers posted, or, after a
     rollback, from those of them that still exist."""

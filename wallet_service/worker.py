@@ -17,6 +17,7 @@ from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from otar.sms import RESPONSE_UDH
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
 from wallet_service.auth import Principal
@@ -128,6 +129,7 @@ class Worker:
         def all_at_once(ctx: Context, box: Outbox) -> list[str]:
             try:
                 box.keyset_for.read_phones({sms.sender for sms in messages})
+                _read_load_accounts(ctx, box, messages)
                 return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
             except (OperationalError, IntegrityError):
                 raise  # races: retried by Database.run; an outage: delivered again later
@@ -233,6 +235,18 @@ def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
         box.discard_since(mark)
         log.exception("SMS from %s not handled", sms.sender)
         return "failed"
+
+
+def _read_load_accounts(ctx: Context, box: Outbox, messages: list[Sms]) -> None:
+    """Proofs of receipt from several cards may confirm several loads: their ledger
+    accounts in one query (with one, its posting reads them itself: no query saved)."""
+    serials = set()
+    for sms in messages:
+        card = box.keyset_for.card_of(sms.sender) if sms.udh == RESPONSE_UDH else None
+        if card is not None:
+            serials.add(card.serial)
+    if len(serials) > 1:
+        topups.read_load_accounts(ctx, serials)
 
 
 def run_once(

@@ -57,7 +57,7 @@ from sim_applet.structures import (
 )
 from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
-from wallet_service.db import write_now
+from wallet_service.db import write_all_now, write_now
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
 from wallet_service.services import bank_webhooks, cards, rekeys
@@ -120,11 +120,6 @@ def reference_for(card_serial: str, request_id: str) -> str:
 _ORDER_OF_REQUEST = select(TopUpOrder).where(
     TopUpOrder.card_serial == bindparam("serial", type_=String),
     TopUpOrder.request_id == bindparam("request_id", type_=String),
-)
-_ORDER_BY_REFERENCE = (
-    select(TopUpOrder)
-    .where(TopUpOrder.reference == bindparam("reference", type_=String))
-    .with_for_update()
 )
 
 
@@ -203,29 +198,54 @@ _UNPROCESSED_EVENTS = (
 )
 
 
+_LOCK_ORDERS_BY_REFERENCE = (  # in id order: two batches never wait for each other in a cycle
+    select(TopUpOrder)
+    .where(TopUpOrder.reference.in_(bindparam("references", expanding=True)))
+    .order_by(TopUpOrder.id)
+    .with_for_update()
+)
+
+
 def process_bank_events(ctx: Context, limit: int = events_per_batch) -> int:
     """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once; none
-    calls the bank (a refund is a step of its own)."""
+    calls the bank (a refund is a step of its own). Their orders are locked at once."""
     events = ctx.session.scalars(_UNPROCESSED_EVENTS, {"limit": limit}).all()
-    for event in events:
-        _apply(ctx, event)
+    told = [(event, _event_data(ctx, event)) for event in events]
+    orders = _lock_orders(ctx, {data.order_id.upper() for _, data in told if data is not None})
+    for event, data in told:
+        if data is not None:
+            _apply(ctx, event, data, orders.get(data.order_id.upper()))
+    for event in events:  # (set after the applying, whose queries would flush each event)
         event.processed_at = ctx.now
-        write_now(ctx.session, event)
+    write_all_now(ctx.session, events)
     return len(events)
 
 
-def _apply(ctx: Context, event: BankWebhookEvent) -> None:
+def _lock_orders(ctx: Context, references: set[str]) -> dict[str, TopUpOrder]:
+    """reference → order, for those that exist (an order id the platform never made is a
+    payment to send back)."""
+    if not references:
+        return {}
+    locked = ctx.session.scalars(_LOCK_ORDERS_BY_REFERENCE, {"references": sorted(references)})
+    return {order.reference: order for order in locked}
+
+
+def _event_data(ctx: Context, event: BankWebhookEvent) -> bank_webhooks.EventData | None:
     try:
-        data = bank_webhooks.event_data(json.loads(event.payload))
+        return bank_webhooks.event_data(json.loads(event.payload))
     except (ValueError, InvalidInput) as error:  # stored before callbacks were checked
         audit.record(
             ctx.session, "bank", "bank_callback.unusable", event.id, ctx.now, reason=str(error)
         )
-        return
+        return None
+
+
+def _apply(
+    ctx: Context, event: BankWebhookEvent, data: bank_webhooks.EventData, order: TopUpOrder | None
+) -> None:
     if event.event_type == "refund.succeeded":
-        _refund_confirmed(ctx, data)
+        _refund_confirmed(ctx, order)
         return
-    order = _order_by_reference(ctx, data.order_id)
     if order is None or order.payment_id not in (None, data.payment_id):
         # Money for an order the platform never made, or a second payment of one already
         # paid (a bank that took the order twice): it goes back, in a step of its own.
@@ -323,10 +343,6 @@ def _refund_at_bank(
         return _NotNow(refund_retry_s, BANK_NOT_ASKED)
 
 
-def _order_by_reference(ctx: Context, reference: str) -> TopUpOrder | None:
-    return ctx.session.scalar(_ORDER_BY_REFERENCE, {"reference": str(reference).upper()})
-
-
 def _paid(ctx: Context, order: TopUpOrder, data: bank_webhooks.EventData) -> None:
     amount = data.amount_fen
     late = order.state == "failed" and order.payment_id is None  # paid after it expired
@@ -352,11 +368,10 @@ def _paid(ctx: Context, order: TopUpOrder, data: bank_webhooks.EventData) -> Non
     write_now(ctx.session, order)
 
 
-def _refund_confirmed(ctx: Context, data: bank_webhooks.EventData) -> None:
+def _refund_confirmed(ctx: Context, order: TopUpOrder | None) -> None:
     """The bank did a refund: an order still refunding (the bank's answer to the refund step
     was lost) takes its refund step now — asked again under the same key, the bank answers
     with the same refund, and the step posts it and tells the passenger."""
-    order = _order_by_reference(ctx, data.order_id)
     if order is not None and order.state == "refunding":
         order.next_action_at = ctx.now
 
@@ -755,6 +770,16 @@ def _tac_ok(ctx: Context, order: TopUpOrder, tac: bytes) -> bool:
         bytes.fromhex(order.time_bcd or ""),
     )
     return len(tac) == 4 and hmac.compare_digest(expected, tac)
+
+
+def read_load_accounts(ctx: Context, card_serials: set[str]) -> None:
+    """The accounts a load of these cards posts to, read at once: a batch of proofs of
+    receipt that confirms several loads asks for them in one query."""
+    ledger.read_account_ids(
+        ctx.session,
+        (TOPUP_PENDING, "platform"),
+        *((ledger.CARD_FLOAT, serial) for serial in sorted(card_serials)),
+    )
 
 
 def _loaded(ctx: Context, channel: OtaChannel, order: TopUpOrder, tac: bytes) -> str:
