@@ -329,7 +329,7 @@ def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:
         for order, serial in enumerate(serials):
             load(session, serial, order)  # the accounts exist from now on
     with wallet.database.transaction() as session, statements(wallet) as seen:
-        topups.read_load_accounts(SimpleNamespace(session=session), set(serials))
+        topups.ready_for_proofs(SimpleNamespace(session=session), set(serials))
         for order, serial in enumerate(serials, start=2):
             load(session, serial, order)
     assert sum("FROM accounts WHERE accounts.code IN" in s for s in seen) == 1
@@ -337,3 +337,31 @@ def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:
         for serial in serials:
             account = session.scalar(select(Account).where(Account.code == f"card_float:{serial}"))
             assert ledger.balance(account) == 200
+
+
+def test_proofs_find_their_orders_among_those_locked_ahead(wallet: Wallet, tmp_path: Path) -> None:
+    """``ready_for_proofs`` locks the cards' sending orders at once; each proof then finds
+    its order as its own query would: a second copy of a proof, its order moved on, is
+    stale, and the load is posted once."""
+    world = World(wallet, tmp_path)
+    reference = world.order()
+    world.pay(reference)
+    assert world.work() == "packet 1 sent"
+
+    def answered_twice(ctx, packet, answer):  # type: ignore[no-untyped-def]
+        topups.ready_for_proofs(ctx, {world.serial})
+        with statements(wallet) as seen:
+            outcomes = [
+                topups.on_proof_of_receipt(ctx, world.channel, packet[1], packet[2], answer)
+                for _ in range(2)
+            ]
+        assert not any(s.startswith("SELECT") and "FROM topup_orders" in s for s in seen)
+        return outcomes
+
+    for expected in ("packet 2 sent", "loaded"):
+        packet = world.channel.sent[-1]
+        answer = world.channel.run(packet)
+        outcomes = world.run(lambda ctx, p=packet, a=answer: answered_twice(ctx, p, a))
+        assert outcomes == [expected, "stale"]
+    assert world.state(reference) == "loaded"
+    assert world.books()[f"card_float:{world.serial}"] == 3000

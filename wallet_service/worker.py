@@ -129,7 +129,7 @@ class Worker:
         def all_at_once(ctx: Context, box: Outbox) -> list[str]:
             try:
                 box.keyset_for.read_phones({sms.sender for sms in messages})
-                _read_load_accounts(ctx, box, messages)
+                _ready_for_proofs(ctx, box, messages)
                 return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
             except (OperationalError, IntegrityError):
                 raise  # races: retried by Database.run; an outage: delivered again later
@@ -237,16 +237,17 @@ def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
         return "failed"
 
 
-def _read_load_accounts(ctx: Context, box: Outbox, messages: list[Sms]) -> None:
-    """Proofs of receipt from several cards may confirm several loads: their ledger
-    accounts in one query (with one, its posting reads them itself: no query saved)."""
+def _ready_for_proofs(ctx: Context, box: Outbox, messages: list[Sms]) -> None:
+    """Proofs of receipt from several cards: the orders they answer locked, and the ledger
+    accounts their loads post to read, each in one query for all of them (with one card,
+    its own queries cost as much: nothing to save)."""
     serials = set()
     for sms in messages:
         card = box.keyset_for.card_of(sms.sender) if sms.udh == RESPONSE_UDH else None
         if card is not None:
             serials.add(card.serial)
     if len(serials) > 1:
-        topups.read_load_accounts(ctx, serials)
+        topups.ready_for_proofs(ctx, serials)
 
 
 def run_once(

@@ -57,7 +57,7 @@ from sim_applet.structures import (
 )
 from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
-from wallet_service.db import write_all_now, write_now
+from wallet_service.db import transaction_cache, write_all_now, write_now
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
 from wallet_service.services import bank_webhooks, cards, rekeys
@@ -664,6 +664,46 @@ _ORDER_AT_STEP = (
 )
 
 
+_LOCK_SENDING_ORDERS = (  # in id order, as every batch that locks orders
+    select(TopUpOrder)
+    .where(
+        TopUpOrder.card_serial.in_(bindparam("serials", expanding=True)),
+        TopUpOrder.state.in_(SENDING_PACKETS),
+    )
+    .order_by(TopUpOrder.id)
+    .with_for_update()
+)
+# In Session.info: card serial → its orders sending packets, locked by ``ready_for_proofs``.
+_SENDING_BY_CARD = "orders_sending_by_card"
+
+
+def ready_for_proofs(ctx: Context, card_serials: set[str]) -> None:
+    """Ahead of a batch of proofs of receipt from these cards: the orders they may answer
+    (those sending packets) locked in one statement, and the accounts a load of these cards
+    posts to read in one query — not one of each per proof. Until the transaction or a
+    savepoint ends, ``on_proof_of_receipt`` finds these cards' orders among them."""
+    serials = sorted(card_serials)
+    sending = transaction_cache(ctx.session, _SENDING_BY_CARD, dict, savepoints=True)
+    sending.update((serial, []) for serial in serials)
+    for order in ctx.session.scalars(_LOCK_SENDING_ORDERS, {"serials": serials}):
+        sending[order.card_serial].append(order)
+    ledger.read_account_ids(
+        ctx.session,
+        (TOPUP_PENDING, "platform"),
+        *((ledger.CARD_FLOAT, serial) for serial in serials),
+    )
+
+
+def _order_at_step(ctx: Context, card_serial: str, step: int) -> TopUpOrder | None:
+    """The order whose latest packet is ``step``, if it is still sending packets: locked,
+    by ``ready_for_proofs`` or here. (A card sends one order's packets at a time: an order
+    that stops sending meanwhile, in this transaction, is seen as the query would see it.)"""
+    locked = ctx.session.info.get(_SENDING_BY_CARD, {}).get(card_serial)
+    if locked is None:
+        return ctx.session.scalar(_ORDER_AT_STEP, {"serial": card_serial, "step": step})
+    return next((o for o in locked if o.step == step and o.state in SENDING_PACKETS), None)
+
+
 def on_proof_of_receipt(
     ctx: Context,
     channel: OtaChannel,
@@ -674,7 +714,7 @@ def on_proof_of_receipt(
     """The SIM answered packet ``step``: ``last_response`` is the last command's data ‖ SW.
     A card reported lost gets no CREDIT; a load it may already have done is still
     settled."""
-    order = ctx.session.scalar(_ORDER_AT_STEP, {"serial": card_serial.upper(), "step": step})
+    order = _order_at_step(ctx, card_serial.upper(), step)
     if order is None or len(last_response) < 2:
         return "stale"
     outcome = _answered(ctx, channel, order, last_response)
@@ -770,16 +810,6 @@ def _tac_ok(ctx: Context, order: TopUpOrder, tac: bytes) -> bool:
         bytes.fromhex(order.time_bcd or ""),
     )
     return len(tac) == 4 and hmac.compare_digest(expected, tac)
-
-
-def read_load_accounts(ctx: Context, card_serials: set[str]) -> None:
-    """The accounts a load of these cards posts to, read at once: a batch of proofs of
-    receipt that confirms several loads asks for them in one query."""
-    ledger.read_account_ids(
-        ctx.session,
-        (TOPUP_PENDING, "platform"),
-        *((ledger.CARD_FLOAT, serial) for serial in sorted(card_serials)),
-    )
 
 
 def _loaded(ctx: Context, channel: OtaChannel, order: TopUpOrder, tac: bytes) -> str:
