@@ -13,9 +13,13 @@ from types import SimpleNamespace
 
 from sqlalchemy import event, select, update
 
+from reader_sim.bank import Bank, deliver_due, new_webhook_secret
+from reader_sim.phone import Phone, ScriptedScreen
 from reader_sim.smsc import SmsCentre
-from tests.test_wallet_topups import BANK_CARD, PHONE, World
-from tests.wallet_fixtures import Wallet
+from sim_applet.sim import Sim
+from tests.helpers import purse
+from tests.test_wallet_topups import BANK_CARD, PHONE, World, _real_now
+from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service import ledger
 from wallet_service.db import write_all_now, write_now
 from wallet_service.models import Account, BankWebhookEvent, Card, TopUpOrder, Transfer
@@ -365,3 +369,63 @@ def test_proofs_find_their_orders_among_those_locked_ahead(wallet: Wallet, tmp_p
         assert outcomes == [expected, "stale"]
     assert world.state(reference) == "loaded"
     assert world.books()[f"card_float:{world.serial}"] == 3000
+
+
+def test_a_worker_tops_up_several_phones_in_shared_batches_once_each(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """Three phones in lockstep, as bench.ota_worker runs them: each pass's SMS, callbacks
+    and packets are one batch for all three (the batch paths: callbacks' orders locked at
+    once, proofs' orders and accounts read ahead). Each top-up loads once, the books agree."""
+    company = set_up_bus_company(wallet)
+    secret = new_webhook_secret()
+    wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    bank = Bank(tmp_path / "bank.sqlite", clock=_real_now)
+    bank.open_card(BANK_CARD, "Li Lei", 100_000)
+    bank.add_merchant("BUSCARD", "http://platform/api/v1/bank/webhooks")
+    centre, perso = SmsCentre(), Path(wallet.app.config["PERSONALIZATION_DIR"])
+    phones: dict[str, Phone] = {}
+    for index in range(3):
+        number = f"1390000{index:04d}"
+        card = wallet.ok(
+            "POST",
+            "/api/v1/cards",
+            company.counter_token,
+            {"iccid": f"898600{index:013d}", "phone": number},
+        )
+        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
+        phone = Phone(
+            Sim.load(perso / card["image_file"]),
+            number,
+            InProcessGateway(centre, number),
+            ScriptedScreen(),
+            lambda merchant, order, amount: bank.pay(merchant, order, amount, BANK_CARD),
+        )
+        phone.power_on()
+        phones[card["serial"]] = phone
+    worker = Worker(wallet.app, InProcessGateway(centre, "10658888"), bank)
+    client = wallet.client()
+
+    def post(url: str, payload: str, headers: dict[str, str]) -> int:
+        return client.post("/api/v1/bank/webhooks", data=payload, headers=headers).status_code
+
+    with statements(wallet) as seen:
+        for _ in range(2):
+            for phone in phones.values():
+                phone.screen.answers[:] = ["1", "123456"]  # 1 yuan, the PIN
+                phone.select(4)  # over-the-air top-up
+            for _ in range(8):
+                worker.read_sms(0)
+                worker.do_due_work()
+                for phone in phones.values():
+                    phone.receive()
+                deliver_due(bank, secret, post)
+    assert any("topup_orders.card_serial IN" in s for s in seen)  # proofs read ahead
+    books = wallet.ok("GET", "/api/v1/ledger")
+    assert books["balanced"]
+    floats = {a["code"]: a["credits_fen"] - a["debits_fen"] for a in books["accounts"]}
+    for serial, phone in phones.items():
+        assert purse(phone.sim).balance == 200 == floats[f"card_float:{serial}"]
+    with wallet.database.transaction() as session:
+        states = session.scalars(select(TopUpOrder.state)).all()
+    assert states == ["loaded"] * 6
