@@ -319,10 +319,20 @@ def test_a_refund_whose_answer_was_lost_is_posted_once_when_the_bank_confirms_it
 
 
 @pytest.mark.parametrize(
-    ("status", "refused"), [(409, True), (422, True), (429, False), (408, False), (503, False)]
+    ("status", "retry_after", "raised", "wait_s"),
+    [
+        (409, None, topups.RefundRefused, None),
+        (422, None, topups.RefundRefused, None),
+        (429, None, topups.BankBusy, None),
+        (429, "120", topups.BankBusy, 120),
+        (503, "Wed, 21 Oct 2015 07:28:00 GMT", topups.BankBusy, 0),  # (a date gone by)
+        (503, "soon", topups.BankBusy, None),
+        (408, None, topups.BankBusy, None),
+        (500, None, requests.HTTPError, None),
+    ],
 )
 def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
-    status: int, refused: bool
+    status: int, retry_after: str | None, raised: type, wait_s: float | None
 ) -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -333,6 +343,8 @@ def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
@@ -344,11 +356,44 @@ def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = HttpBankClient(f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(topups.RefundRefused if refused else requests.HTTPError):
+        with pytest.raises(raised) as error:
             client.refund("pay_1", 100, "test", "key-1")
+        if raised is topups.BankBusy:
+            assert error.value.retry_after_s == wait_s
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_retry_after_in_an_http_date_counts_from_now() -> None:
+    from wallet_service.worker import retry_after_s
+
+    now = 1_764_547_200.0  # 2025-12-01 00:00:00 UTC
+    assert retry_after_s("Mon, 01 Dec 2025 00:05:00 GMT", now) == 300
+    assert retry_after_s(" 90 ", now) == 90
+    assert retry_after_s("Mon, 01 Dec 2025 00:05:00 -0000", now) is None  # no zone
+    assert retry_after_s("-5", now) is None and retry_after_s(None, now) is None
+
+
+def test_a_busy_bank_is_asked_again_when_it_said(world: World) -> None:
+    """Its Retry-After, not the minute the platform waits when the bank cannot be reached
+    (and at most an hour, whatever it says)."""
+    reference = world.order(amount=2000)
+    world.pay(reference, amount=2500)  # another amount: to be refunded
+    busy = RefusingBank(topups.BankBusy("HTTP 429", retry_after_s=900))
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, busy)).action == (
+        topups.BANK_NOT_ASKED
+    )
+    world.later(topups.refund_retry_s)
+    assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, world.bank)) is None
+    world.later(900 - topups.refund_retry_s)
+    assert world.work() == "refunded"
+    second = world.order(amount=2000)
+    world.pay(second, amount=2500)
+    forever = RefusingBank(topups.BankBusy("HTTP 503", retry_after_s=10**9))
+    world.run(lambda ctx: topups.refund_once(ctx, world.channel, forever))
+    world.later(topups.refund_retry_after_s_max)
+    assert world.work() == "refunded"
 
 
 def test_a_second_payment_of_a_paid_order_goes_back(world: World) -> None:

@@ -5,6 +5,7 @@ share the queue (orders are claimed with SKIP LOCKED)."""
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import threading
 import time
@@ -41,7 +42,9 @@ rare_work_look_s = 1.0  # at most this often (not after every batch: under load,
 # runs for every callback stored; these steps wait seconds to minutes anyway)
 
 
-BUSY_STATUSES = (408, 425, 429)  # timeout, too early, too many requests: ask again later
+# Timeout, too early, too many requests, unavailable: ask again later, when the answer's
+# Retry-After says if it does.
+BUSY_STATUSES = (408, 425, 429, 503)
 
 
 class HttpBankClient:
@@ -62,11 +65,30 @@ class HttpBankClient:
             },
             timeout=request_timeout_s,
         )
-        if 400 <= answer.status_code < 500 and answer.status_code not in BUSY_STATUSES:
-            # the bank said no: asking again will not help
+        if answer.status_code in BUSY_STATUSES:
+            retry_after = retry_after_s(answer.headers.get("Retry-After"), time.time())
+            raise topups.BankBusy(f"HTTP {answer.status_code}", retry_after)
+        if 400 <= answer.status_code < 500:  # the bank said no: asking again will not help
             raise topups.RefundRefused(f"HTTP {answer.status_code}: {answer.text[:200]}")
         answer.raise_for_status()  # a server error: asked again later
         return answer.json()["refund_id"]
+
+
+def retry_after_s(value: str | None, now_s: float) -> float | None:
+    """An answer's Retry-After (RFC 9110 §10.2.3: delay-seconds, or an HTTP-date) as
+    seconds from ``now_s`` (Unix time); None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        at = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if at.tzinfo is None:  # an HTTP-date is in GMT; one without a zone is not one
+        return None
+    return max(0.0, at.timestamp() - now_s)
 
 
 @dataclass

@@ -99,7 +99,17 @@ class RefundRefused(Exception):
     """The bank refused a refund (unknown payment, more than was paid): a person looks."""
 
 
+class BankBusy(Exception):
+    """The bank asked to be asked again later (HTTP 429, 503 …), after ``retry_after_s``
+    when it said (its Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 refund_retry_s = 60  # the bank could not be asked: again after this
+refund_retry_after_s_max = 3600  # a bank's Retry-After beyond this is taken as this
 BANK_NOT_ASKED = "refund: the bank could not be asked"  # (a step's outcome)
 refund_refused_retry_s = 3600  # the bank said no: again (after someone looked) after this
 
@@ -309,7 +319,7 @@ def refund_unknown_payment_once(ctx: Context, bank: BankClient) -> str | None:
 class _NotNow:
     """The bank did not refund: ask again after ``wait_s``."""
 
-    wait_s: int
+    wait_s: float
     outcome: str
 
 
@@ -338,6 +348,10 @@ def _refund_at_bank(
             reason=str(error)[:200],
         )
         return _NotNow(refund_refused_retry_s, "refund refused by the bank")
+    except BankBusy as busy:  # as long as the bank asked (a minute when it did not say)
+        asked_s = refund_retry_s if busy.retry_after_s is None else busy.retry_after_s
+        log.warning("refund %s: the bank is busy (%s), again in %.0f s", refund_key, busy, asked_s)
+        return _NotNow(min(max(asked_s, 1), refund_retry_after_s_max), BANK_NOT_ASKED)
     except Exception as error:  # unreachable, timed out, a server error
         log.warning("refund %s failed, again later: %s", refund_key, error)
         return _NotNow(refund_retry_s, BANK_NOT_ASKED)
