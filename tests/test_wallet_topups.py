@@ -340,3 +340,58 @@ def test_the_daily_three_way_match_finds_what_does_not_add_up(world: World) -> N
         body={"statement_csv": "not,a,statement\n"},
     )
     assert bad[0] == 422
+
+
+def test_the_same_request_again_is_the_same_order_never_another_amount(world: World) -> None:
+    from wallet_service.errors import Conflict
+
+    request_id = b"\x0a\x0b\x0c\x0d"
+
+    def create(amount: int) -> str:
+        return world.run(
+            lambda ctx: topups.create_order(ctx, world.serial, request_id, amount, PHONE).reference
+        )
+
+    first = create(3000)
+    assert create(3000) == first
+    with pytest.raises(Conflict):
+        create(2000)
+    import json
+
+    from sqlalchemy import select
+
+    from wallet_service.models import AuditEvent
+
+    with world.wallet.database.transaction() as session:
+        requests_audited = session.scalars(
+            select(AuditEvent.details).where(AuditEvent.action == "topup.request")
+        ).all()
+    assert [json.loads(details)["order"] for details in requests_audited] == [first]
+
+
+def test_a_request_told_twice_at_the_same_moment_makes_one_order(world: World) -> None:
+    """The twin waits for the first's commit, then finds its order (no conflict raised)."""
+    import threading
+
+    request_id = b"\x01\x01\x01\x01"
+
+    def create(ctx: Context) -> str:
+        return topups.create_order(ctx, world.serial, request_id, 3000, PHONE).reference
+
+    twin: list[str] = []
+    with world.wallet.database.transaction() as session:
+        first = create(
+            Context(
+                session,
+                Principal(0, "admin"),
+                world.wallet.clock(),
+                world.wallet.app.config["KEY_STORE"],
+                Path("/nonexistent"),
+            )
+        )
+        thread = threading.Thread(target=lambda: twin.append(world.run(create)))
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive()  # waiting for this transaction
+    thread.join(timeout=30)
+    assert twin == [first]

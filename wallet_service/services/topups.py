@@ -29,6 +29,7 @@ from typing import Protocol
 from sqlalchemy import (
     BigInteger,
     Exists,
+    Insert,
     Integer,
     String,
     and_,
@@ -38,6 +39,8 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import aliased
 
 from sim_applet.crypto import Algorithm
@@ -133,6 +136,23 @@ _ORDER_OF_REQUEST = select(TopUpOrder).where(
 )
 
 
+_INSERT_ORDER_ONCE: dict[str, Insert] = {}  # by dialect, built once
+
+
+def _inserted_once(ctx: Context, values: dict) -> TopUpOrder | None:
+    """The new order, in one statement — or None when its request has one already (a twin
+    inserting at the same moment: this one waits for its commit, then inserts nothing)."""
+    dialect = ctx.session.get_bind().dialect.name
+    if dialect not in _INSERT_ORDER_ONCE:
+        dialect_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        _INSERT_ORDER_ONCE[dialect] = (
+            dialect_insert(TopUpOrder)
+            .on_conflict_do_nothing(index_elements=["card_serial", "request_id"])
+            .returning(TopUpOrder)
+        )
+    return ctx.session.scalars(_INSERT_ORDER_ONCE[dialect], [values]).first()
+
+
 def create_order(
     ctx: Context, card_serial: str, request_id: bytes, amount_fen: int, phone: str
 ) -> TopUpOrder:
@@ -145,28 +165,29 @@ def create_order(
         raise NotFound("no active card with this serial")
     if card.phone != phone:
         raise Conflict("a passenger tops up only the card in their own phone")
-    existing = ctx.session.scalar(
-        _ORDER_OF_REQUEST, {"serial": card.serial, "request_id": request_id.hex()}
+    order = _inserted_once(
+        ctx,
+        {
+            "reference": reference_for(card.serial, request_id.hex()),
+            "card_serial": card.serial,
+            "request_id": request_id.hex(),
+            "phone": phone,
+            "amount_fen": amount_fen,
+            "state": "created",
+            "attempts": 0,
+            "init_attempts": 0,
+            "created_at": ctx.now,
+            "expires_at": ctx.now + timedelta(seconds=order_lifetime_s),
+            "next_action_at": ctx.now + timedelta(seconds=order_lifetime_s),
+        },
     )
-    if existing is not None:
+    if order is None:  # the same request again (a duplicated SMS, the phone retrying)
+        existing = ctx.session.scalars(
+            _ORDER_OF_REQUEST, {"serial": card.serial, "request_id": request_id.hex()}
+        ).one()
         if existing.amount_fen != amount_fen:
             raise Conflict("this request was made for another amount")
         return existing
-    order = TopUpOrder(
-        reference=reference_for(card.serial, request_id.hex()),
-        card_serial=card.serial,
-        request_id=request_id.hex(),
-        phone=phone,
-        amount_fen=amount_fen,
-        state="created",
-        attempts=0,
-        init_attempts=0,
-        created_at=ctx.now,
-        expires_at=ctx.now + timedelta(seconds=order_lifetime_s),
-        next_action_at=ctx.now + timedelta(seconds=order_lifetime_s),
-    )
-    ctx.session.add(order)
-    ctx.session.flush()
     audit.record(
         ctx.session,
         "sms",
