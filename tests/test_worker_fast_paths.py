@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from sqlalchemy import event, select, update
 
 from reader_sim.bank import Bank, deliver_due, new_webhook_secret
@@ -20,9 +21,16 @@ from sim_applet.sim import Sim
 from tests.helpers import purse
 from tests.test_wallet_topups import BANK_CARD, PHONE, World, _real_now
 from tests.wallet_fixtures import Wallet, set_up_bus_company
-from wallet_service import ledger
+from wallet_service import audit, ledger
 from wallet_service.db import write_all_now, write_now
-from wallet_service.models import Account, BankWebhookEvent, Card, TopUpOrder, Transfer
+from wallet_service.models import (
+    Account,
+    AuditEvent,
+    BankWebhookEvent,
+    Card,
+    TopUpOrder,
+    Transfer,
+)
 from wallet_service.ota_channel import CardKeysets
 from wallet_service.services import cards, topups
 from wallet_service.sms_gateway import InProcessGateway
@@ -429,3 +437,46 @@ def test_a_worker_tops_up_several_phones_in_shared_batches_once_each(
     with wallet.database.transaction() as session:
         states = session.scalars(select(TopUpOrder.state)).all()
     assert states == ["loaded"] * 6
+
+
+def _audited_actions(wallet: Wallet) -> list[str]:
+    with wallet.database.transaction() as session:
+        return session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)).all()
+
+
+def test_a_transactions_audit_events_are_written_at_commit_in_one_statement(
+    wallet: Wallet,
+) -> None:
+    before = _audited_actions(wallet)
+    with statements(wallet) as seen, wallet.database.transaction() as session:
+        for number in range(3):
+            audit.record(session, "test", f"batch.{number}", "subject", wallet.clock())
+        assert not seen  # nothing yet
+    assert sum(s.startswith("INSERT INTO audit_events") for s in seen) == 1
+    assert _audited_actions(wallet)[len(before) :] == ["batch.0", "batch.1", "batch.2"]
+
+
+def test_audit_events_go_with_the_savepoint_they_were_recorded_in(wallet: Wallet) -> None:
+    before = _audited_actions(wallet)
+    with wallet.database.transaction() as session:
+
+        def record(action: str) -> None:
+            audit.record(session, "test", action, "subject", wallet.clock())
+
+        record("kept.1")
+        rolled_back = session.begin_nested()
+        record("dropped.1")
+        rolled_back.rollback()
+        released = session.begin_nested()
+        record("kept.2")
+        released.commit()
+        parent = session.begin_nested()
+        child = session.begin_nested()
+        record("dropped.2")
+        child.commit()  # released, then rolled back with its parent
+        parent.rollback()
+        record("kept.3")
+    with pytest.raises(RuntimeError), wallet.database.transaction() as session:
+        audit.record(session, "test", "dropped.3", "subject", wallet.clock())
+        raise RuntimeError("the transaction fails")
+    assert _audited_actions(wallet)[len(before) :] == ["kept.1", "kept.2", "kept.3"]
