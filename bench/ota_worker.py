@@ -107,7 +107,7 @@ def worker_figures(phones: int, rounds: int, count_instructions: bool = False) -
         centre, bank = SmsCentre(), Bank(Path(tmp) / "bank.sqlite")
         bank.open_card(BANK_CARD, "Bench", 10**12)
         bank.add_merchant("BUSCARD", "http://platform/api/v1/bank/webhooks")
-        handsets = _issue_phones(app, centre, bank, phones, Path(tmp) / "perso")
+        handsets = list(issue_phones(app, centre, bank, phones, Path(tmp) / "perso").values())
         worker = Worker(app, InProcessGateway(centre, SHORT_CODE), bank)
         worker.rare_work_look_s = 0.0  # every pass looks: the same run after run
         meter = WorkerMeter(
@@ -144,12 +144,14 @@ def worker_figures(phones: int, rounds: int, count_instructions: bool = False) -
         }
 
 
-def _issue_phones(app, centre: SmsCentre, bank: Bank, count: int, perso: Path) -> list[Phone]:  # type: ignore[no-untyped-def]
+def issue_phones(app, centre: SmsCentre, bank: Bank, count: int, perso: Path) -> dict[str, Phone]:  # type: ignore[no-untyped-def]
+    """``count`` cards issued and activated through the API, each in a phone on ``centre``
+    whose bank app pays from BANK_CARD: card serial → phone."""
     admin = app.extensions["database"].run(
         lambda session: create_token(session, "admin", at=datetime(2026, 1, 1))
     )
     client, headers = app.test_client(), {"Authorization": f"Bearer {admin}"}
-    handsets = []
+    handsets = {}
     for index in range(count):
         number = f"1390000{index:04d}"
         card = client.post(
@@ -165,7 +167,7 @@ def _issue_phones(app, centre: SmsCentre, bank: Bank, count: int, perso: Path) -
             lambda merchant, order, amount: bank.pay(merchant, order, amount, BANK_CARD),
         )
         handset.power_on()
-        handsets.append(handset)
+        handsets[card["serial"]] = handset
     return handsets
 
 

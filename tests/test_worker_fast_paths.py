@@ -8,19 +8,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import event, select, update
 
+from bench import ota_worker
 from reader_sim.bank import Bank, deliver_due, new_webhook_secret
-from reader_sim.phone import Phone, ScriptedScreen
 from reader_sim.smsc import SmsCentre
-from sim_applet.sim import Sim
 from tests.helpers import purse
+from tests.test_wallet_ledger_and_registry import _pay_in
 from tests.test_wallet_topups import BANK_CARD, PHONE, World, _real_now
-from tests.wallet_fixtures import Wallet, set_up_bus_company
+from tests.wallet_fixtures import Wallet
 from wallet_service import audit, ledger
 from wallet_service.db import write_all_now, write_now
 from wallet_service.models import (
@@ -52,6 +53,22 @@ def statements(wallet: Wallet) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", record)
+
+
+AT = datetime(2026, 12, 1, 10, 0)
+
+
+def _load(session, serial: str, reference: str) -> None:  # type: ignore[no-untyped-def]
+    """A load's posting: 1 yuan from top-ups pending to the card's float."""
+    ledger.post_at_commit(
+        session,
+        debit=("topup_pending", "platform"),
+        credit=(ledger.CARD_FLOAT, serial),
+        amount_fen=100,
+        kind="topup_loaded",
+        reference=reference,
+        at=AT,
+    )
 
 
 def _order(session, reference: str) -> TopUpOrder:  # type: ignore[no-untyped-def]
@@ -194,15 +211,7 @@ def test_an_account_created_in_a_savepoint_rolled_back_is_created_again(
     may take the account's row with it."""
 
     def post(session, reference: str) -> None:  # type: ignore[no-untyped-def]
-        ledger.post_at_commit(
-            session,
-            debit=("topup_pending", "platform"),
-            credit=(ledger.CARD_FLOAT, "NEWCARD"),
-            amount_fen=100,
-            kind="topup_loaded",
-            reference=reference,
-            at=wallet.clock(),
-        )
+        _load(session, "NEWCARD", reference)
 
     with wallet.database.transaction() as session:
         savepoint = session.begin_nested()
@@ -241,15 +250,7 @@ def test_totals_move_from_what_was_posted_unless_something_rolled_back(wallet: W
     one (a savepoint may have taken some), from the transfer rows that still exist."""
 
     def post(session, reference: str) -> None:  # type: ignore[no-untyped-def]
-        ledger.post_at_commit(
-            session,
-            debit=(ledger.BANK_SETTLEMENT, "bank"),
-            credit=("topup_pending", "platform"),
-            amount_fen=10,
-            kind="topup_paid",
-            reference=reference,
-            at=wallet.clock(),
-        )
+        _pay_in(session, 10, reference)
 
     def transfers_read(seen: list[str]) -> int:  # (the tests' balance check sums them all)
         return sum(
@@ -327,15 +328,7 @@ def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:
     serials = ["1000000000000001", "1000000000000002"]
 
     def load(session, serial: str, order: int) -> None:  # type: ignore[no-untyped-def]
-        ledger.post_at_commit(
-            session,
-            debit=("topup_pending", "platform"),
-            credit=(ledger.CARD_FLOAT, serial),
-            amount_fen=100,
-            kind="topup_loaded",
-            reference=f"topup_loaded:{order}",
-            at=wallet.clock(),
-        )
+        _load(session, serial, f"topup_loaded:{order}")
 
     with wallet.database.transaction() as session:
         for order, serial in enumerate(serials):
@@ -385,32 +378,13 @@ def test_a_worker_tops_up_several_phones_in_shared_batches_once_each(
     """Three phones in lockstep, as bench.ota_worker runs them: each pass's SMS, callbacks
     and packets are one batch for all three (the batch paths: callbacks' orders locked at
     once, proofs' orders and accounts read ahead). Each top-up loads once, the books agree."""
-    company = set_up_bus_company(wallet)
     secret = new_webhook_secret()
     wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
     bank = Bank(tmp_path / "bank.sqlite", clock=_real_now)
-    bank.open_card(BANK_CARD, "Li Lei", 100_000)
+    bank.open_card(ota_worker.BANK_CARD, "Li Lei", 100_000)
     bank.add_merchant("BUSCARD", "http://platform/api/v1/bank/webhooks")
     centre, perso = SmsCentre(), Path(wallet.app.config["PERSONALIZATION_DIR"])
-    phones: dict[str, Phone] = {}
-    for index in range(3):
-        number = f"1390000{index:04d}"
-        card = wallet.ok(
-            "POST",
-            "/api/v1/cards",
-            company.counter_token,
-            {"iccid": f"898600{index:013d}", "phone": number},
-        )
-        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
-        phone = Phone(
-            Sim.load(perso / card["image_file"]),
-            number,
-            InProcessGateway(centre, number),
-            ScriptedScreen(),
-            lambda merchant, order, amount: bank.pay(merchant, order, amount, BANK_CARD),
-        )
-        phone.power_on()
-        phones[card["serial"]] = phone
+    phones = ota_worker.issue_phones(wallet.app, centre, bank, 3, perso)
     worker = Worker(wallet.app, InProcessGateway(centre, "10658888"), bank)
     client = wallet.client()
 
