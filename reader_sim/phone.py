@@ -47,7 +47,9 @@ proactive_commands_per_action_max = 32  # a SIM that never stops proposing is cu
 input_attempts_max = 3  # tries at one GET INPUT while the answers fall out of its bounds
 _DIGITS = set("0123456789*#+")  # GET INPUT "digits only" (TS 102 223 §6.4.17)
 # The platform's texts that end a top-up (wallet_service/services/phone_requests.py and
-# topups.py): a scripted phone waiting for its outcome stops at them.
+# topups.py): a scripted phone waiting for its outcome stops at them. A phone knows them
+# as a passenger does, from what it is sent; tests/test_phone.py has the platform send
+# them, so the two cannot drift apart unnoticed.
 PLATFORM_REFUSALS = ("未受理 Refused:", "已退款 Refunded")
 _PAYMENT_LINK = re.compile(r"buspay://([A-Za-z0-9_-]+)/([A-Za-z0-9-]+)/([0-9]+)")
 

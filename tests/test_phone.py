@@ -723,3 +723,30 @@ def test_a_card_closed_while_packet_1_s_answer_is_on_its_way_gets_no_credit(
     assert purse(world.sim).balance == 0
     assert world.bank.card_balance(BANK_CARD) == 100_000
     world.bank.close()
+
+
+def test_the_phone_knows_the_platforms_notices_that_end_a_top_up(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """``phone --until`` stops at a refusal or a refund (``PLATFORM_REFUSALS``): the texts
+    the platform really sends, so a change of them on one side fails here."""
+    world = PhoneWorld(wallet, tmp_path)
+
+    def pays_too_much(merchant: str, order_id: str, amount_fen: int) -> None:
+        world.bank_app(merchant, order_id, amount_fen + 500)  # refunded: the wrong amount
+
+    world.phone.pay = pays_too_much
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    world.settle()
+    assert world.phone.outcome_refused() == "充值未完成，已退款 Refunded 35.00"
+    world.phone.inbox.clear()
+    world.screen.answers[:] = ["123456"]
+    world.phone.select(5)  # report the card lost
+    world.settle()
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)  # a lost card is not topped up
+    world.settle()
+    refused = world.phone.outcome_refused()
+    assert refused is not None and refused.startswith("未受理 Refused:")
+    world.bank.close()
