@@ -52,13 +52,15 @@ class VirtualCardServer:
         starting, or restarting) until ``timeout_s`` has passed."""
         deadline = time.monotonic() + timeout_s
         while True:
+            left_s = max(deadline - time.monotonic(), 0.001)
             try:
-                connection = socket.create_connection(self.address, timeout=timeout_s)
+                connection = socket.create_connection(self.address, timeout=left_s)
                 break
             except ConnectionRefusedError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(connect_retry_interval_s)
+        connection.settimeout(timeout_s)  # (for what follows: as the socket had it before)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket = connection
 

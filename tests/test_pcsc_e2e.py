@@ -62,7 +62,7 @@ def test_a_card_goes_in_after_pcscd_went_away(insert_card, pcsc_daemon) -> None:
     """The session's pcscd can be another program's, stopped under the suite's feet."""
     if pcsc_daemon.process is not None:
         pcsc_daemon.stop()
-    else:
+    else:  # one pcscd a machine: the one this suite is using, started by something else
         subprocess.run(["pkill", "-x", "pcscd"], check=False)
     wait_until(lambda: not pcscd_running(), "pcscd has gone")
     link = insert_card(new_card(balance_fen=1000))

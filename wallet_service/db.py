@@ -10,20 +10,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from sqlalchemy import (
-    Engine,
-    Insert,
-    Table,
-    Update,
-    bindparam,
-    create_engine,
-    event,
-    insert,
-    inspect,
-    update,
-)
+from sqlalchemy import Engine, Table, Update, bindparam, create_engine, event, inspect, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -150,52 +139,6 @@ def _forget_transaction_caches(session: Session, transaction) -> None:  # type: 
     for key, at_savepoints in _transaction_caches.items():
         if ended == "transaction" or at_savepoints:
             session.info.pop(key, None)
-
-
-# Rows ``insert_at_commit`` holds until the transaction commits, in Session.info: (the
-# innermost savepoint, else the transaction, it was recorded in; its table; the row).
-_INSERT_AT_COMMIT = "rows_to_insert_at_commit"
-
-
-def insert_at_commit(session: Session, table: Table, row: dict) -> None:
-    """Insert ``row`` just before the transaction (or a savepoint around it) commits, with
-    the others of its table in one statement — or never, if a savepoint it was recorded in
-    rolls back first. For rows nothing reads back in their own transaction: a worker's
-    batch writes its audit events at once, not one statement each."""
-    recorded_in = session.get_nested_transaction() or session.get_transaction()
-    transaction_cache(session, _INSERT_AT_COMMIT, list).append((recorded_in, table, row))
-
-
-@event.listens_for(Session, "after_soft_rollback")
-def _drop_rolled_back_inserts(session: Session, rolled_back: SessionTransaction) -> None:
-    pending = session.info.get(_INSERT_AT_COMMIT)
-    if pending:
-        pending[:] = [entry for entry in pending if not _inside(entry[0], rolled_back)]
-
-
-def _inside(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:
-    while transaction is not None:
-        if transaction is outer:
-            return True
-        transaction = transaction.parent
-    return False
-
-
-@event.listens_for(Session, "before_commit")
-def _insert_held_rows(session: Session) -> None:
-    """(Also as a savepoint is released: its rows, and those held outside it, are then
-    written into the enclosing transaction, and go with it.)"""
-    pending = session.info.pop(_INSERT_AT_COMMIT, None)
-    by_table: dict[Table, list[dict]] = {}
-    for _, table, row in pending or ():
-        by_table.setdefault(table, []).append(row)
-    for table, rows in by_table.items():
-        if table not in _inserts:  # built once per table
-            _inserts[table] = insert(table)
-        session.execute(_inserts[table], rows)
-
-
-_inserts: dict[Table, Insert] = {}
 
 
 def make_engine(url: str) -> Engine:

@@ -80,7 +80,7 @@ def retry_after_s(value: str | None, now_s: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # (str.isdigit takes "²" too)
         return float(value)
     try:
         at = email.utils.parsedate_to_datetime(value)

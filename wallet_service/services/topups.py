@@ -147,7 +147,7 @@ def _inserted_once(ctx: Context, values: dict) -> TopUpOrder | None:
         dialect_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
         _INSERT_ORDER_ONCE[dialect] = (
             dialect_insert(TopUpOrder)
-            .on_conflict_do_nothing(index_elements=["card_serial", "request_id"])
+            .on_conflict_do_nothing()  # (its request's, or its reference's: they go together)
             .returning(TopUpOrder)
         )
     return ctx.session.scalars(_INSERT_ORDER_ONCE[dialect], [values]).first()
