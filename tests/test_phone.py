@@ -24,6 +24,7 @@ from sim_applet.stk import (
     parse_menu_selection,
 )
 from sim_applet.toolkit import ToolkitSettings
+from tests.bank_doubles import RefusingBank
 from tests.helpers import Clock, purse
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet
@@ -188,6 +189,17 @@ def test_the_sim_refuses_toolkit_misuse() -> None:
 
 
 # --- the headline flow in one process --------------------------------------------------------
+
+
+def _work_until(world: PhoneWorld, state: str) -> None:
+    """Worker passes, the phone answering between them, until the one order is in
+    ``state``."""
+    for _ in range(12):
+        run_once(world.wallet.app, world.gateway, world.bank)
+        if [s for _, s, _ in _orders(world.wallet)] == [state]:
+            return
+        world.phone.receive()
+    raise AssertionError(f"the order never reached {state}")
 
 
 class PhoneWorld(World):
@@ -619,11 +631,7 @@ def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled
 
     world.screen.answers[:] = ["30", "123456"]
     world.phone.select(4)
-    for _ in range(12):
-        run_once(world.wallet.app, world.gateway, world.bank)
-        if [s for _, s, _ in _orders(wallet)] == ["credit_sent"]:
-            break
-        world.phone.receive()
+    _work_until(world, "credit_sent")
     world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x"))
     with pytest.raises(Conflict, match="being settled"):
         reissue()
@@ -647,15 +655,9 @@ def test_a_bank_down_costs_a_worker_pass_one_attempt_not_one_a_refund_due(
         world.pay(world.order(amount=amount), amount=amount + 500)  # both to refund
     world.bank_app("BUSCARD", "NOBODY-1", 100)  # and money for an order never made
 
-    class DownBank:
-        asked = 0
-
-        def refund(self, *args: object) -> str:
-            DownBank.asked += 1
-            raise requests.ConnectionError("connection refused")
-
-    run_once(world.wallet.app, world.gateway, DownBank())
-    assert DownBank.asked == 1
+    down = RefusingBank(requests.ConnectionError("connection refused"))
+    run_once(world.wallet.app, world.gateway, down)
+    assert down.asked == 1
     world.later(topups.refund_retry_s)
     run_once(world.wallet.app, world.gateway, world.bank)
     assert [state for _, state, _ in _orders(wallet)] == ["refunded", "refunded"]
@@ -686,11 +688,7 @@ def test_a_card_closed_while_packet_1_s_answer_is_on_its_way_gets_no_credit(
         hall_id = session.scalar(select(BusinessHall.id))
     world.screen.answers[:] = ["30", "123456"]
     world.phone.select(4)
-    for _ in range(12):
-        run_once(wallet.app, world.gateway, world.bank)
-        if [s for _, s, _ in _orders(wallet)] == ["init_sent"]:
-            break
-        world.phone.receive()
+    _work_until(world, "init_sent")
     closed: list[object] = []
     keys, perso = wallet.app.config["KEY_STORE"], Path(wallet.app.config["PERSONALIZATION_DIR"])
     counter = Principal(1, "counter", hall_id=hall_id)

@@ -17,12 +17,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import requests
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sqlalchemy import select
 
+from tests.bank_doubles import FlakyRefunds
 from tests.helpers import purse
 from tests.test_phone import BANK_CARD, PHONE, SHORT_CODE, PhoneWorld
 from tests.wallet_fixtures import _make_wallet
@@ -186,22 +186,6 @@ class TopUpMachine(RuleBasedStateMachine):
         books = self.world.books()
         assert books.get("topup_pending:platform", 0) == 0
         assert books.get(f"card_float:{self.world.serial}", 0) == loaded
-
-
-class FlakyRefunds:
-    """The simulated bank, failing the next refunds as told: True — done at the bank, the
-    answer lost; False — not reached."""
-
-    def __init__(self, bank) -> None:  # type: ignore[no-untyped-def]
-        self.bank, self.failures = bank, []
-
-    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
-        if not self.failures:
-            return self.bank.refund(payment_id, amount_fen, reason, refund_key)
-        if self.failures.pop(0):
-            self.bank.refund(payment_id, amount_fen, reason, refund_key)
-            raise requests.ReadTimeout("the bank's answer was lost")
-        raise requests.ConnectionError("the bank could not be reached")
 
 
 TopUpMachine.TestCase.settings = settings(

@@ -15,6 +15,7 @@ import requests
 from sqlalchemy import select
 
 from reader_sim.bank import signed_headers
+from tests.bank_doubles import FlakyRefunds, RefusingBank
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service.models import AuditEvent, BankWebhookEvent, TopUpOrder
@@ -116,17 +117,6 @@ def test_an_unusable_stored_callback_is_set_aside_and_the_others_apply(world: Wo
     assert world.state(reference) == "paid"
     assert all(event.processed_at is not None for event in _stored_events(world))
     assert _audit(world, "bank_callback.unusable")[0]["reason"].startswith("data.order_id")
-
-
-class RefusingBank:
-    """The bank says no to every refund (``topups.RefundRefused``), or cannot be reached."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error, self.asked = error, 0
-
-    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
-        self.asked += 1
-        raise self.error
 
 
 def _store_payment_for_unknown_order(world: World) -> None:
@@ -287,17 +277,6 @@ def test_the_database_keeps_one_active_card_per_phone(wallet: Wallet) -> None:
         session.execute(update(Card).values(status="active"))
 
 
-class AnswerLostBank:
-    """The bank does the refund, but its answer is lost (a read timeout)."""
-
-    def __init__(self, bank) -> None:  # type: ignore[no-untyped-def]
-        self.bank = bank
-
-    def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
-        self.bank.refund(payment_id, amount_fen, reason, refund_key)
-        raise requests.ReadTimeout("read timed out")
-
-
 def test_a_refund_whose_answer_was_lost_is_posted_once_when_the_bank_confirms_it(
     world: World,
 ) -> None:
@@ -306,7 +285,7 @@ def test_a_refund_whose_answer_was_lost_is_posted_once_when_the_bank_confirms_it
     used to mark the order refunded with nothing posted: 25 yuan stuck in the books)."""
     reference = world.order(amount=3000)
     world.pay(reference, amount=2500)
-    lost = AnswerLostBank(world.bank)
+    lost = FlakyRefunds(world.bank, failures=[True])  # done at the bank, the answer lost
     assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, lost)).action == (
         "refund: the bank could not be asked"
     )

@@ -141,25 +141,13 @@ def _clear(business_date) -> None:  # type: ignore[no-untyped-def]
 def _as_admin(work):  # type: ignore[no-untyped-def]
     """``work(ctx)`` in one transaction of the configured database, as the platform."""
     from wallet_service import create_app
-    from wallet_service.auth import Principal
     from wallet_service.services.registry import Context
 
     _upgrade()
     app = create_app()
     database = app.extensions["database"]
-
-    def in_context(session):  # type: ignore[no-untyped-def]
-        ctx = Context(
-            session,
-            Principal(0, "admin"),
-            app.config["CLOCK"](),
-            app.config["KEY_STORE"],
-            app.config["PERSONALIZATION_DIR"],
-        )
-        return work(ctx)
-
     try:
-        return database.run(in_context)
+        return database.run(lambda session: work(Context.for_platform(session, app.config)))
     finally:
         database.dispose()
 
@@ -232,9 +220,6 @@ def topups() -> None:
     """Over-the-air top-ups: the daily three-way match with the bank."""
 
 
-statement_timeout_s = 30
-
-
 @topups.command("reconcile")
 @click.option(
     "--date", "day", type=click.DateTime(["%Y-%m-%d"]), help="the business day (default: yesterday)"
@@ -271,15 +256,14 @@ def topups_reconcile(day, bank_url: str, merchant: str | None, statement) -> Non
     if statement is not None:
         csv = statement.read()
     else:
+        from wallet_service.worker import HttpBankClient
+
         merchant = merchant or default_config()["BANK_MERCHANT"]
-        url = f"{bank_url.rstrip('/')}/api/statements/{merchant}/{business_day}.csv"
         try:
-            answer = requests.get(url, timeout=statement_timeout_s)
-            answer.raise_for_status()
+            csv = HttpBankClient(bank_url).statement(merchant, business_day)
         except requests.RequestException as error:
             click.echo(f"Error: the bank's statement could not be fetched: {error}", err=True)
             sys.exit(1)
-        csv = answer.text
     try:
         report = _as_admin(lambda ctx: reconciliation.reconcile(ctx, business_day, csv))
     except InvalidInput as error:

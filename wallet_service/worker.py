@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import date
 
 import requests
 from flask import Flask
@@ -21,7 +21,6 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from otar.sms import RESPONSE_UDH
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
-from wallet_service.auth import Principal
 from wallet_service.ota_channel import Outbox, SmsOtaChannel, handle_incoming_sms, keyset_lookup
 from wallet_service.services import rekeys, topups
 from wallet_service.services.registry import Context
@@ -36,6 +35,7 @@ notify_wait_s = 1.0
 idle_poll_ms_default = 20  # how soon a stored bank callback becomes packet 1 (no NOTIFY)
 idle_poll_ms_listening = 250  # with LISTEN/NOTIFY a callback wakes the loop; timeouts are slow
 request_timeout_s = 10.0
+statement_timeout_s = 30.0  # a day's statement: larger than a refund's answer
 BANK_KINDS = ("refunds", "unknown_payments")  # steps that ask the bank
 RARE_KINDS = ("refunds", "unknown_payments", "rekeys")  # due work looked for in one query,
 rare_work_look_s = 1.0  # at most this often (not after every batch: under load, a pass
@@ -73,6 +73,14 @@ class HttpBankClient:
         answer.raise_for_status()  # a server error: asked again later
         return answer.json()["refund_id"]
 
+    def statement(self, merchant: str, day: date) -> str:
+        """The bank's statement of ``merchant``'s payments and refunds on ``day`` (CSV)."""
+        answer = requests.get(
+            f"{self.base_url}/api/statements/{merchant}/{day}.csv", timeout=statement_timeout_s
+        )
+        answer.raise_for_status()
+        return answer.text
+
 
 def retry_after_s(value: str | None, now_s: float) -> float | None:
     """An answer's Retry-After (RFC 9110 §10.2.3: delay-seconds, or an HTTP-date) as
@@ -108,18 +116,10 @@ class Worker:
         self.rare_work_look_s = rare_work_look_s  # (a benchmark looks on every pass)
         self.rare_work_looked_at = -rare_work_look_s  # (time.monotonic)
 
-    def _context(self, session) -> Context:  # type: ignore[no-untyped-def]
-        config = self.app.config
-        return Context(
-            session,
-            Principal(0, "admin"),
-            config["CLOCK"](),
-            config["KEY_STORE"],
-            Path(config["PERSONALIZATION_DIR"]),
-        )
-
     def _in_transaction(self, work):  # type: ignore[no-untyped-def]
-        return self.database.run(lambda session: work(self._context(session)))
+        return self.database.run(
+            lambda session: work(Context.for_platform(session, self.app.config))
+        )
 
     def _channel(self, ctx: Context) -> SmsOtaChannel:
         return SmsOtaChannel(self.gateway, keyset_lookup(ctx, ctx.keys.ota_masters()))

@@ -40,6 +40,18 @@ class Context:
     keys: KeyStore
     output_dir: Path  # personalization files: SIM images, PSAM files (never API answers)
 
+    @classmethod
+    def for_platform(cls, session: Session, config: Any) -> Context:
+        """The platform's own work (the OTA worker, the command line): as an admin, at the
+        app's clock, with its keys and personalization folder."""
+        return cls(
+            session,
+            Principal(0, "admin"),
+            config["CLOCK"](),
+            config["KEY_STORE"],
+            Path(config["PERSONALIZATION_DIR"]),
+        )
+
 
 def _unique(session: Session, model, **where: Any) -> None:  # type: ignore[no-untyped-def]
     query = select(model.id).filter_by(**where)
