@@ -642,6 +642,62 @@ def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled
     world.bank.close()
 
 
+def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The phone is lost with packet 2 on its way and never answers: the order would prove
+    for ever and the card could never be re-issued. Days after the loss report an operator
+    settles it: refunded; the card is then re-issued; should the lost SIM answer after all,
+    its proof is stale (the SIM, hot-listed, can spend nothing)."""
+    from sqlalchemy import update
+
+    from wallet_service.services import cards, topups
+    from wallet_service.services.registry import Context
+
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    _work_until(world, "credit_sent")  # packet 2 waits at the SMS centre
+    [order] = wallet.ok("GET", f"/api/v1/cards/{world.serial}/topups")["orders"]
+    settle = f"/api/v1/cards/{world.serial}/topups/{order['reference']}/settle-unproven"
+    reason = {"reason": "phone lost, no answer since"}
+    code, answer = wallet.call("POST", settle, body=reason)
+    assert code == 409 and "may still answer" in answer["error"]["message"]  # not lost
+    world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x"))
+    world.later(topups.unproven_settle_wait_s - 60)
+    code, answer = wallet.call("POST", settle, body=reason)
+    assert code == 409 and "can be settled from" in answer["error"]["message"]  # too soon
+    world.later(60)
+    counter = wallet.token("counter", hall_code="HALL-BUS1")  # (World set up BUS1)
+    assert wallet.call("POST", settle, counter, reason)[0] == 403
+    assert wallet.call("POST", settle, body={"reason": ""})[0] == 422
+    assert wallet.ok("POST", settle, body=reason)["state"] == "refunding"
+    run_once(wallet.app, world.gateway, world.bank)
+    assert _orders(wallet) == [(3000, "refunded", "unproven, the card lost: " + reason["reason"])]
+    assert world.bank.card_balance(BANK_CARD) == 100_000
+    assert world.books()["topup_pending:platform"] == 0
+    assert wallet.call("POST", settle, body=reason)[0] == 409  # settled once
+    world.phone.receive()  # the lost SIM answers after all: CREDIT, and its PoR
+    run_once(wallet.app, world.gateway, world.bank)
+    assert purse(world.sim).balance == 3000  # on a SIM every POS refuses
+    assert _orders(wallet)[0][1] == "refunded"
+    assert world.books()["topup_pending:platform"] == 0
+    assert world.books().get(f"card_float:{world.serial}", 0) == 0
+    with wallet.database.transaction() as session:
+        session.execute(update(Card).values(holder_id_number="110101199001011234"))
+    new_card = wallet.database.run(
+        lambda session: cards.reissue(
+            Context.for_platform(session, wallet.app.config),
+            world.serial,
+            "110101199001011234",
+            "8986001234567890999",
+            PHONE,
+        )
+    )
+    assert world.books().get(f"card_float:{new_card.serial}", 0) == 0
+    world.bank.close()
+
+
 def test_a_bank_down_costs_a_worker_pass_one_attempt_not_one_a_refund_due(
     wallet: Wallet, tmp_path: Path
 ) -> None:

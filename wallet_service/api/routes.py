@@ -718,6 +718,24 @@ def card_topups(ctx: Context, serial: str) -> s.TopUpList:
 
 @endpoint(
     cards_bp,
+    "/<serial>/topups/<reference>/settle-unproven",
+    "POST",
+    summary="Refund a lost card's top-up whose CREDIT can no longer be proven",
+    roles=ADMIN,
+    body=s.SettleUnprovenIn,
+    response=s.TopUpOut,
+)
+def settle_unproven_topup(
+    ctx: Context, serial: str, reference: str, body: s.SettleUnprovenIn
+) -> s.TopUpOut:
+    from wallet_service.services import topups
+
+    order = topups.settle_unproven(ctx, serial, reference, body.reason)
+    return s.TopUpOut.model_validate(order, from_attributes=True)
+
+
+@endpoint(
+    cards_bp,
     "/<serial>/ota-rekey",
     "POST",
     summary="Replace the SIM's OTA keyset by the next key version, over the air",

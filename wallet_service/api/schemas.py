@@ -455,6 +455,12 @@ class TopUpList(BaseModel):
     orders: list[TopUpOut]
 
 
+class SettleUnprovenIn(Strict):
+    """Why an operator gives up proving a lost card's load (kept in the audit trail)."""
+
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
 class RekeyOut(BaseModel):
     """Moving a SIM to its next OTA key version (no keys here)."""
 

@@ -14,7 +14,8 @@ sending packets, or was paid before it (``_card_situation``). Each packet carrie
 (on the secured packet channel, its counter, which the SIM wants ever higher: one above
 every packet the card has seen, whichever order or rekey sent it); a PoR for an older step
 is stale and changes nothing. After CREDIT may have happened the platform never refunds
-blind: it keeps proving.
+blind: it keeps proving — until an operator settles the load of a card lost days ago
+(``settle_unproven``: refunded; the hot-listed SIM can spend nothing it may hold).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
 from wallet_service.db import transaction_cache, write_all_now, write_now
 from wallet_service.errors import Conflict, InvalidInput, NotFound
-from wallet_service.models import BankWebhookEvent, Card, OtaRekey, TopUpOrder
+from wallet_service.models import BankWebhookEvent, BlacklistChange, Card, OtaRekey, TopUpOrder
 from wallet_service.services import bank_webhooks, cards, rekeys
 from wallet_service.services.registry import Context
 
@@ -74,6 +75,10 @@ order_lifetime_s = 30 * 60
 por_timeout_s = 60
 init_attempts_max = 3
 prove_backoff_max_s = 3600
+# A lost card's unproven load is settled (refunded) by an operator no sooner than this
+# after the card went on the hot list: every POS has the list by then, and the phone has
+# had days to answer.
+unproven_settle_wait_s = 3 * 24 * 3600
 rekey_wait_s = 10
 topup_amount_fen_max = 100_000
 IN_FLIGHT = ("paid", "init_sent", "credit_sent", "proving")
@@ -669,6 +674,50 @@ def _next_step(order: TopUpOrder, card_counter: int) -> int:
 
 def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
     order.state, order.next_action_at = state, ctx.now + timedelta(seconds=seconds)
+
+
+def settle_unproven(ctx: Context, card_serial: str, reference: str, reason: str) -> TopUpOrder:
+    """An operator's way out of a load that can no longer be proven: its CREDIT went to a
+    SIM since reported lost, which has not answered. Once the card has been on the hot
+    list for ``unproven_settle_wait_s`` (every POS refuses it by then, so whatever the
+    CREDIT may have put on it can never be spent), the order is refunded as any other, and
+    the card can be re-issued or closed. Should the lost SIM answer after all, its proof
+    is stale: the order no longer sends packets."""
+    ctx.principal.require("admin")
+    card = cards.card_by_serial(ctx, card_serial, lock=True)  # (card, then order: as close)
+    order = ctx.session.scalars(
+        select(TopUpOrder)
+        .where(TopUpOrder.reference == reference.upper(), TopUpOrder.card_serial == card.serial)
+        .with_for_update()
+    ).one_or_none()
+    if order is None:
+        raise NotFound(f"no top-up {reference} of card {card.serial}")
+    if order.state not in CREDIT_MAY_HAVE_RUN:
+        raise Conflict(f"top-up {order.reference} is {order.state}: nothing unproven to settle")
+    if card.status != "lost":
+        raise Conflict(f"card {card.serial} is {card.status}: its phone may still answer")
+    hot_listed_at = ctx.session.scalar(
+        select(func.max(BlacklistChange.created_at)).where(
+            BlacklistChange.card_serial == card.serial, BlacklistChange.action == "add"
+        )
+    )
+    settle_from = (hot_listed_at or ctx.now) + timedelta(seconds=unproven_settle_wait_s)
+    if hot_listed_at is None or ctx.now < settle_from:
+        raise Conflict(
+            f"card {card.serial} is on the hot list since {hot_listed_at}: its unproven "
+            f"load can be settled from {settle_from}"
+        )
+    to_refund(ctx, order, f"unproven, the card lost: {reason}")
+    audit.record(
+        ctx.session,
+        ctx.principal.name,
+        "topup.settled_unproven",
+        card.serial,
+        ctx.now,
+        order=order.reference,
+        reason=reason,
+    )
+    return order
 
 
 def to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
