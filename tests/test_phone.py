@@ -5,10 +5,11 @@ process: menu → top-up request SMS → order → bank payment from the link �
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from reader_sim.phone import Phone, PhoneError, ScriptedScreen
 from reader_sim.smsc import SmsCentre
@@ -29,6 +30,7 @@ from tests.helpers import Clock, purse
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet
 from wallet_service.models import Card, TopUpOrder
+from wallet_service.services import cards
 from wallet_service.sms_gateway import InProcessGateway
 from wallet_service.worker import run_once
 
@@ -642,47 +644,72 @@ def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled
     world.bank.close()
 
 
-def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
-    wallet: Wallet, tmp_path: Path
-) -> None:
-    """The phone is lost with packet 2 on its way and never answers: the order would prove
-    for ever and the card could never be re-issued. Days after the loss report an operator
-    settles it: refunded; the card is then re-issued; should the lost SIM answer after all,
-    its proof is stale (the SIM, hot-listed, can spend nothing)."""
-    from sqlalchemy import update
-
-    from wallet_service.services import cards, topups
-    from wallet_service.services.registry import Context
+def _lost_with_its_credit_unanswered(wallet: Wallet, tmp_path: Path) -> tuple[PhoneWorld, str]:
+    """A top-up whose packet 2 waits at the SMS centre for a phone reported lost, and the
+    path that settles it."""
+    from wallet_service.services import cards
 
     world = PhoneWorld(wallet, tmp_path)
     world.screen.answers[:] = ["30", "123456"]
     world.phone.select(4)
-    _work_until(world, "credit_sent")  # packet 2 waits at the SMS centre
-    [order] = wallet.ok("GET", f"/api/v1/cards/{world.serial}/topups")["orders"]
-    settle = f"/api/v1/cards/{world.serial}/topups/{order['reference']}/settle-unproven"
-    reason = {"reason": "phone lost, no answer since"}
-    code, answer = wallet.call("POST", settle, body=reason)
-    assert code == 409 and "may still answer" in answer["error"]["message"]  # not lost
+    _work_until(world, "credit_sent")
     world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x"))
+    [order] = wallet.ok("GET", f"/api/v1/cards/{world.serial}/topups")["orders"]
+    return world, f"/api/v1/cards/{world.serial}/topups/{order['reference']}/settle-unproven"
+
+
+def _pos_has_the_hot_list(wallet: Wallet) -> None:
+    """The bus POS (World's BUS1) tells it holds the latest hot list, nothing to upload."""
+    from wallet_service.models import BlacklistChange
+
+    with wallet.database.transaction() as session:
+        version = session.scalar(select(func.max(BlacklistChange.version)))
+    beat = {"firmware": "1.0", "blacklist_version": version, "records_pending": 0, "psam_seq": 1}
+    wallet.ok("POST", "/api/v1/pos/heartbeat", wallet.token("pos", terminal_id=POS_ID), beat)
+
+
+POS_ID = "000012000001"
+REASON = {"reason": "phone lost, no answer since"}
+
+
+def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The phone is lost with packet 2 on its way and never answers: the order would prove
+    for ever and the card could never be re-issued. Days after the loss report, every POS
+    holding the hot list, an operator settles it: refunded; the card is re-issued; should
+    the lost SIM answer after all, its proof is stale — and put on record."""
+    from sqlalchemy import update
+
+    from wallet_service.services import topups
+    from wallet_service.services.registry import Context
+
+    world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path)
     world.later(topups.unproven_settle_wait_s - 60)
-    code, answer = wallet.call("POST", settle, body=reason)
+    code, answer = wallet.call("POST", settle, body=REASON)
     assert code == 409 and "can be settled from" in answer["error"]["message"]  # too soon
     world.later(60)
+    code, answer = wallet.call("POST", settle, body=REASON)
+    assert code == 409 and f"POS {POS_ID} have not told" in answer["error"]["message"]
+    _pos_has_the_hot_list(wallet)
     counter = wallet.token("counter", hall_code="HALL-BUS1")  # (World set up BUS1)
-    assert wallet.call("POST", settle, counter, reason)[0] == 403
-    assert wallet.call("POST", settle, body={"reason": ""})[0] == 422
-    assert wallet.ok("POST", settle, body=reason)["state"] == "refunding"
+    assert wallet.call("POST", settle, counter, REASON)[0] == 403
+    assert wallet.call("POST", settle, body={"reason": "  "})[0] in (400, 422)
+    assert wallet.ok("POST", settle, body=REASON)["state"] == "refunding"
     run_once(wallet.app, world.gateway, world.bank)
-    assert _orders(wallet) == [(3000, "refunded", "unproven, the card lost: " + reason["reason"])]
+    assert _orders(wallet) == [(3000, "refunded", topups.SETTLED_UNPROVEN)]
     assert world.bank.card_balance(BANK_CARD) == 100_000
     assert world.books()["topup_pending:platform"] == 0
-    assert wallet.call("POST", settle, body=reason)[0] == 409  # settled once
+    assert wallet.call("POST", settle, body=REASON)[0] == 409  # settled once
+    [settled] = _audited(wallet, "topup.settled_unproven")
+    assert settled["reason"] == REASON["reason"]
     world.phone.receive()  # the lost SIM answers after all: CREDIT, and its PoR
     run_once(wallet.app, world.gateway, world.bank)
     assert purse(world.sim).balance == 3000  # on a SIM every POS refuses
     assert _orders(wallet)[0][1] == "refunded"
     assert world.books()["topup_pending:platform"] == 0
     assert world.books().get(f"card_float:{world.serial}", 0) == 0
+    assert _audited(wallet, "topup.proved_after_settlement")[0]["amount_fen"] == 3000
     with wallet.database.transaction() as session:
         session.execute(update(Card).values(holder_id_number="110101199001011234"))
     new_card = wallet.database.run(
@@ -696,6 +723,45 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     )
     assert world.books().get(f"card_float:{new_card.serial}", 0) == 0
     world.bank.close()
+
+
+def test_a_lost_card_used_after_its_top_up_is_not_settled_unproven(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """A fare after the CREDIT may have spent the load: a refund would pay it twice."""
+    from wallet_service.models import PosDevice, TapRecord
+    from wallet_service.services import topups
+
+    world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path)
+    world.later(topups.unproven_settle_wait_s)
+    _pos_has_the_hot_list(wallet)
+    with wallet.database.transaction() as session:
+        device = session.scalars(select(PosDevice)).one()
+        session.add(
+            TapRecord(
+                terminal_id=POS_ID, terminal_seq=1, device_id=device.id,
+                operator_id=device.operator_id, card_serial=world.serial, ctc=1,
+                amount_fen=200, balance_before_fen=3000, balance_after_fen=2800,
+                transaction_type=6, occurred_at=wallet.clock() - timedelta(days=2),
+                tac="AAAAAAAA", mac2="BBBBBBBB", mac2_verified=True, key_version=1,
+                algorithm=0, route="12", vehicle="V1201", driver="D007", recovered=False,
+                received_at=wallet.clock(),
+            )
+        )  # fmt: skip
+    code, answer = wallet.call("POST", settle, body=REASON)
+    assert code == 409 and "paid a fare at" in answer["error"]["message"]
+    assert _orders(wallet)[0][1] == "credit_sent"
+    world.bank.close()
+
+
+def _audited(wallet: Wallet, action: str) -> list[dict]:
+    import json
+
+    from wallet_service.models import AuditEvent
+
+    with wallet.database.transaction() as session:
+        rows = session.scalars(select(AuditEvent.details).where(AuditEvent.action == action))
+        return [json.loads(details) for details in rows]
 
 
 def test_a_bank_down_costs_a_worker_pass_one_attempt_not_one_a_refund_due(

@@ -63,7 +63,15 @@ from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
 from wallet_service.db import transaction_cache, write_all_now, write_now
 from wallet_service.errors import Conflict, InvalidInput, NotFound
-from wallet_service.models import BankWebhookEvent, BlacklistChange, Card, OtaRekey, TopUpOrder
+from wallet_service.models import (
+    BankWebhookEvent,
+    BlacklistChange,
+    Card,
+    OtaRekey,
+    PosDevice,
+    TapRecord,
+    TopUpOrder,
+)
 from wallet_service.services import bank_webhooks, cards, rekeys
 from wallet_service.services.registry import Context
 
@@ -678,13 +686,16 @@ def _wait(ctx: Context, order: TopUpOrder, state: str, seconds: int) -> None:
 
 def settle_unproven(ctx: Context, card_serial: str, reference: str, reason: str) -> TopUpOrder:
     """An operator's way out of a load that can no longer be proven: its CREDIT went to a
-    SIM since reported lost, which has not answered. Once the card has been on the hot
-    list for ``unproven_settle_wait_s`` (every POS refuses it by then, so whatever the
-    CREDIT may have put on it can never be spent), the order is refunded as any other, and
-    the card can be re-issued or closed. Should the lost SIM answer after all, its proof
-    is stale: the order no longer sends packets."""
+    SIM since reported lost, which has not answered. The order is refunded as any other,
+    and the card can then be re-issued or closed — only once nothing the SIM may hold can
+    be spent or has been (``_why_not_settled``). Should the lost SIM answer after all,
+    its proof is stale (the order no longer sends packets), and audited."""
     ctx.principal.require("admin")
-    card = cards.card_by_serial(ctx, card_serial, lock=True)  # (card, then order: as close)
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("say why the load is settled unproven")
+    card = cards.card_by_serial(ctx, card_serial, lock=True)  # (card, then order: as close
+    # does; the worker locks the other way round, a deadlock retried by Database.run)
     order = ctx.session.scalars(
         select(TopUpOrder)
         .where(TopUpOrder.reference == reference.upper(), TopUpOrder.card_serial == card.serial)
@@ -694,20 +705,10 @@ def settle_unproven(ctx: Context, card_serial: str, reference: str, reason: str)
         raise NotFound(f"no top-up {reference} of card {card.serial}")
     if order.state not in CREDIT_MAY_HAVE_RUN:
         raise Conflict(f"top-up {order.reference} is {order.state}: nothing unproven to settle")
-    if card.status != "lost":
-        raise Conflict(f"card {card.serial} is {card.status}: its phone may still answer")
-    hot_listed_at = ctx.session.scalar(
-        select(func.max(BlacklistChange.created_at)).where(
-            BlacklistChange.card_serial == card.serial, BlacklistChange.action == "add"
-        )
-    )
-    settle_from = (hot_listed_at or ctx.now) + timedelta(seconds=unproven_settle_wait_s)
-    if hot_listed_at is None or ctx.now < settle_from:
-        raise Conflict(
-            f"card {card.serial} is on the hot list since {hot_listed_at}: its unproven "
-            f"load can be settled from {settle_from}"
-        )
-    to_refund(ctx, order, f"unproven, the card lost: {reason}")
+    refusal = _why_not_settled(ctx, card, order)
+    if refusal is not None:
+        raise Conflict(refusal)
+    to_refund(ctx, order, SETTLED_UNPROVEN)
     audit.record(
         ctx.session,
         ctx.principal.name,
@@ -715,9 +716,64 @@ def settle_unproven(ctx: Context, card_serial: str, reference: str, reason: str)
         card.serial,
         ctx.now,
         order=order.reference,
-        reason=reason,
+        reason=reason[:200],
     )
     return order
+
+
+SETTLED_UNPROVEN = "unproven load of a card reported lost"  # (the refund's reason)
+
+
+def _why_not_settled(ctx: Context, card: Card, order: TopUpOrder) -> str | None:
+    """Why the load may still be on a SIM that can spend it, or has been spent; None when
+    the card has been on the hot list for ``unproven_settle_wait_s``, every POS has taken
+    that list and uploaded all its records since, and none shows the card used after the
+    order was made (a fare after the CREDIT may have spent the load: its records would
+    tell, not a refund)."""
+    if card.status != "lost":
+        return f"card {card.serial} is {card.status}, not reported lost"
+    listed = ctx.session.scalars(
+        select(BlacklistChange)
+        .where(BlacklistChange.card_serial == card.serial)
+        .order_by(BlacklistChange.version.desc())
+        .limit(1)
+    ).first()
+    if listed is None or listed.action != "add":
+        return f"card {card.serial} is not on the hot list"
+    settle_from = listed.created_at + timedelta(seconds=unproven_settle_wait_s)
+    if ctx.now < settle_from:
+        return (
+            f"card {card.serial} is on the hot list since {listed.created_at}: its unproven "
+            f"load can be settled from {settle_from}"
+        )
+    behind = ctx.session.scalars(
+        select(PosDevice.terminal_id)
+        .where(
+            or_(
+                PosDevice.last_heartbeat_at.is_(None),
+                PosDevice.last_heartbeat_at < listed.created_at,
+                PosDevice.blacklist_version.is_(None),
+                PosDevice.blacklist_version < listed.version,
+                PosDevice.records_pending.is_(None),
+                PosDevice.records_pending > 0,
+            )
+        )
+        .order_by(PosDevice.terminal_id)
+        .limit(5)
+    ).all()
+    if behind:
+        return (
+            f"POS {', '.join(behind)} have not told since the loss that they hold the hot "
+            "list and no record left to upload: the card may have been used there"
+        )
+    used_at = ctx.session.scalar(
+        select(func.min(TapRecord.occurred_at)).where(
+            TapRecord.card_serial == card.serial, TapRecord.occurred_at >= order.created_at
+        )
+    )
+    if used_at is not None:
+        return f"card {card.serial} paid a fare at {used_at}, after this top-up was made"
+    return None
 
 
 def to_refund(ctx: Context, order: TopUpOrder, reason: str) -> None:
@@ -800,10 +856,45 @@ def on_proof_of_receipt(
     settled."""
     order = _order_at_step(ctx, card_serial.upper(), step)
     if order is None or len(last_response) < 2:
+        _audit_a_proof_after_settlement(ctx, card_serial.upper(), step, last_response)
         return "stale"
     outcome = _answered(ctx, channel, order, last_response)
     write_now(ctx.session, order)
     return outcome
+
+
+_SETTLED_AT_STEP = select(TopUpOrder).where(
+    TopUpOrder.card_serial == bindparam("serial", type_=String),
+    TopUpOrder.step == bindparam("step", type_=BigInteger),
+    TopUpOrder.failure == SETTLED_UNPROVEN,
+)
+
+
+def _audit_a_proof_after_settlement(
+    ctx: Context, card_serial: str, step: int, last_response: bytes
+) -> None:
+    """A lost SIM proving, after all, a load an operator settled unproven (refunded): the
+    SIM holds that money, which nothing pays for. Nothing moves — the card is hot-listed
+    and may be re-issued by now — but it is put on record for a person to look at."""
+    settled = ctx.session.scalar(_SETTLED_AT_STEP, {"serial": card_serial, "step": step})
+    if settled is None or last_response[-2:] != b"\x90\x00":
+        return
+    data = last_response[:-2]
+    try:
+        tac = data if len(data) == 4 else TransactionProof.decode(data).tac
+    except ValueError:
+        return
+    if _tac_ok(ctx, settled, tac):
+        audit.record(
+            ctx.session,
+            "worker",
+            "topup.proved_after_settlement",
+            card_serial,
+            ctx.now,
+            order=settled.reference,
+            amount_fen=settled.amount_fen,
+            tac=tac.hex().upper(),
+        )
 
 
 def _answered(
