@@ -27,6 +27,7 @@ from sim_applet.stk import (
 from sim_applet.toolkit import ToolkitSettings
 from tests.bank_doubles import RefusingBank
 from tests.helpers import Clock, purse
+from tests.test_reconciliation_statement import HEADER as STATEMENT_HEADER
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet
 from wallet_service.models import Card, TopUpOrder
@@ -710,6 +711,13 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     assert world.books()["topup_pending:platform"] == 0
     assert world.books().get(f"card_float:{world.serial}", 0) == 0
     assert _audited(wallet, "topup.proved_after_settlement")[0]["amount_fen"] == 3000
+    day = wallet.clock().date()  # the refund's day (the bank's own clock is another)
+    report = wallet.ok(
+        "POST", f"/api/v1/bank/reconciliation/{day}", body={"statement_csv": STATEMENT_HEADER}
+    )
+    assert report["notes"] == [
+        {"kind": "settled_unproven", "order": settled["order"], "order_fen": 3000}
+    ]
     with wallet.database.transaction() as session:
         session.execute(update(Card).values(holder_id_number="110101199001011234"))
     new_card = wallet.database.run(

@@ -436,6 +436,7 @@ class ReconcileOut(BaseModel):
     orders: int
     matched: bool
     findings: list[ReconcileFinding]
+    notes: list[ReconcileFinding] = []  # what matched but a person should know
 
 
 class TopUpOut(BaseModel):

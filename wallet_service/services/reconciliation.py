@@ -23,6 +23,7 @@ from sqlalchemy import or_, select
 from wallet_service.errors import InvalidInput
 from wallet_service.models import TopUpOrder
 from wallet_service.services.registry import Context
+from wallet_service.services.topups import SETTLED_UNPROVEN
 
 statement_lines_max = 1_000_000
 # reader_sim.bank.Bank.statement: one day's payments and refunds, one row each.
@@ -173,6 +174,11 @@ def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
         if order.state == "refunded" and in_day(order.finished_at) and money["refunded"] == 0:
             find("refund_not_at_bank", reference, order_fen=order.amount_fen)
     loaded = [o for o in orders.values() if o.state == "loaded"]
+    notes = [  # matched (paid, refunded) — but the lost SIM may hold this load
+        {"kind": "settled_unproven", "order": reference, "order_fen": order.amount_fen}
+        for reference, order in sorted(orders.items())
+        if order.state == "refunded" and order.failure == SETTLED_UNPROVEN
+    ]
     return {
         "day": day.isoformat(),
         "bank_paid_fen": sum(m["paid"] for m in bank.values()),
@@ -181,4 +187,5 @@ def reconcile(ctx: Context, day: date, statement_csv: str) -> dict[str, Any]:
         "orders": len(orders),
         "matched": not findings,
         "findings": findings,
+        "notes": notes,
     }
