@@ -102,18 +102,18 @@ def main() -> None:
     )
     print("\n".join(cpu_lines(figures)), flush=True)
 
-    from bench.ota_worker import CallgrindMissing, instructions_per_topup, worker_figures
+    from bench.ota_worker import (
+        CallgrindMissing,
+        instructions_per_topup,
+        minstr_line,
+        worker_figures,
+        worker_lines,
+    )
 
     figures = worker_figures(phones=48, rounds=4)
-    print(
-        f"ota_worker_cpu_ms_per_topup: {figures['ota_worker_cpu_ms_per_topup']:.2f} ms  "
-        f"# in one process, full batches; statements per top-up: "
-        f"{figures['ota_worker_statements_per_topup']:.1f}",
-        flush=True,
-    )
+    print("\n".join(worker_lines(figures, 48, 4)), flush=True)
     try:
-        minstr = instructions_per_topup(phones=8, rounds=2)
-        print(f"ota_worker_minstr_per_topup: {minstr:.2f} Minstr  # callgrind", flush=True)
+        print(minstr_line(instructions_per_topup(phones=8, rounds=2), 8, 2), flush=True)
     except CallgrindMissing as missing:
         print(f"ota_worker_minstr_per_topup skipped: {missing}", file=sys.stderr)
 

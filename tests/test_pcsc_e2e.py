@@ -59,12 +59,12 @@ def test_a_phone_torn_away_mid_payment_is_charged_once_when_it_comes_back(insert
 
 
 def test_a_card_goes_in_after_pcscd_went_away(insert_card, pcsc_daemon) -> None:  # type: ignore[no-untyped-def]
-    """The session's pcscd can be another program's, stopped under the suite's feet."""
+    """The session's pcscd can be another program's, stopped under the suite's feet: here
+    the suite's own stands in for it. (Another program's — a workstation's, serving real
+    readers — is not this suite's to stop: then only the insertion is checked.)"""
     if pcsc_daemon.process is not None:
         pcsc_daemon.stop()
-    else:  # one pcscd a machine: the one this suite is using, started by something else
-        subprocess.run(["pkill", "-x", "pcscd"], check=False)
-    wait_until(lambda: not pcscd_running(), "pcscd has gone")
+        wait_until(lambda: not pcscd_running(), "pcscd has gone")
     link = insert_card(new_card(balance_fen=1000))
     assert link.transmit(bytes.fromhex(SELECT))[-2:] == b"\x90\x00"
     assert link.transmit(bytes.fromhex("805C000204")) == bytes.fromhex("000003E89000")

@@ -550,7 +550,6 @@ def test_a_message_that_always_conflicts_is_dropped_not_delivered_for_ever(
 def _top_up_reporting_loss_at(world: PhoneWorld, state: str) -> None:
     """A top-up of 30 yuan from the menu, worked step by step; the card is reported lost
     the moment its order reaches ``state`` (before the phone receives the next packet)."""
-    from wallet_service.services import cards
 
     world.screen.answers[:] = ["30", "123456"]
     world.phone.select(4)
@@ -606,49 +605,42 @@ def test_a_lost_card_with_a_credit_unsettled_is_reissued_only_once_it_is_settled
 ) -> None:
     """Re-issued first, the old card's float would move without the load, and its phone's
     proof would find no card: 30 yuan on the old SIM and 30 in the books, never settled."""
-    from sqlalchemy import update
-
     from wallet_service.errors import Conflict
-    from wallet_service.services import cards
 
-    world = PhoneWorld(wallet, tmp_path)
-    id_number = "110101199001011234"
-    with wallet.database.transaction() as session:
-        session.execute(update(Card).values(holder_id_number=id_number))
-
-    def reissue():  # type: ignore[no-untyped-def]
-        from wallet_service.auth import Principal
-        from wallet_service.services.registry import Context
-
-        perso = Path(wallet.app.config["PERSONALIZATION_DIR"])
-        keys = wallet.app.config["KEY_STORE"]
-        return wallet.database.run(
-            lambda session: cards.reissue(
-                Context(session, Principal(0, "admin"), wallet.clock(), keys, perso),
-                world.serial,
-                id_number,
-                "8986001234567890999",
-                PHONE,
-            )
-        )
-
-    world.screen.answers[:] = ["30", "123456"]
-    world.phone.select(4)
-    _work_until(world, "credit_sent")
-    world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x"))
+    world, _ = _lost_with_its_credit_unanswered(wallet, tmp_path)
     with pytest.raises(Conflict, match="being settled"):
-        reissue()
+        _reissue(world)
     world.settle()
     assert _orders(wallet) == [(3000, "loaded", None)]
-    new_card = reissue()
+    new_card = _reissue(world)
     assert world.books()[f"card_float:{new_card.serial}"] == 3000
     world.bank.close()
+
+
+def _reissue(world: PhoneWorld) -> Card:
+    """The lost card re-issued at a counter, its holder's id shown (the platform's own
+    context: the new image is written to the personalization folder)."""
+    from sqlalchemy import update
+
+    from wallet_service.services.registry import Context
+
+    id_number = "110101199001011234"
+    with world.wallet.database.transaction() as session:
+        session.execute(update(Card).values(holder_id_number=id_number))
+    return world.wallet.database.run(
+        lambda session: cards.reissue(
+            Context.for_platform(session, world.wallet.app.config),
+            world.serial,
+            id_number,
+            "8986001234567890999",
+            PHONE,
+        )
+    )
 
 
 def _lost_with_its_credit_unanswered(wallet: Wallet, tmp_path: Path) -> tuple[PhoneWorld, str]:
     """A top-up whose packet 2 waits at the SMS centre for a phone reported lost, and the
     path that settles it."""
-    from wallet_service.services import cards
 
     world = PhoneWorld(wallet, tmp_path)
     world.screen.answers[:] = ["30", "123456"]
@@ -680,10 +672,8 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     for ever and the card could never be re-issued. Days after the loss report, every POS
     holding the hot list, an operator settles it: refunded; the card is re-issued; should
     the lost SIM answer after all, its proof is stale — and put on record."""
-    from sqlalchemy import update
 
     from wallet_service.services import topups
-    from wallet_service.services.registry import Context
 
     world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path)
     world.later(topups.unproven_settle_wait_s - 60)
@@ -702,7 +692,7 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     assert world.bank.card_balance(BANK_CARD) == 100_000
     assert world.books()["topup_pending:platform"] == 0
     assert wallet.call("POST", settle, body=REASON)[0] == 409  # settled once
-    [settled] = _audited(wallet, "topup.settled_unproven")
+    [settled] = wallet.audited("topup.settled_unproven")
     assert settled["reason"] == REASON["reason"]
     world.phone.receive()  # the lost SIM answers after all: CREDIT, and its PoR
     run_once(wallet.app, world.gateway, world.bank)
@@ -710,7 +700,7 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     assert _orders(wallet)[0][1] == "refunded"
     assert world.books()["topup_pending:platform"] == 0
     assert world.books().get(f"card_float:{world.serial}", 0) == 0
-    assert _audited(wallet, "topup.proved_after_settlement")[0]["amount_fen"] == 3000
+    assert wallet.audited("topup.proved_after_settlement")[0]["amount_fen"] == 3000
     day = wallet.clock().date()  # the refund's day (the bank's own clock is another)
     report = wallet.ok(
         "POST", f"/api/v1/bank/reconciliation/{day}", body={"statement_csv": STATEMENT_HEADER}
@@ -718,17 +708,7 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     assert report["notes"] == [
         {"kind": "settled_unproven", "order": settled["order"], "order_fen": 3000}
     ]
-    with wallet.database.transaction() as session:
-        session.execute(update(Card).values(holder_id_number="110101199001011234"))
-    new_card = wallet.database.run(
-        lambda session: cards.reissue(
-            Context.for_platform(session, wallet.app.config),
-            world.serial,
-            "110101199001011234",
-            "8986001234567890999",
-            PHONE,
-        )
-    )
+    new_card = _reissue(world)
     assert world.books().get(f"card_float:{new_card.serial}", 0) == 0
     world.bank.close()
 
@@ -760,16 +740,6 @@ def test_a_lost_card_used_after_its_top_up_is_not_settled_unproven(
     assert code == 409 and "paid a fare at" in answer["error"]["message"]
     assert _orders(wallet)[0][1] == "credit_sent"
     world.bank.close()
-
-
-def _audited(wallet: Wallet, action: str) -> list[dict]:
-    import json
-
-    from wallet_service.models import AuditEvent
-
-    with wallet.database.transaction() as session:
-        rows = session.scalars(select(AuditEvent.details).where(AuditEvent.action == action))
-        return [json.loads(details) for details in rows]
 
 
 def test_a_bank_down_costs_a_worker_pass_one_attempt_not_one_a_refund_due(
@@ -807,7 +777,7 @@ def test_a_card_closed_while_packet_1_s_answer_is_on_its_way_gets_no_credit(
 
     from wallet_service.auth import Principal
     from wallet_service.models import BusinessHall
-    from wallet_service.services import cards, topups
+    from wallet_service.services import topups
     from wallet_service.services.registry import Context
 
     wallet = pg_wallet

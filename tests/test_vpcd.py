@@ -10,12 +10,7 @@ import pytest
 
 from reader_sim.vpcd import VPCD_PORT_BASE, VirtualCardServer
 from tests.helpers import new_card
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.wallet_fixtures import _free_port
 
 
 def _server_on(port: int) -> VirtualCardServer:

@@ -18,7 +18,7 @@ from reader_sim.bank import signed_headers
 from tests.bank_doubles import FlakyRefunds, RefusingBank
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet, set_up_bus_company
-from wallet_service.models import AuditEvent, BankWebhookEvent, TopUpOrder
+from wallet_service.models import BankWebhookEvent, TopUpOrder
 from wallet_service.services import cards, topups
 
 
@@ -38,12 +38,6 @@ def _signed_post(world: World, body: bytes, msg_id: str = "msg_test") -> tuple[i
 def _stored_events(world: World) -> list[BankWebhookEvent]:
     with world.wallet.database.transaction() as session:
         return list(session.scalars(select(BankWebhookEvent)))
-
-
-def _audit(world: World, action: str) -> list[dict]:
-    with world.wallet.database.transaction() as session:
-        rows = session.scalars(select(AuditEvent.details).where(AuditEvent.action == action))
-        return [json.loads(details) for details in rows]
 
 
 def _order(world: World, reference: str) -> TopUpOrder:
@@ -116,7 +110,7 @@ def test_an_unusable_stored_callback_is_set_aside_and_the_others_apply(world: Wo
     world.pay(reference)  # applies the stored callbacks, oldest first
     assert world.state(reference) == "paid"
     assert all(event.processed_at is not None for event in _stored_events(world))
-    assert _audit(world, "bank_callback.unusable")[0]["reason"].startswith("data.order_id")
+    assert world.wallet.audited("bank_callback.unusable")[0]["reason"].startswith("data.order_id")
 
 
 def _store_payment_for_unknown_order(world: World) -> None:
@@ -161,7 +155,7 @@ def test_money_for_an_unknown_order_goes_back_in_a_step_of_its_own(world: World)
     )
     assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, world.bank)) is None
     assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000
-    [refunded] = _audit(world, "topup.unknown_payment_refunded")
+    [refunded] = world.wallet.audited("topup.unknown_payment_refunded")
     assert refunded["amount_fen"] == 100
     assert world.books().get("topup_pending:platform") == 3000  # (not the platform's money)
 
@@ -175,7 +169,7 @@ def test_money_for_an_unknown_order_the_bank_will_not_refund_waits_for_a_person(
     assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, refusing)) == (
         "refund refused by the bank"
     )
-    assert _audit(world, "topup.refund_refused")[0]["reason"] == "HTTP 422: unknown payment"
+    assert world.wallet.audited("topup.refund_refused")[0]["reason"] == "HTTP 422: unknown payment"
     world.later(topups.refund_retry_s)
     assert world.run(lambda ctx: topups.refund_unknown_payment_once(ctx, refusing)) is None
     world.later(topups.refund_refused_retry_s)
@@ -203,7 +197,9 @@ def test_a_refund_the_bank_cannot_do_now_waits_and_the_others_go_on(world: World
         "refund refused by the bank"
     )
     assert world.run(lambda ctx: topups.refund_once(ctx, world.channel, world.bank)) is None
-    assert _audit(world, "topup.refund_refused")[0]["reason"] == "HTTP 409: more than was paid"
+    assert (
+        world.wallet.audited("topup.refund_refused")[0]["reason"] == "HTTP 409: more than was paid"
+    )
     world.later(topups.refund_refused_retry_s)
     assert world.work() == "refunded"
     assert world.bank.card_balance(BANK_CARD) == 100_000
@@ -389,4 +385,4 @@ def test_a_second_payment_of_a_paid_order_goes_back(world: World) -> None:
     )
     assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000  # one kept, one back
     assert world.books()["topup_pending:platform"] == 3000  # the first, still loading
-    assert _audit(world, "topup.second_payment")[0]["amount_fen"] == 3000
+    assert world.wallet.audited("topup.second_payment")[0]["amount_fen"] == 3000

@@ -356,17 +356,7 @@ def test_the_same_request_again_is_the_same_order_never_another_amount(world: Wo
     assert create(3000) == first
     with pytest.raises(Conflict):
         create(2000)
-    import json
-
-    from sqlalchemy import select
-
-    from wallet_service.models import AuditEvent
-
-    with world.wallet.database.transaction() as session:
-        requests_audited = session.scalars(
-            select(AuditEvent.details).where(AuditEvent.action == "topup.request")
-        ).all()
-    assert [json.loads(details)["order"] for details in requests_audited] == [first]
+    assert [event["order"] for event in world.wallet.audited("topup.request")] == [first]
 
 
 def test_a_request_told_twice_at_the_same_moment_makes_one_order(world: World) -> None:
@@ -380,15 +370,7 @@ def test_a_request_told_twice_at_the_same_moment_makes_one_order(world: World) -
 
     twin: list[str] = []
     with world.wallet.database.transaction() as session:
-        first = create(
-            Context(
-                session,
-                Principal(0, "admin"),
-                world.wallet.clock(),
-                world.wallet.app.config["KEY_STORE"],
-                Path("/nonexistent"),
-            )
-        )
+        first = create(Context.for_platform(session, world.wallet.app.config))
         thread = threading.Thread(target=lambda: twin.append(world.run(create)))
         thread.start()
         thread.join(timeout=0.5)

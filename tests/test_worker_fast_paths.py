@@ -17,7 +17,7 @@ from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bench import ota_worker
-from reader_sim.bank import Bank, deliver_due, new_webhook_secret
+from reader_sim.bank import Bank, new_webhook_secret
 from reader_sim.smsc import SmsCentre
 from tests.helpers import purse
 from tests.test_wallet_ledger_and_registry import _pay_in
@@ -387,23 +387,11 @@ def test_a_worker_tops_up_several_phones_in_shared_batches_once_each(
     bank.add_merchant("BUSCARD", "http://platform/api/v1/bank/webhooks")
     centre, perso = SmsCentre(), Path(wallet.app.config["PERSONALIZATION_DIR"])
     phones = ota_worker.issue_phones(wallet.app, centre, bank, 3, perso)
-    worker = Worker(wallet.app, InProcessGateway(centre, "10658888"), bank)
-    client = wallet.client()
-
-    def post(url: str, payload: str, headers: dict[str, str]) -> int:
-        return client.post("/api/v1/bank/webhooks", data=payload, headers=headers).status_code
-
+    worker = Worker(wallet.app, InProcessGateway(centre, ota_worker.SHORT_CODE), bank)
+    post = ota_worker.webhooks_to(wallet.app)
     with statements(wallet) as seen:
         for _ in range(2):
-            for phone in phones.values():
-                phone.screen.answers[:] = ["1", "123456"]  # 1 yuan, the PIN
-                phone.select(4)  # over-the-air top-up
-            for _ in range(8):
-                worker.read_sms(0)
-                worker.do_due_work()
-                for phone in phones.values():
-                    phone.receive()
-                deliver_due(bank, secret, post)
+            ota_worker.lockstep_round(phones.values(), worker, bank, secret, post)
     assert any("topup_orders.card_serial IN" in s for s in seen)  # proofs read ahead
     books = wallet.ok("GET", "/api/v1/ledger")
     assert books["balanced"]

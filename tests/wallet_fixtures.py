@@ -8,6 +8,7 @@ REQUIRE_PCSC=1 (CI) a skip naming PostgreSQL fails instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from tests.helpers import Clock, wait_until_up
 from wallet_service import create_app
@@ -106,6 +107,18 @@ class Wallet:
         return self.database.run(
             lambda session: create_token(session, role, at=datetime(2026, 1, 1), **tenant)
         )
+
+    def audited(self, action: str) -> list[dict]:
+        """The details of the audit events of ``action``, oldest first."""
+        from wallet_service.models import AuditEvent
+
+        with self.database.transaction() as session:
+            rows = session.scalars(
+                select(AuditEvent.details)
+                .where(AuditEvent.action == action)
+                .order_by(AuditEvent.id)
+            )
+            return [json.loads(details) for details in rows]
 
 
 def _make_wallet(url: str, backend: str, tmp_path: Path) -> Wallet:

@@ -53,14 +53,9 @@ def write_all_now(session: Session, rows: list[Base]) -> None:
     alike: dict[tuple, list[Base]] = {}
     for row in rows:
         state = inspect(row)
-        if not state.modified or state.identity is None:
-            continue
-        try:
+        if state.modified and state.identity is not None:
             values = tuple(sorted(_changed_columns(state).items()))
-            key = (state.mapper.local_table, values)
-            alike.setdefault(key, []).append(row)
-        except TypeError:  # a value that cannot be compared (JSON): on its own
-            write_now(session, row)
+            alike.setdefault((state.mapper.local_table, values), []).append(row)
     for (_, values), same in alike.items():
         if len(same) > 1 and values:
             _update_all(session, same, dict(values))

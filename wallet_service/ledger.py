@@ -10,6 +10,7 @@ event can post only once, whatever retries happen.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import bindparam, event, func, insert, select, update
@@ -105,12 +106,20 @@ def _transfer_row(
     }
 
 
-# Transfers whose accounts' totals move when the transaction (or its savepoint) commits
-# (``post_at_commit``), in Session.info: (transfer id, debit id, credit id, amount in fen).
+@dataclass
+class _Moving:
+    """Transfers whose accounts' totals move when the transaction (or its savepoint)
+    commits (``post_at_commit``): (transfer id, debit id, credit id, amount in fen). Unsure
+    once anything rolled back meanwhile: a savepoint may have taken some of them, so the
+    commit reads which still exist."""
+
+    posted: list[tuple[int, int, int, int]] = field(default_factory=list)
+    unsure: bool = False
+
+
+# The transaction's _Moving, in Session.info (``transaction_cache``: a transaction closed
+# without committing takes its transfers along, and nothing of it moves with a later one).
 _AT_COMMIT = "ledger_transfers_moving_at_commit"
-# Set in Session.info once anything rolled back while transfers were waiting to move: a
-# rolled-back savepoint may have taken some of them, so the commit reads which still exist.
-_AT_COMMIT_UNSURE = "ledger_transfers_moving_at_commit_unsure"
 
 
 def post_at_commit(
@@ -137,7 +146,8 @@ def post_at_commit(
     assert debit_id != credit_id, "a transfer moves money between two accounts"
     row = _transfer_row(debit_id, credit_id, amount_fen, kind, reference, at)
     transfer_id = session.execute(_INSERT_TRANSFER, row).scalar_one()
-    session.info.setdefault(_AT_COMMIT, []).append((transfer_id, debit_id, credit_id, amount_fen))
+    moving = transaction_cache(session, _AT_COMMIT, _Moving)
+    moving.posted.append((transfer_id, debit_id, credit_id, amount_fen))
 
 
 # Account ids a transaction has read (code → id), in Session.info: a worker's batch posts
@@ -147,8 +157,12 @@ def post_at_commit(
 _IDS = "ledger_account_ids"
 
 
+def _known_ids(session: Session) -> dict[str, int]:
+    return transaction_cache(session, _IDS, dict, savepoints=True)
+
+
 def _account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> list[int]:
-    known: dict[str, int] = transaction_cache(session, _IDS, dict, savepoints=True)
+    known = _known_ids(session)
     codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
     if not all(code in known for code in codes):
         accounts = open_accounts(session, *kinds_and_owners)
@@ -159,7 +173,7 @@ def _account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> list[i
 def read_account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> None:
     """Those of these accounts that exist, their ids read in one query for the rest of the
     transaction (a batch that will post to many: one query, not one per posting)."""
-    known: dict[str, int] = transaction_cache(session, _IDS, dict, savepoints=True)
+    known = _known_ids(session)
     codes = [account_code(kind, owner) for kind, owner in kinds_and_owners]
     missing = [code for code in codes if code not in known]
     if missing:
@@ -172,11 +186,12 @@ def read_account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> No
 def _moving_at_commit(session: Session) -> dict[int, list[int]]:
     """account id → [debits, credits] still to move: from the transfers posted, or, after a
     rollback, from those of them that still exist."""
-    posted = session.info.get(_AT_COMMIT)
+    moving: _Moving | None = session.info.get(_AT_COMMIT)
     moves: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0])
-    if not posted:
+    if moving is None or not moving.posted:
         return moves
-    if session.info.get(_AT_COMMIT_UNSURE):
+    posted = moving.posted
+    if moving.unsure:
         posted = session.execute(
             select(
                 Transfer.id,
@@ -196,7 +211,7 @@ def _move_totals(session: Session) -> None:
     """Before a commit or a savepoint's release (the UPDATEs then commit, or roll back,
     together with the transfers they are for)."""
     moves = _moving_at_commit(session)
-    _forget_moving(session)
+    session.info.pop(_AT_COMMIT, None)
     if not moves:
         return
     accounts = Account.__table__.c
@@ -217,23 +232,11 @@ def _move_totals(session: Session) -> None:
             session.expire(loaded, ["debits_fen", "credits_fen"])
 
 
-@event.listens_for(Session, "after_transaction_end")
-def _forget_at_the_end(session: Session, transaction: SessionTransaction) -> None:
-    """A transaction closed without committing (its transfers are gone): nothing of it
-    may move with a later one on the same session."""
-    if transaction.parent is None:
-        _forget_moving(session)
-
-
 @event.listens_for(Session, "after_soft_rollback")
 def _unsure_after_a_rollback(session: Session, _transaction: SessionTransaction) -> None:
-    if session.info.get(_AT_COMMIT):
-        session.info[_AT_COMMIT_UNSURE] = True
-
-
-def _forget_moving(session: Session) -> None:
-    session.info.pop(_AT_COMMIT, None)
-    session.info.pop(_AT_COMMIT_UNSURE, None)
+    moving: _Moving | None = session.info.get(_AT_COMMIT)
+    if moving is not None and moving.posted:
+        moving.unsure = True
 
 
 def reverse(session: Session, transfer: Transfer, *, reason: str, at: datetime) -> Transfer:

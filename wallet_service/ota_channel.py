@@ -208,6 +208,21 @@ def handle_incoming_sms(
     )
 
 
+def read_ahead(ctx: Context, channel: SmsOtaChannel, messages: list[Sms]) -> None:
+    """Ahead of a batch of SMS handled one by one (``handle_incoming_sms``): the senders'
+    cards in one query; with proofs of receipt from several cards, the orders they answer
+    locked and the ledger accounts their loads post to read, each in one query for all
+    of them (with one card, its own queries cost as much: nothing to save)."""
+    channel.keyset_for.read_phones({sms.sender for sms in messages})
+    serials = set()
+    for sms in messages:
+        card = channel.keyset_for.card_of(sms.sender) if sms.udh == RESPONSE_UDH else None
+        if card is not None:
+            serials.add(card.serial)
+    if len(serials) > 1:
+        topups.ready_for_proofs(ctx, serials)
+
+
 def read_por(keyset: OtaKeyset, raw: bytes) -> ProofOfReceipt | str:
     """The PoR under ``keyset``, or why not. A SIM answers a refused packet unsecured (it
     will not trust that packet's keys): read it so — but only a refusal may come so."""

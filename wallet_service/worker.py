@@ -18,7 +18,6 @@ from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from otar.sms import RESPONSE_UDH
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
 from wallet_service.ota_channel import Outbox, SmsOtaChannel, handle_incoming_sms, keyset_lookup
@@ -150,8 +149,7 @@ class Worker:
 
         def all_at_once(ctx: Context, box: Outbox) -> list[str]:
             try:
-                box.keyset_for.read_phones({sms.sender for sms in messages})
-                _ready_for_proofs(ctx, box, messages)
+                ota_channel.read_ahead(ctx, box, messages)
                 return [handle_incoming_sms(ctx, box, sms, merchant) for sms in messages]
             except (OperationalError, IntegrityError):
                 raise  # races: retried by Database.run; an outage: delivered again later
@@ -257,19 +255,6 @@ def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
         box.discard_since(mark)
         log.exception("SMS from %s not handled", sms.sender)
         return "failed"
-
-
-def _ready_for_proofs(ctx: Context, box: Outbox, messages: list[Sms]) -> None:
-    """Proofs of receipt from several cards: the orders they answer locked, and the ledger
-    accounts their loads post to read, each in one query for all of them (with one card,
-    its own queries cost as much: nothing to save)."""
-    serials = set()
-    for sms in messages:
-        card = box.keyset_for.card_of(sms.sender) if sms.udh == RESPONSE_UDH else None
-        if card is not None:
-            serials.add(card.serial)
-    if len(serials) > 1:
-        topups.ready_for_proofs(ctx, serials)
 
 
 def run_once(

@@ -874,10 +874,14 @@ def _audit_a_proof_after_settlement(
     ctx: Context, card_serial: str, step: int, last_response: bytes
 ) -> None:
     """A lost SIM proving, after all, a load an operator settled unproven (refunded): the
-    SIM holds that money, which nothing pays for. Nothing moves — the card is hot-listed
-    and may be re-issued by now — but it is put on record for a person to look at."""
+    SIM holds that money, which nothing pays for. Nothing moves — the card is hot-listed —
+    but it is put on record for a person to look at. (Only a lost card's proofs are looked
+    at: a settled load's card is lost, and an active card's stale proofs cost no query.)"""
+    card = cards.find_card(ctx.session, card_serial)  # (loaded for the proof: no query)
+    if card is None or card.status != "lost" or last_response[-2:] != b"\x90\x00":
+        return
     settled = ctx.session.scalar(_SETTLED_AT_STEP, {"serial": card_serial, "step": step})
-    if settled is None or last_response[-2:] != b"\x90\x00":
+    if settled is None:
         return
     data = last_response[:-2]
     try:
@@ -919,8 +923,10 @@ def _answered(
         if sw == 0x6985:
             order.state, order.next_action_at = "paid", ctx.now
             return "not loaded: again from packet 1"
-        if sw == 0x9000 and _tac_ok(ctx, order, TransactionProof.decode(data).tac):
-            return _loaded(ctx, channel, order, TransactionProof.decode(data).tac)
+        if sw == 0x9000:
+            tac = TransactionProof.decode(data).tac
+            if _tac_ok(ctx, order, tac):
+                return _loaded(ctx, channel, order, tac)
     return "ignored"
 
 
