@@ -19,7 +19,7 @@ from sim_applet.sim import Sim
 from tests.helpers import Clock
 from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service import ledger
-from wallet_service.models import Account, AuditEvent
+from wallet_service.models import Account, AuditEvent, Transfer
 
 AT = datetime(2026, 11, 25, 9, 0, 0)
 
@@ -203,7 +203,7 @@ def test_totals_posted_at_commit_move_once_and_leave_with_a_rolled_back_savepoin
             pass
         return _totals_in(session)
 
-    assert wallet.database.run(work) == (0, 120)  # moved as the savepoint was released
+    assert wallet.database.run(work) == (0, 0)  # (inside, nothing has moved yet)
     assert _totals(wallet, "topup_pending:platform") == (0, 120)
     assert _totals(wallet, "bank_settlement:bank") == (120, 0)
 
@@ -221,7 +221,7 @@ def test_totals_posted_at_commit_move_once_and_leave_with_a_rolled_back_savepoin
 
 def test_a_savepoint_rolled_back_by_a_failed_flush_takes_its_totals_too(wallet: Wallet) -> None:
     """SQLAlchemy rolls such a savepoint back through the flush's own sub-transaction;
-    the totals are summed from the transfers that exist at commit, so none move."""
+    its transfers' totals go with it, so none move."""
 
     def work(session):  # type: ignore[no-untyped-def]
         _pay_in(session, 100, "kept")
@@ -237,6 +237,64 @@ def test_a_savepoint_rolled_back_by_a_failed_flush_takes_its_totals_too(wallet: 
     assert _totals(wallet, "topup_pending:platform") == (0, 100)
     assert _totals(wallet, "bank_settlement:bank") == (100, 0)
     assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_a_released_savepoint_rolled_back_with_its_parent_takes_only_its_own_totals(
+    wallet: Wallet,
+) -> None:
+    """A transfer posted outside two savepoints, one inside the inner one: the inner one
+    released, the outer one rolled back — the inner transfer goes with it, and only its
+    totals; the outer transfer and its totals stay."""
+
+    def work(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 100, "outside")
+        outer = session.begin_nested()
+        inner = session.begin_nested()
+        _pay_in(session, 5, "inside, released, then rolled back with the outer one")
+        inner.commit()
+        outer.rollback()
+        with session.begin_nested(), session.begin_nested():  # both released: it moves
+            _pay_in(session, 20, "two savepoints deep")
+
+    wallet.database.run(work)
+    assert _totals(wallet, "topup_pending:platform") == (0, 120)
+    assert _totals(wallet, "bank_settlement:bank") == (120, 0)
+    with wallet.database.transaction() as session:
+        assert sorted(session.scalars(select(Transfer.amount_fen))) == [20, 100]
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_a_savepoint_rolled_back_with_one_still_open_inside_takes_both_totals(
+    wallet: Wallet,
+) -> None:
+    def work(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 100, "outside")
+        outer = session.begin_nested()
+        _pay_in(session, 3, "in the outer one")
+        session.begin_nested()
+        _pay_in(session, 4, "in the inner one, left open")
+        outer.rollback()  # (SQLAlchemy closes the inner one first)
+
+    wallet.database.run(work)
+    assert _totals(wallet, "topup_pending:platform") == (0, 100)
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+
+
+def test_a_commit_through_two_open_savepoints_is_refused(wallet: Wallet) -> None:
+    """It cannot tell the transaction committing from a savepoint committing through them
+    (which would move totals of transfers outside it into a savepoint): refused, nothing
+    kept."""
+
+    def work(session):  # type: ignore[no-untyped-def]
+        _pay_in(session, 100, "outside")
+        session.begin_nested()
+        session.begin_nested()
+        _pay_in(session, 4, "two savepoints deep, left open")
+
+    with pytest.raises(ledger.SavepointsLeftOpen):
+        wallet.database.run(work)
+    with wallet.database.transaction() as session:
+        assert session.scalars(select(Transfer)).all() == []
 
 
 def test_a_commit_with_a_savepoint_still_open_moves_its_totals(wallet: Wallet) -> None:

@@ -10,7 +10,6 @@ event can post only once, whatever retries happen.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import bindparam, event, func, insert, select, update
@@ -45,7 +44,7 @@ def open_account(session: Session, kind: str, owner: str) -> Account:
 # Built once: every top-up posts twice (built per call, a statement's expression tree and
 # cache key cost more CPU than running it).
 _ACCOUNTS_BY_CODE = select(Account).where(Account.code.in_(bindparam("codes", expanding=True)))
-_INSERT_TRANSFER = insert(Transfer.__table__).returning(Transfer.__table__.c.id)
+_INSERT_TRANSFER = insert(Transfer.__table__)
 
 
 def open_accounts(session: Session, *kinds_and_owners: tuple[str, str]) -> list[Account]:
@@ -106,20 +105,29 @@ def _transfer_row(
     }
 
 
-@dataclass
-class _Moving:
-    """Transfers whose accounts' totals move when the transaction (or its savepoint)
-    commits (``post_at_commit``): (transfer id, debit id, credit id, amount in fen). Unsure
-    once anything rolled back meanwhile: a savepoint may have taken some of them, so the
-    commit reads which still exist."""
-
-    posted: list[tuple[int, int, int, int]] = field(default_factory=list)
-    unsure: bool = False
-
-
-# The transaction's _Moving, in Session.info (``transaction_cache``: a transaction closed
-# without committing takes its transfers along, and nothing of it moves with a later one).
+# What moves at commit (``post_at_commit``), in Session.info (``transaction_cache``:
+# forgotten with the transaction): for each transaction or savepoint open when transfers
+# were posted in it, those transfers as (debit id, credit id, amount in fen). A savepoint
+# released hands its own to its parent; one rolled back takes its own (and those its
+# released savepoints handed it) away, as the database takes their rows; the rest move when
+# the transaction commits. So a savepoint's rollback never takes a total whose transfer
+# stays, nor leaves one whose transfer went.
 _AT_COMMIT = "ledger_transfers_moving_at_commit"
+Posted = tuple[int, int, int]
+# The innermost savepoint open at the last ``before_commit``, until it closes (see
+# ``_move_totals``).
+_COMMITTING_THROUGH = "ledger_commit_through_savepoint"
+
+
+def _moving(session: Session) -> dict[SessionTransaction, list[Posted]]:
+    return transaction_cache(session, _AT_COMMIT, dict)
+
+
+def _innermost(session: Session) -> SessionTransaction:
+    """The savepoint, else the transaction, that a statement runs in now."""
+    innermost = session.get_nested_transaction() or session.get_transaction()
+    assert innermost is not None, "inside a transaction"
+    return innermost
 
 
 def post_at_commit(
@@ -137,17 +145,15 @@ def post_at_commit(
     commits — one UPDATE per account for all of the transaction's transfers, in id order.
     A worker's batch then holds a hot account's row lock only for its commit, not for the
     rest of the batch, and two workers stop queueing behind each other. A savepoint rolled
-    back, however (an exception, a failed flush), takes its transfers' totals with it: after
-    any rollback the totals are summed from the transfer rows that still exist then, and
-    without one from what was posted. Totals read inside the transaction do not show these
+    back (an exception, a failed flush) takes its transfers' totals with it, as it takes
+    their rows (``_AT_COMMIT``). Totals read inside the transaction do not show these
     transfers yet."""
     assert amount_fen > 0, "a transfer moves a positive amount"
     debit_id, credit_id = _account_ids(session, debit, credit)
     assert debit_id != credit_id, "a transfer moves money between two accounts"
     row = _transfer_row(debit_id, credit_id, amount_fen, kind, reference, at)
-    transfer_id = session.execute(_INSERT_TRANSFER, row).scalar_one()
-    moving = transaction_cache(session, _AT_COMMIT, _Moving)
-    moving.posted.append((transfer_id, debit_id, credit_id, amount_fen))
+    session.execute(_INSERT_TRANSFER, row)
+    _moving(session).setdefault(_innermost(session), []).append((debit_id, credit_id, amount_fen))
 
 
 # Account ids a transaction has read (code → id), in Session.info: a worker's batch posts
@@ -184,32 +190,36 @@ def read_account_ids(session: Session, *kinds_and_owners: tuple[str, str]) -> No
 
 
 def _moving_at_commit(session: Session) -> dict[int, list[int]]:
-    """account id → [debits, credits] still to move: from the transfers posted, or, after a
-    rollback, from those of them that still exist."""
-    moving: _Moving | None = session.info.get(_AT_COMMIT)
+    """account id → [debits, credits] still to move."""
     moves: defaultdict[int, list[int]] = defaultdict(lambda: [0, 0])
-    if moving is None or not moving.posted:
-        return moves
-    posted = moving.posted
-    if moving.unsure:
-        posted = session.execute(
-            select(
-                Transfer.id,
-                Transfer.debit_account_id,
-                Transfer.credit_account_id,
-                Transfer.amount_fen,
-            ).where(Transfer.id.in_([transfer_id for transfer_id, *_ in posted]))
-        ).all()
-    for _, debit_id, credit_id, amount_fen in posted:
-        moves[debit_id][0] += amount_fen
-        moves[credit_id][1] += amount_fen
+    for posted in session.info.get(_AT_COMMIT, {}).values():
+        for debit_id, credit_id, amount_fen in posted:
+            moves[debit_id][0] += amount_fen
+            moves[credit_id][1] += amount_fen
     return moves
 
 
 @event.listens_for(Session, "before_commit")
 def _move_totals(session: Session) -> None:
-    """Before a commit or a savepoint's release (the UPDATEs then commit, or roll back,
-    together with the transfers they are for)."""
+    """The totals move as the transaction commits, in it. ``before_commit`` comes before a
+    savepoint's release too, and a transaction committed with savepoints still open has
+    its own come first, then theirs, innermost first (SQLAlchemy releases them for it): so
+    the innermost savepoint seeing ``before_commit`` twice before it closes is being
+    committed through, and everything moves then, inside it. At a plain release nothing
+    moves (its transfers go to its parent as it closes: ``_hand_to_parent``). With one
+    savepoint open, only the transaction can commit through it; with more, a savepoint
+    might — and moving everything inside it would let a rollback of that savepoint's parent
+    take totals of transfers posted outside it. So that is refused (nothing here does it:
+    commit savepoints before their transaction)."""
+    savepoint = session.get_nested_transaction()
+    if savepoint is not None and session.info.get(_COMMITTING_THROUGH) is not savepoint:
+        session.info[_COMMITTING_THROUGH] = savepoint  # a release, unless a second comes
+        return
+    if savepoint is not None and _savepoints_open(savepoint) > 1 and _moving_at_commit(session):
+        raise SavepointsLeftOpen(
+            "a commit with more than one savepoint open, transfers to move: commit the "
+            "savepoints first"
+        )
     moves = _moving_at_commit(session)
     session.info.pop(_AT_COMMIT, None)
     if not moves:
@@ -232,11 +242,44 @@ def _move_totals(session: Session) -> None:
             session.expire(loaded, ["debits_fen", "credits_fen"])
 
 
-@event.listens_for(Session, "after_soft_rollback")
-def _unsure_after_a_rollback(session: Session, _transaction: SessionTransaction) -> None:
-    moving: _Moving | None = session.info.get(_AT_COMMIT)
-    if moving is not None and moving.posted:
-        moving.unsure = True
+class SavepointsLeftOpen(RuntimeError):
+    pass
+
+
+def _savepoints_open(innermost: SessionTransaction) -> int:
+    count, transaction = 0, innermost
+    while transaction is not None:
+        count, transaction = count + transaction.nested, transaction.parent
+    return count
+
+
+@event.listens_for(Session, "after_rollback")
+def _taken_back(session: Session) -> None:
+    """The database rolled back the innermost savepoint, or the transaction: what was posted
+    in it (and handed to it) is gone. (SQLAlchemy closes the savepoints inside it first.)"""
+    moving = session.info.get(_AT_COMMIT)
+    if moving:
+        rolled_back = _innermost(session)
+        if rolled_back.parent is None:
+            moving.clear()
+        else:
+            moving.pop(rolled_back, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _hand_to_parent(session: Session, transaction: SessionTransaction) -> None:
+    """A savepoint closed: what was posted in it still to move (it was released, or closed
+    as its parent rolled back, which then takes it) is its parent's now."""
+    if session.info.get(_COMMITTING_THROUGH) is transaction:
+        del session.info[_COMMITTING_THROUGH]
+    moving = session.info.get(_AT_COMMIT)
+    if not transaction.nested or not moving or transaction not in moving:
+        return
+    parent = transaction.parent
+    while parent is not None and not parent.nested and parent.parent is not None:
+        parent = parent.parent  # (past a flush's own inner transaction)
+    if parent is not None:
+        moving.setdefault(parent, []).extend(moving.pop(transaction))
 
 
 def reverse(session: Session, transfer: Transfer, *, reason: str, at: datetime) -> Transfer:
