@@ -638,11 +638,13 @@ def _reissue(world: PhoneWorld) -> Card:
     )
 
 
-def _lost_with_its_credit_unanswered(wallet: Wallet, tmp_path: Path) -> tuple[PhoneWorld, str]:
+def _lost_with_its_credit_unanswered(
+    wallet: Wallet, tmp_path: Path, world: PhoneWorld | None = None
+) -> tuple[PhoneWorld, str]:
     """A top-up whose packet 2 waits at the SMS centre for a phone reported lost, and the
     path that settles it."""
 
-    world = PhoneWorld(wallet, tmp_path)
+    world = world or PhoneWorld(wallet, tmp_path)
     world.screen.answers[:] = ["30", "123456"]
     world.phone.select(4)
     _work_until(world, "credit_sent")
@@ -710,6 +712,47 @@ def test_a_lost_sims_unproven_load_is_settled_by_an_operator_days_later(
     ]
     new_card = _reissue(world)
     assert world.books().get(f"card_float:{new_card.serial}", 0) == 0
+    world.bank.close()
+
+
+def _pos_retired(wallet: Wallet, terminal_id: str) -> None:
+    """Another POS on BUS1's bus, registered, then retired without a heartbeat ever."""
+    path = "/api/v1/operators/BUS1/pos-devices"
+    wallet.ok("POST", path, body={"terminal_id": terminal_id, "vehicle": "V1201"})
+    wallet.ok("POST", f"{path}/{terminal_id}/retire", body={"reason": "bus scrapped"})
+
+
+def test_settling_unproven_does_not_wait_for_a_pos_retired_before_the_order(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """A POS out of service never tells again; retired before the order was made, it
+    cannot hold a fare after it."""
+    from wallet_service.services import topups
+
+    world = PhoneWorld(wallet, tmp_path)
+    _pos_retired(wallet, "000012000009")
+    world.later(1)  # (the order comes after the retirement, as it would)
+    world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path, world)
+    world.later(topups.unproven_settle_wait_s)
+    _pos_has_the_hot_list(wallet)
+    assert wallet.ok("POST", settle, body=REASON)["state"] == "refunding"
+    world.bank.close()
+
+
+def test_settling_unproven_waits_for_a_pos_retired_after_the_order(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """Retired after the order was made, it may have taken a fare paid with the load
+    before it left service: its records would have told, and they never will."""
+    from wallet_service.services import topups
+
+    world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path)
+    world.later(topups.unproven_settle_wait_s)
+    _pos_has_the_hot_list(wallet)
+    _pos_retired(wallet, "000012000009")
+    code, answer = wallet.call("POST", settle, body=REASON)
+    assert code == 409 and "POS 000012000009 have not told" in answer["error"]["message"]
+    assert _orders(wallet)[0][1] == "credit_sent"
     world.bank.close()
 
 

@@ -135,6 +135,32 @@ def test_heartbeats_feed_the_device_status_view(wallet: Wallet) -> None:
     assert status["devices"][0]["online"] is False
 
 
+def test_a_retired_pos_is_out_of_service_for_good(wallet: Wallet) -> None:
+    company = set_up_bus_company(wallet)
+    beat = {"firmware": "1.2.0", "blacklist_version": 0, "records_pending": 3, "psam_seq": 9}
+    wallet.ok("POST", "/api/v1/pos/heartbeat", company.pos_token, beat)
+    retire = "/api/v1/operators/BUS1/pos-devices/000012000001/retire"
+    why = {"reason": " bus scrapped "}
+    assert wallet.call("POST", retire, company.counter_token, why)[0] == 403
+    assert wallet.call("POST", retire, company.staff_token, {"reason": "  "})[0] == 422
+    missing = "/api/v1/operators/BUS1/pos-devices/000012009999/retire"
+    assert wallet.call("POST", missing, company.staff_token, why)[0] == 404
+    retired = wallet.ok("POST", retire, company.staff_token, why)
+    assert (retired["tokens_revoked"], retired["records_pending"]) == (1, 3)
+    assert wallet.call("POST", retire, company.staff_token, why)[0] == 409  # once
+    assert wallet.call("POST", "/api/v1/pos/heartbeat", company.pos_token, beat)[0] == 401
+    new_token = wallet.token("pos", terminal_id="000012000001")
+    code, answer = wallet.call("POST", "/api/v1/pos/heartbeat", new_token, beat)
+    assert code == 403 and "retired" in answer["error"]["message"]
+    [device] = wallet.ok("GET", "/api/v1/operators/BUS1/pos-devices", company.staff_token)[
+        "devices"
+    ]
+    assert device["retired_at"] == retired["retired_at"]
+    assert (device["online"], device["silent"], device["records_pending"]) == (False, False, 3)
+    [audited] = wallet.audited("pos.retire")
+    assert (audited["reason"], audited["records_pending"]) == ("bus scrapped", 3)
+
+
 def test_one_bus_companys_staff_cannot_see_or_touch_anothers(wallet: Wallet) -> None:
     first = set_up_bus_company(wallet, "BUS1", "000012000001")
     set_up_bus_company(wallet, "BUS2", "000022000001")
@@ -142,6 +168,7 @@ def test_one_bus_companys_staff_cannot_see_or_touch_anothers(wallet: Wallet) -> 
         ("GET", "/api/v1/operators/BUS2/vehicles", None),
         ("GET", "/api/v1/operators/BUS2/pos-devices", None),
         ("POST", "/api/v1/operators/BUS2/routes", {"code": "9", "name": "x", "fare_fen": 1}),
+        ("POST", "/api/v1/operators/BUS2/pos-devices/000022000001/retire", {"reason": "x"}),
     ]:
         code, answer = wallet.call(method, path, first.staff_token, body)
         assert code == 404, (path, answer)

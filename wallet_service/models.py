@@ -104,6 +104,7 @@ class PosDevice(Base):
     last_upload_at: Mapped[datetime | None] = mapped_column(DateTime)
     psam_seq: Mapped[int | None] = mapped_column(BigInteger)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime)  # out of service: no token
 
 
 class BusinessHall(Base):

@@ -200,6 +200,27 @@ def register_pos(ctx: Context, operator: str, body: s.PosDeviceIn) -> s.PosDevic
 
 @endpoint(
     registry_bp,
+    "/operators/<operator>/pos-devices/<terminal_id>/retire",
+    "POST",
+    summary="Take a POS out of service for good: its tokens revoked, its records no longer awaited",
+    roles=REGISTRY,
+    body=s.RetirePosIn,
+    response=s.RetiredPosOut,
+)
+def retire_pos(
+    ctx: Context, operator: str, terminal_id: str, body: s.RetirePosIn
+) -> s.RetiredPosOut:
+    device, revoked = registry.retire_pos_device(ctx, operator, terminal_id, body.reason)
+    return s.RetiredPosOut(
+        terminal_id=device.terminal_id,
+        retired_at=device.retired_at,
+        tokens_revoked=revoked,
+        records_pending=device.records_pending,
+    )
+
+
+@endpoint(
+    registry_bp,
     "/operators/<operator>/pos-devices",
     "GET",
     summary="POS device status: online from heartbeats, silent devices flagged, pending "

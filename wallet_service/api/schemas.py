@@ -258,6 +258,22 @@ class DeviceStatus(BaseModel):
     psam_seq: int | None
     blacklist_version: int | None
     blacklist_lag: int | None
+    retired_at: datetime | None = Field(default=None, description="out of service since")
+
+
+class RetirePosIn(Strict):
+    """Why a POS leaves service for good (kept in the audit trail)."""
+
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class RetiredPosOut(BaseModel):
+    terminal_id: str
+    retired_at: datetime
+    tokens_revoked: int
+    records_pending: int | None = Field(
+        description="records its last heartbeat said it had not uploaded: they never will be"
+    )
 
 
 class DeviceStatusList(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects import sqlite
 
-from wallet_service.errors import NotFound
+from wallet_service.errors import Forbidden, NotFound
 from wallet_service.models import Operator, PosDevice, RecordConflict, TapRecord
 from wallet_service.services.registry import Context, operator_by_code
 
@@ -59,6 +59,8 @@ def _device(ctx: Context) -> PosDevice:
     ctx.principal.require("pos")
     device = ctx.session.get(PosDevice, ctx.principal.device_id)
     assert device is not None
+    if device.retired_at is not None:  # (its tokens were revoked: one made since, then)
+        raise Forbidden(f"POS {device.terminal_id} was retired at {device.retired_at}")
     return device
 
 
@@ -227,8 +229,11 @@ def device_status(
     return [
         {
             "terminal_id": d.terminal_id,
-            "online": d.last_heartbeat_at is not None and d.last_heartbeat_at >= online_since,
-            "silent": d.last_heartbeat_at is None or d.last_heartbeat_at < silent_since,
+            "online": d.retired_at is None
+            and d.last_heartbeat_at is not None
+            and d.last_heartbeat_at >= online_since,
+            "silent": d.retired_at is None
+            and (d.last_heartbeat_at is None or d.last_heartbeat_at < silent_since),
             "last_heartbeat_at": d.last_heartbeat_at,
             "firmware": d.firmware,
             "records_pending": d.records_pending,
@@ -238,6 +243,7 @@ def device_status(
             "blacklist_lag": None
             if d.blacklist_version is None
             else blacklist_version - d.blacklist_version,
+            "retired_at": d.retired_at,
         }
         for d in devices
     ]

@@ -9,7 +9,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from sim_applet.driver_card import DriverData
@@ -19,6 +19,7 @@ from wallet_service.auth import Principal
 from wallet_service.errors import Conflict, NotFound
 from wallet_service.keystore import KeyStore
 from wallet_service.models import (
+    ApiToken,
     BusinessHall,
     Driver,
     DriverCard,
@@ -247,6 +248,44 @@ def register_pos_device(
         vehicle=vehicle.code,
     )
     return device, psam_file
+
+
+def retire_pos_device(
+    ctx: Context, operator_code: str, terminal_id: str, reason: str
+) -> tuple[PosDevice, int]:
+    """Take a POS out of service for good (scrapped with its bus, broken beyond repair): its
+    tokens are revoked, so it uploads nothing more — records its last heartbeat said were
+    waiting are lost to clearing (the audit keeps how many). Settling a lost card's
+    unproven load no longer waits for it when it was retired before the order was made.
+    How many tokens were revoked comes back with it."""
+    operator = operator_by_code(ctx, operator_code)
+    device = ctx.session.scalars(
+        select(PosDevice)
+        .where(PosDevice.operator_id == operator.id, PosDevice.terminal_id == terminal_id.upper())
+        .with_for_update()
+    ).one_or_none()
+    if device is None:
+        raise NotFound(f"no POS device {terminal_id} at {operator_code}")
+    if device.retired_at is not None:
+        raise Conflict(f"POS {device.terminal_id} was retired at {device.retired_at}")
+    device.retired_at = ctx.now
+    revoked = ctx.session.execute(
+        update(ApiToken)
+        .where(ApiToken.device_id == device.id, ApiToken.revoked.is_(False))
+        .values(revoked=True)
+    ).rowcount
+    audit.record(
+        ctx.session,
+        ctx.principal.name,
+        "pos.retire",
+        device.terminal_id,
+        ctx.now,
+        reason=reason,
+        tokens_revoked=revoked,
+        records_pending=device.records_pending,
+        last_heartbeat_at=device.last_heartbeat_at,
+    )
+    return device, revoked
 
 
 def list_of(ctx: Context, model, operator_code: str) -> list[Any]:  # type: ignore[no-untyped-def]

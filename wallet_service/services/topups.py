@@ -727,9 +727,9 @@ SETTLED_UNPROVEN = "unproven load of a card reported lost"  # (the refund's reas
 def _why_not_settled(ctx: Context, card: Card, order: TopUpOrder) -> str | None:
     """Why the load may still be on a SIM that can spend it, or has been spent; None when
     the card has been on the hot list for ``unproven_settle_wait_s``, every POS has taken
-    that list and uploaded all its records since, and none shows the card used after the
-    order was made (a fare after the CREDIT may have spent the load: its records would
-    tell, not a refund)."""
+    that list and uploaded all its records since — all but those retired before the order
+    was made — and none shows the card used after the order was made (a fare after the
+    CREDIT may have spent the load: its records would tell, not a refund)."""
     if card.status != "lost":
         return f"card {card.serial} is {card.status}, not reported lost"
     listed = ctx.session.scalars(
@@ -749,6 +749,7 @@ def _why_not_settled(ctx: Context, card: Card, order: TopUpOrder) -> str | None:
     behind = ctx.session.scalars(
         select(PosDevice.terminal_id)
         .where(
+            or_(PosDevice.retired_at.is_(None), PosDevice.retired_at >= order.created_at),
             or_(
                 PosDevice.last_heartbeat_at.is_(None),
                 PosDevice.last_heartbeat_at < listed.created_at,
@@ -756,7 +757,7 @@ def _why_not_settled(ctx: Context, card: Card, order: TopUpOrder) -> str | None:
                 PosDevice.blacklist_version < listed.version,
                 PosDevice.records_pending.is_(None),
                 PosDevice.records_pending > 0,
-            )
+            ),
         )
         .order_by(PosDevice.terminal_id)
         .limit(5)
@@ -764,7 +765,8 @@ def _why_not_settled(ctx: Context, card: Card, order: TopUpOrder) -> str | None:
     if behind:
         return (
             f"POS {', '.join(behind)} have not told since the loss that they hold the hot "
-            "list and no record left to upload: the card may have been used there"
+            "list and no record left to upload: the card may have been used there (a POS "
+            "out of service for good can be retired)"
         )
     used_at = ctx.session.scalar(
         select(func.min(TapRecord.occurred_at)).where(
