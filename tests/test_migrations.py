@@ -130,6 +130,31 @@ def test_0007_down_and_up_again_loses_no_refund_due(tmp_path: Path) -> None:
     engine.dispose()
 
 
+def test_0008_will_not_go_down_while_a_pos_is_retired(tmp_path: Path) -> None:
+    """Retirement is for good: a device brought back could upload fares paid with a load
+    since refunded (settled unproven without waiting for it)."""
+    import pytest
+    from alembic import command
+
+    from wallet_service.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO pos_devices (operator_id, vehicle_id, terminal_id, "
+                "psam_key_version, retired_at) VALUES (1, 1, '000012000009', 1, '2026-12-01')"
+            )
+        )
+    with pytest.raises(RuntimeError, match="000012000009"):
+        command.downgrade(alembic_config(url), "0007")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT retired_at FROM pos_devices")).scalar_one()
+    engine.dispose()
+
+
 def test_the_migrations_build_the_schema_the_models_declare(tmp_path: Path) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext

@@ -5,6 +5,7 @@ process: menu → top-up request SMS → order → bank payment from the link �
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -639,7 +640,10 @@ def _reissue(world: PhoneWorld) -> Card:
 
 
 def _lost_with_its_credit_unanswered(
-    wallet: Wallet, tmp_path: Path, world: PhoneWorld | None = None
+    wallet: Wallet,
+    tmp_path: Path,
+    world: PhoneWorld | None = None,
+    before_the_loss: Callable[[], object] = lambda: None,
 ) -> tuple[PhoneWorld, str]:
     """A top-up whose packet 2 waits at the SMS centre for a phone reported lost, and the
     path that settles it."""
@@ -648,6 +652,7 @@ def _lost_with_its_credit_unanswered(
     world.screen.answers[:] = ["30", "123456"]
     world.phone.select(4)
     _work_until(world, "credit_sent")
+    before_the_loss()
     world.run(lambda ctx: cards.mark_lost(ctx, cards.card_by_serial(ctx, world.serial), "x"))
     [order] = wallet.ok("GET", f"/api/v1/cards/{world.serial}/topups")["orders"]
     return world, f"/api/v1/cards/{world.serial}/topups/{order['reference']}/settle-unproven"
@@ -742,14 +747,19 @@ def test_settling_unproven_does_not_wait_for_a_pos_retired_before_the_order(
 def test_settling_unproven_waits_for_a_pos_retired_after_the_order(
     wallet: Wallet, tmp_path: Path
 ) -> None:
-    """Retired after the order was made, it may have taken a fare paid with the load
-    before it left service: its records would have told, and they never will."""
+    """Retired after the order was made (and before the loss), it may have taken a fare
+    paid with the load before it left service: its records would have told, and they
+    never will."""
     from wallet_service.services import topups
 
-    world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path)
+    def retired_meanwhile() -> None:
+        wallet.clock.now += timedelta(seconds=1)
+        _pos_retired(wallet, "000012000009")
+        wallet.clock.now += timedelta(seconds=1)
+
+    world, settle = _lost_with_its_credit_unanswered(wallet, tmp_path, None, retired_meanwhile)
     world.later(topups.unproven_settle_wait_s)
     _pos_has_the_hot_list(wallet)
-    _pos_retired(wallet, "000012000009")
     code, answer = wallet.call("POST", settle, body=REASON)
     assert code == 409 and "POS 000012000009 have not told" in answer["error"]["message"]
     assert _orders(wallet)[0][1] == "credit_sent"

@@ -766,7 +766,7 @@ def _why_not_settled(ctx: Context, card: Card, order: TopUpOrder) -> str | None:
         return (
             f"POS {', '.join(behind)} have not told since the loss that they hold the hot "
             "list and no record left to upload: the card may have been used there (a POS "
-            "out of service for good can be retired)"
+            "retired before this order was made is not waited for)"
         )
     used_at = ctx.session.scalar(
         select(func.min(TapRecord.occurred_at)).where(

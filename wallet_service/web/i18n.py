@@ -54,6 +54,7 @@ _ZH = {
     "Online": "在线",
     "Offline": "离线",
     "Silent": "长时间无心跳",
+    "Retired": "已停用",
     "Last heartbeat": "最后心跳",
     "Pending records": "待上传记录",
     "Blacklist lag": "黑名单版本差",

@@ -25,5 +25,15 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A retired device brought back could upload fares a settled lost card paid with the
+    # load refunded: retirement is for good.
+    retired = op.get_bind().execute(
+        sa.text("SELECT terminal_id FROM pos_devices WHERE retired_at IS NOT NULL")
+    )
+    terminals = retired.scalars().all()
+    if terminals:
+        raise RuntimeError(
+            f"POS {', '.join(terminals)} retired: retirement is for good, no downgrade"
+        )
     with op.batch_alter_table("pos_devices", schema=None) as batch_op:
         batch_op.drop_column("retired_at")
