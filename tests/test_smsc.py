@@ -14,7 +14,7 @@ import requests
 
 from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
 from tests.helpers import Clock, wait_until_up
-from tests.wallet_fixtures import _free_port
+from tests.wallet_fixtures import Wallet, _free_port
 from wallet_service.sms_gateway import GatewayError, HttpGateway, InProcessGateway
 
 PHONE, PLATFORM = "13800138000", "10658888"
@@ -151,13 +151,28 @@ def test_the_http_gateway_against_smsc_serve() -> None:
         )
         leased = gateway.receive(wait_ms=500, lease_ms=60_000)
         assert [sms.user_data for sms in leased] == [b"\xbe\xef"]
-        gateway.acknowledge([sms.id for sms in leased])
+        assert gateway.receive(lease_ms=60_000, acknowledge=[sms.id for sms in leased]) == []
         acked = requests.post(
             f"{base}/inbox/{PLATFORM}/ack", json={"ids": [leased[0].id]}, timeout=5
         ).json()
-        assert acked == {"acknowledged": 0}  # once only
-        refused = requests.post(f"{base}/inbox/{PLATFORM}/ack", json={"ids": "1"}, timeout=5)
-        assert refused.status_code == 422
+        assert acked == {"acknowledged": 0}  # once only: acknowledged by the receive
+        for path, body in (
+            ("ack", {"ids": "1"}),
+            ("ack", {"ids": [True]}),
+            ("next", {"ack": "1"}),
+            ("next", {"wait_ms": "5"}),
+            ("next", ["not an object"]),
+        ):
+            refused = requests.post(f"{base}/inbox/{PLATFORM}/{path}", json=body, timeout=5)
+            assert refused.status_code == 422, (path, body)
+            assert refused.json()["error"]["code"] == "refused"
+        not_json = requests.post(f"{base}/inbox/{PLATFORM}/next", data=b"\xff{", timeout=5)
+        assert not_json.status_code == 422
+        assert requests.get(f"{base}/inbox/{PLATFORM}/next", timeout=5).status_code == 405
+        assert requests.get(f"{base}/elsewhere", timeout=5).status_code == 404
+        assert requests.get(f"{base}/inbox/{PHONE}?wait_ms=x", timeout=5).status_code == 422
+        too_big = requests.post(f"{base}/submit", data=b" " * (300 * 1024), timeout=5)
+        assert too_big.status_code == 413
         bad = requests.post(
             f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "zz"}, timeout=5
         )
@@ -235,6 +250,35 @@ def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
     assert isinstance(refused.value, OSError)
     with pytest.raises(GatewayError):
         gateway.receive()
+
+
+def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wallet) -> None:
+    """Its own loop: one request a batch (acknowledge, then collect), not two; the last
+    batch's acknowledged as the loop stops. Until acknowledged, a message stays leased."""
+    import threading
+    import time
+
+    from wallet_service.worker import Worker, run_forever
+
+    smsc = SmsCentre()
+    gateway = InProcessGateway(smsc, PLATFORM)
+    worker = Worker(wallet.app, gateway, bank=None)  # type: ignore[arg-type]
+    smsc.submit(PHONE, PLATFORM, b"not ours")  # (no UDH, not a service request)
+    assert worker.read_sms(acknowledge_now=False) == 1
+    assert worker.unacknowledged == list(smsc._leased[PLATFORM])  # handled, still leased
+    assert worker.read_sms(acknowledge_now=False) == 0
+    assert smsc._leased[PLATFORM] == {} and worker.unacknowledged == []
+    smsc.submit(PHONE, PLATFORM, b"not ours either")
+    stop = threading.Event()
+    loop = threading.Thread(target=run_forever, args=(wallet.app, gateway, None, stop, 10))
+    loop.start()
+    deadline = time.monotonic() + 10
+    while smsc._boxes[PLATFORM] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    loop.join(timeout=10)
+    assert not loop.is_alive()
+    assert smsc._boxes[PLATFORM] == [] and smsc._leased[PLATFORM] == {}  # acknowledged
 
 
 def test_the_in_process_gateway_submits_a_big_batch_in_chunks_the_centre_takes() -> None:

@@ -26,7 +26,12 @@ class SmsGateway(Protocol):
 
     def send_many(self, messages: list[Outgoing]) -> None: ...
 
-    def receive(self, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]: ...
+    def receive(
+        self, wait_ms: int = 0, lease_ms: int = 0, acknowledge: list[int] | None = None
+    ) -> list[Sms]:
+        """What came (waiting up to ``wait_ms`` for the first), each leased for
+        ``lease_ms``; those of ``acknowledge`` (leased before) acknowledged first."""
+        ...
 
     def acknowledge(self, ids: list[int]) -> None: ...
 
@@ -50,7 +55,11 @@ class InProcessGateway:
         for chunk in _chunks(messages):
             self.centre.submit_many([(self.short_code, *message) for message in chunk])
 
-    def receive(self, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]:
+    def receive(
+        self, wait_ms: int = 0, lease_ms: int = 0, acknowledge: list[int] | None = None
+    ) -> list[Sms]:
+        if acknowledge:
+            self.acknowledge(acknowledge)
         return self.centre.collect(self.short_code, wait_ms, lease_ms)
 
     def acknowledge(self, ids: list[int]) -> None:
@@ -107,14 +116,17 @@ class HttpGateway:
                 "POST", f"/inbox/{self.short_code}/ack", request_timeout_s, json={"ids": ids}
             )
 
-    def receive(self, wait_ms: int = 0, lease_ms: int = 0) -> list[Sms]:
+    def receive(
+        self, wait_ms: int = 0, lease_ms: int = 0, acknowledge: list[int] | None = None
+    ) -> list[Sms]:
+        """One request: acknowledge, then collect (``POST /inbox/…/next``)."""
         from datetime import datetime
 
         answer = self._request(
-            "GET",
-            f"/inbox/{self.short_code}",
+            "POST",
+            f"/inbox/{self.short_code}/next",
             request_timeout_s + wait_ms / 1000,
-            fields={"wait_ms": wait_ms, "lease_ms": lease_ms},
+            json={"ack": acknowledge or [], "wait_ms": wait_ms, "lease_ms": lease_ms},
         )
         return [
             Sms(

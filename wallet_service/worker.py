@@ -114,6 +114,7 @@ class Worker:
         self.woken = threading.Event()  # set by LISTEN/NOTIFY: work was stored
         self.rare_work_look_s = rare_work_look_s  # (a benchmark looks on every pass)
         self.rare_work_looked_at = -rare_work_look_s  # (time.monotonic)
+        self.unacknowledged: list[int] = []  # SMS handled, acknowledged with the next receive
 
     def _in_transaction(self, work):  # type: ignore[no-untyped-def]
         return self.database.run(
@@ -129,7 +130,7 @@ class Worker:
     def apply_bank_events(self) -> int:
         return self._in_transaction(lambda ctx: topups.process_bank_events(ctx))
 
-    def read_sms(self, wait_ms: int = 0) -> int:
+    def read_sms(self, wait_ms: int = 0, acknowledge_now: bool = True) -> int:
         """PoRs and requests from phones (waiting up to ``wait_ms`` for the first): all
         that came, in one transaction. Sorted by sender, so two workers lock the same
         orders in the same order. A message that fails — a bug, data the database refuses
@@ -139,10 +140,12 @@ class Worker:
         once their batch has committed and its packets are out: a worker that dies, a
         database outage, an SMS centre down for the packets — the SMS centre delivers them
         again after ``sms_lease_ms`` (handling one twice changes nothing: a PoR is then
-        stale, a request finds its order and sends its payment link again)."""
-        messages = sorted(
-            self.gateway.receive(wait_ms, sms_lease_ms), key=lambda sms: (sms.sender, sms.id)
-        )
+        stale, a request finds its order and sends its payment link again). Without
+        ``acknowledge_now`` (the worker's own loop) they are acknowledged in the next
+        receive: one request a batch, not two."""
+        received = self.gateway.receive(wait_ms, sms_lease_ms, self.unacknowledged)
+        self.unacknowledged = []
+        messages = sorted(received, key=lambda sms: (sms.sender, sms.id))
         if not messages:
             return 0
         merchant = self.app.config["BANK_MERCHANT"]
@@ -166,7 +169,11 @@ class Worker:
             outcomes = self._committed_then_sent(
                 lambda ctx, box: [_handle_one(ctx, box, sms, merchant) for sms in messages]
             )
-        self.gateway.acknowledge([sms.id for sms in messages])  # committed, packets out
+        handled = [sms.id for sms in messages]  # committed, packets out
+        if acknowledge_now:
+            self.gateway.acknowledge(handled)
+        else:
+            self.unacknowledged = handled
         for sms, outcome in zip(messages, outcomes, strict=True):
             log.info("SMS from %s: %s", sms.sender, outcome)
         return len(messages)
@@ -281,7 +288,11 @@ def run_forever(
     worker = Worker(app, gateway, bank)
 
     def sms_loop() -> None:
-        _repeat(stop, lambda: worker.read_sms(poll_wait_ms), 0)
+        _repeat(stop, lambda: worker.read_sms(poll_wait_ms, acknowledge_now=False), 0)
+        try:
+            worker.gateway.acknowledge(worker.unacknowledged)  # the last batch's
+        except OSError as error:  # (delivered again when their lease ends: stale then)
+            log.warning("SMS handled last not acknowledged: %s", error)
 
     reader = threading.Thread(target=sms_loop, name="sms", daemon=True)
     reader.start()
