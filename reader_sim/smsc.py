@@ -187,23 +187,25 @@ JSON_TYPE = ("Content-Type", "application/json")
 
 
 class _HttpError(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, allow: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.allow = status, allow
 
 
 def create_smsc_app(centre: SmsCentre) -> Callable:
     """The WSGI application around ``centre`` (routes in the module's docstring)."""
 
     def app(environ: dict, start_response: Callable) -> list[bytes]:
+        headers = [JSON_TYPE]
         try:
             status, body = _route(centre, environ)
         except (SmsRefused, ValueError, KeyError, TypeError) as error:
             status, body = "422 Unprocessable Entity", _error("refused", str(error))
         except _HttpError as error:
             status, body = error.status, _error(error.status[4:].lower(), str(error))
-        payload = json.dumps(body).encode()
-        start_response(status, [JSON_TYPE, ("Content-Length", str(len(payload)))])
+            headers += [("Allow", error.allow)] if error.allow else []
+        payload = b"" if environ["REQUEST_METHOD"] == "HEAD" else json.dumps(body).encode()
+        start_response(status, [*headers, ("Content-Length", str(len(payload)))])
         return [payload]
 
     return app
@@ -226,7 +228,7 @@ def _route(centre: SmsCentre, environ: dict) -> tuple[str, dict[str, Any]]:
         return "202 Accepted", {"id": centre.submit_many([_message(data)])[0]}
     if parts[0] == "inbox" and len(parts) == 2:
         _allow(method, "GET")
-        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         wait_ms, lease_ms = (int(query.get(name, ["0"])[0]) for name in ("wait_ms", "lease_ms"))
         return "200 OK", _delivered(centre.collect(parts[1], wait_ms, lease_ms))
     if parts[0] == "inbox" and len(parts) == 3 and parts[2] == "ack":
@@ -236,8 +238,9 @@ def _route(centre: SmsCentre, environ: dict) -> tuple[str, dict[str, Any]]:
     if parts[0] == "inbox" and len(parts) == 3 and parts[2] == "next":
         _allow(method, "POST")
         data = _json_body(environ)
-        acknowledged = centre.acknowledge(parts[1], _ids(data, "ack"))
+        ids = _ids(data, "ack")
         wait_ms, lease_ms = (_int(data, name) for name in ("wait_ms", "lease_ms"))
+        acknowledged = centre.acknowledge(parts[1], ids)  # (all checked: refused, nothing)
         answer = _delivered(centre.collect(parts[1], wait_ms, lease_ms))
         return "200 OK", {"acknowledged": acknowledged, **answer}
     if parts == ["stats"]:
@@ -247,21 +250,34 @@ def _route(centre: SmsCentre, environ: dict) -> tuple[str, dict[str, Any]]:
 
 
 def _allow(method: str, allowed: str) -> None:
+    """(HEAD too is refused: a GET here delivers, it does not only look.)"""
     if method != allowed:
-        raise _HttpError("405 Method Not Allowed", f"{allowed} only")
+        raise _HttpError("405 Method Not Allowed", f"{allowed} only", allowed)
 
 
 def _json_body(environ: dict) -> Any:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise _HttpError("400 Bad Request", "Content-Length is a number") from None
-    if length > request_bytes_max:
+    body = _body(environ)
+    if len(body) > request_bytes_max:
         raise _HttpError("413 Content Too Large", f"at most {request_bytes_max} bytes")
     try:
-        return json.loads(environ["wsgi.input"].read(length) or b"null")
+        return json.loads(body or b"null")
     except ValueError:  # (UnicodeDecodeError too)
         raise SmsRefused("send JSON") from None
+
+
+def _body(environ: dict) -> bytes:
+    """At most one byte more than ``request_bytes_max``: by its Content-Length, or to its
+    end when the server knows where that is (a chunked body: cheroot's
+    ``wsgi.input_terminated``)."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if not declared:
+        chunked = environ.get("wsgi.input_terminated")
+        return environ["wsgi.input"].read(request_bytes_max + 1) if chunked else b""
+    if not declared.isascii() or not declared.isdigit():
+        raise _HttpError("400 Bad Request", "Content-Length is a whole number")
+    if int(declared) > request_bytes_max:
+        raise _HttpError("413 Content Too Large", f"at most {request_bytes_max} bytes")
+    return environ["wsgi.input"].read(int(declared))
 
 
 def _ids(data: Any, key: str = "ids") -> list[int]:

@@ -171,8 +171,6 @@ def test_the_http_gateway_against_smsc_serve() -> None:
         assert requests.get(f"{base}/inbox/{PLATFORM}/next", timeout=5).status_code == 405
         assert requests.get(f"{base}/elsewhere", timeout=5).status_code == 404
         assert requests.get(f"{base}/inbox/{PHONE}?wait_ms=x", timeout=5).status_code == 422
-        too_big = requests.post(f"{base}/submit", data=b" " * (300 * 1024), timeout=5)
-        assert too_big.status_code == 413
         bad = requests.post(
             f"{base}/submit", json={"from": PHONE, "to": PLATFORM, "user_data": "zz"}, timeout=5
         )
@@ -252,11 +250,57 @@ def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
         gateway.receive()
 
 
+def _wsgi(app, method: str, path: str, body: bytes = b"", **environ: object):  # type: ignore[no-untyped-def]
+    """(status, headers, body) of one request straight to the WSGI app."""
+    import io
+
+    answer: list = []
+    chunks = app(
+        {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": path,
+            "QUERY_STRING": "",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body),
+            **environ,
+        },
+        lambda status, headers: answer.extend([status, dict(headers)]),
+    )
+    return answer[0], answer[1], b"".join(chunks)
+
+
+def test_the_sms_centres_http_edge_reads_bodies_as_a_server_hands_them_over() -> None:
+    import json
+
+    from reader_sim.smsc import create_smsc_app, request_bytes_max
+
+    smsc = SmsCentre()
+    app = create_smsc_app(smsc)
+    message = json.dumps({"from": PHONE, "to": PLATFORM, "user_data": "01"}).encode()
+    chunked = {"CONTENT_LENGTH": "", "wsgi.input_terminated": True}
+    assert _wsgi(app, "POST", "/submit", message, **chunked)[0] == "202 Accepted"
+    status, _, body = _wsgi(app, "POST", "/submit", b" " * (request_bytes_max + 1), **chunked)
+    assert status.startswith("413") and json.loads(body)["error"]["code"] == "content too large"
+    declared = {"CONTENT_LENGTH": str(request_bytes_max + 1)}  # (refused before reading)
+    assert _wsgi(app, "POST", "/submit", b"", **declared)[0].startswith("413")
+    for bad in ("-1", "1e3", "٣"):
+        assert _wsgi(app, "POST", "/submit", message, CONTENT_LENGTH=bad)[0].startswith("400")
+    status, headers, body = _wsgi(app, "HEAD", f"/inbox/{PLATFORM}")
+    assert (status[:3], headers["Allow"], body) == ("405", "GET", b"")  # (a GET delivers)
+    [leased] = smsc.collect(PLATFORM, lease_ms=60_000)
+    refused = json.dumps({"ack": [leased.id], "wait_ms": "0"}).encode()
+    assert _wsgi(app, "POST", f"/inbox/{PLATFORM}/next", refused)[0].startswith("422")
+    assert list(smsc._leased[PLATFORM]) == [leased.id]  # refused: nothing acknowledged
+    status, _, body = _wsgi(
+        app, "POST", f"/inbox/{PLATFORM}/next", json.dumps({"ack": [leased.id]}).encode()
+    )
+    assert json.loads(body) == {"acknowledged": 1, "messages": []}
+
+
 def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wallet) -> None:
     """Its own loop: one request a batch (acknowledge, then collect), not two; the last
     batch's acknowledged as the loop stops. Until acknowledged, a message stays leased."""
     import threading
-    import time
 
     from wallet_service.worker import Worker, run_forever
 
@@ -270,12 +314,18 @@ def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wal
     assert smsc._leased[PLATFORM] == {} and worker.unacknowledged == []
     smsc.submit(PHONE, PLATFORM, b"not ours either")
     stop = threading.Event()
-    loop = threading.Thread(target=run_forever, args=(wallet.app, gateway, None, stop, 10))
+
+    class StopsAfterABatch(InProcessGateway):  # (so no next receive acknowledges it)
+        def receive(self, wait_ms=0, lease_ms=0, acknowledge=None):  # type: ignore[no-untyped-def]
+            received = super().receive(wait_ms, lease_ms, acknowledge)
+            if received:
+                stop.set()
+            return received
+
+    loop = threading.Thread(
+        target=run_forever, args=(wallet.app, StopsAfterABatch(smsc, PLATFORM), None, stop, 10)
+    )
     loop.start()
-    deadline = time.monotonic() + 10
-    while smsc._boxes[PLATFORM] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stop.set()
     loop.join(timeout=10)
     assert not loop.is_alive()
     assert smsc._boxes[PLATFORM] == [] and smsc._leased[PLATFORM] == {}  # acknowledged
