@@ -113,6 +113,26 @@ def _png_is_not_blank(png: bytes) -> bool:
     return len(set(zlib.decompress(idat))) > 64
 
 
+def _replaced(element):  # type: ignore[no-untyped-def]
+    """A wait condition: ``element``'s page has been replaced (a form answered). Selenium's
+    ``staleness_of`` also fails outright when chromium, asked about the element while the
+    next page comes in, answers "does not belong to the document" (seen in CI)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    def gone(_driver) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            if "does not belong to the document" in str(error):
+                return True
+            raise
+        return False
+
+    return gone
+
+
 def test_log_in_run_clearing_read_the_report_download_csv(  # type: ignore[no-untyped-def]
     sqlite_service, browser, tmp_path: Path
 ) -> None:
@@ -130,7 +150,7 @@ def test_log_in_run_clearing_read_the_report_download_csv(  # type: ignore[no-un
     browser.find_element(By.ID, "token").send_keys("not-a-token")
     first_try = browser.find_element(By.ID, "login")
     first_try.click()
-    wait.until(ready.staleness_of(first_try))
+    wait.until(_replaced(first_try))
     assert (
         "Unknown or revoked token"
         in wait.until(ready.presence_of_element_located((By.ID, "login-error"))).text
@@ -138,14 +158,14 @@ def test_log_in_run_clearing_read_the_report_download_csv(  # type: ignore[no-un
     browser.find_element(By.ID, "token").send_keys(cli_token(env, "--role", "admin"))
     login_button = browser.find_element(By.ID, "login")
     login_button.click()
-    wait.until(ready.staleness_of(login_button))
+    wait.until(_replaced(login_button))
     wait.until(ready.presence_of_element_located((By.ID, "run-clearing")))
 
     day = browser.find_element(By.ID, "day")
     browser.execute_script("arguments[0].value = arguments[1]", day, today.date().isoformat())
     run_button = browser.find_element(By.ID, "run-clearing")
     run_button.click()
-    wait.until(ready.staleness_of(run_button))  # the POST answered: a new page loads
+    wait.until(_replaced(run_button))  # the POST answered: a new page loads
     wait.until(ready.presence_of_element_located((By.ID, "paid-records")))
     rides = sum(1 + hour % 5 for hour in range(6, 20))  # as seeded: 44
     assert browser.find_element(By.ID, "paid-records").text == str(rides)
