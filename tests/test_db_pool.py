@@ -1,0 +1,44 @@
+"""The connection pool: a connection the database dropped while it sat idle is replaced
+before anyone uses it; one used within the second is not pinged (a round trip saved on
+every transaction), and the pool is renewed after its one failure."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from tests.wallet_fixtures import Wallet
+from wallet_service import db
+
+
+def _backend(wallet: Wallet) -> int:
+    return wallet.database.run(lambda session: session.scalar(text("SELECT pg_backend_pid()")))
+
+
+def _dropped_by_the_database(wallet: Wallet, pid: int) -> None:
+    """As a restart or an idle timeout would drop it (another connection ends it)."""
+    admin = create_engine(wallet.database.engine.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        assert connection.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    admin.dispose()
+
+
+def test_a_connection_dropped_while_idle_is_replaced_unseen(
+    pg_wallet: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "pool_ping_after_idle_s", 0.0)  # (idle a while: any time)
+    first = _backend(pg_wallet)
+    _dropped_by_the_database(pg_wallet, first)
+    assert _backend(pg_wallet) != first  # pinged at checkout, replaced: no error
+
+
+def test_a_connection_dropped_within_the_second_fails_once_then_the_pool_is_renewed(
+    pg_wallet: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "pool_ping_after_idle_s", 3600.0)  # (never idle long enough)
+    first = _backend(pg_wallet)
+    _dropped_by_the_database(pg_wallet, first)
+    with pytest.raises(OperationalError):
+        _backend(pg_wallet)
+    assert _backend(pg_wallet) != first
