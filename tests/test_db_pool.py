@@ -42,3 +42,16 @@ def test_a_connection_dropped_within_the_second_fails_once_then_the_pool_is_rene
     with pytest.raises(OperationalError):
         _backend(pg_wallet)
     assert _backend(pg_wallet) != first
+
+
+def test_the_service_answers_503_with_retry_after_when_the_database_is_gone(
+    pg_wallet: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing was committed: the client asks again (the bank's webhooks do)."""
+    monkeypatch.setattr(db, "pool_ping_after_idle_s", 3600.0)
+    _dropped_by_the_database(pg_wallet, _backend(pg_wallet))
+    admin = {"Authorization": f"Bearer {pg_wallet.admin_token}"}
+    answer = pg_wallet.client().get("/api/v1/ledger", headers=admin)
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (503, "unavailable")
+    assert answer.headers["Retry-After"] == "1"
+    assert pg_wallet.call("GET", "/api/v1/ledger")[0] == 200  # the pool renewed

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from wallet_service.auth import Principal, authenticate
@@ -168,6 +168,9 @@ def _errors(error: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
+database_retry_after_s = 1
+
+
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def domain_error(error: DomainError) -> Response:
@@ -176,6 +179,19 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(IntegrityError)
     def integrity_error(error: IntegrityError) -> Response:
         return _json({"error": {"code": "conflict", "message": "conflicts with stored data"}}, 409)
+
+    @app.errorhandler(OperationalError)
+    def database_unavailable(error: OperationalError) -> Response:
+        # The database gone (a restart: the pool is renewed for the next request), a
+        # conflict that outlived its retries, a statement timeout: nothing was committed,
+        # and asking again shortly is the answer.
+        log.warning("database unavailable: %s", error.orig)
+        answer = _json(
+            {"error": {"code": "unavailable", "message": "the database is unavailable: try again"}},
+            503,
+        )
+        answer.headers["Retry-After"] = str(database_retry_after_s)
+        return answer
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
