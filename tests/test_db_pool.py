@@ -20,7 +20,8 @@ def _dropped_by_the_database(wallet: Wallet, pid: int) -> None:
     """As a restart or an idle timeout would drop it (another connection ends it)."""
     admin = create_engine(wallet.database.engine.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        assert connection.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        # (waits up to 5 s for it to end, not only to be told)
+        assert connection.scalar(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
     admin.dispose()
 
 
@@ -29,13 +30,34 @@ def test_a_connection_dropped_while_idle_is_replaced_unseen(
 ) -> None:
     monkeypatch.setattr(db, "pool_ping_after_idle_s", 0.0)  # (idle a while: any time)
     first = _backend(pg_wallet)
+    assert _backend(pg_wallet) == first  # pinged, alive: kept
     _dropped_by_the_database(pg_wallet, first)
     assert _backend(pg_wallet) != first  # pinged at checkout, replaced: no error
+
+
+def test_a_pinged_connection_is_back_in_its_transaction_mode(
+    pg_wallet: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(The ping runs in autocommit; left so, a failed transaction would keep its writes.)"""
+    monkeypatch.setattr(db, "pool_ping_after_idle_s", 0.0)
+    _backend(pg_wallet)
+
+    def written_then_failed(session) -> None:  # type: ignore[no-untyped-def]
+        session.execute(
+            text("INSERT INTO operators (code, name, fee_rate_bp) VALUES ('X', 'x', 0)")
+        )
+        raise RuntimeError("fails after writing")
+
+    with pytest.raises(RuntimeError):
+        pg_wallet.database.run(written_then_failed)
+    count = "SELECT count(*) FROM operators WHERE code = 'X'"
+    assert pg_wallet.database.run(lambda session: session.scalar(text(count))) == 0
 
 
 def test_a_connection_dropped_within_the_second_fails_once_then_the_pool_is_renewed(
     pg_wallet: Wallet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What the saved round trip costs (SQLAlchemy's own disconnect handling, here)."""
     monkeypatch.setattr(db, "pool_ping_after_idle_s", 3600.0)  # (never idle long enough)
     first = _backend(pg_wallet)
     _dropped_by_the_database(pg_wallet, first)
@@ -55,3 +77,31 @@ def test_the_service_answers_503_with_retry_after_when_the_database_is_gone(
     assert (answer.status_code, answer.get_json()["error"]["code"]) == (503, "unavailable")
     assert answer.headers["Retry-After"] == "1"
     assert pg_wallet.call("GET", "/api/v1/ledger")[0] == 200  # the pool renewed
+
+
+class _Orig(Exception):
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("message", "sqlstate", "busy_or_gone"),
+    [
+        ("server closed the connection unexpectedly", "08006", True),
+        ("terminating connection due to administrator command", "57P01", True),
+        ("could not serialize access", "40001", True),
+        ("canceling statement due to statement timeout", "57014", True),
+        ("database is locked", None, True),  # (SQLite)
+        ("password authentication failed", "28P01", False),
+        ("index row size exceeds maximum", "54000", False),
+        ("no such table: operators", None, False),  # (SQLite)
+    ],
+)
+def test_only_a_database_busy_or_gone_is_a_503(
+    message: str, sqlstate: str | None, busy_or_gone: bool
+) -> None:
+    from wallet_service.api.framework import database_busy_or_gone
+
+    error = OperationalError("SELECT 1", {}, _Orig(message, sqlstate))
+    assert database_busy_or_gone(error) is busy_or_gone

@@ -12,7 +12,12 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy import Engine, Table, Update, bindparam, create_engine, event, inspect, update
-from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    DisconnectionError,
+    IntegrityError,
+    InvalidatePoolError,
+    OperationalError,
+)
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
@@ -183,7 +188,10 @@ def _ping_connections_idle_a_while(engine: Engine) -> None:
         try:
             engine.dialect.do_ping(dbapi_connection)
         except engine.dialect.loaded_dbapi.Error as error:
-            raise DisconnectionError(f"a pooled connection was dropped: {error}") from error
+            if engine.dialect.is_disconnect(error, dbapi_connection, None):
+                # (the database went: its other pooled connections too, as pool_pre_ping)
+                raise InvalidatePoolError(f"the database dropped a connection: {error}") from error
+            raise DisconnectionError(f"a pooled connection failed its ping: {error}") from error
 
 
 class Database:

@@ -169,6 +169,23 @@ def _errors(error: ValidationError) -> list[dict[str, Any]]:
 
 
 database_retry_after_s = 1
+# SQLSTATEs that asking again shortly may cure (PostgreSQL, appendix A): the connection
+# (class 08), the server shutting down or restarting (57P01–57P03), a serialization failure
+# or deadlock that outlived the retries, a statement timeout, too many connections, a lock
+# not available.
+TRANSIENT_SQLSTATES = ("40001", "40P01", "57014", "57P01", "57P02", "57P03", "53300", "55P03")
+
+
+def database_busy_or_gone(error: OperationalError) -> bool:
+    """The database unreachable or too busy for now (a 503), not a request it can never
+    run. A connection lost during COMMIT may have committed: the Idempotency-Key (and the
+    bank's webhook-id) make asking again safe where money moves."""
+    if error.connection_invalidated:
+        return True
+    state = getattr(error.orig, "sqlstate", None) or ""
+    if state.startswith("08") or state in TRANSIENT_SQLSTATES:
+        return True
+    return "database is locked" in str(error.orig)  # (SQLite: a writer held it too long)
 
 
 def install_error_handlers(app: Flask) -> None:
@@ -182,14 +199,11 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(OperationalError)
     def database_unavailable(error: OperationalError) -> Response:
-        # The database gone (a restart: the pool is renewed for the next request), a
-        # conflict that outlived its retries, a statement timeout: nothing was committed,
-        # and asking again shortly is the answer.
+        if not database_busy_or_gone(error):  # a bug, a limit: asking again will not help
+            return unexpected(error)
         log.warning("database unavailable: %s", error.orig)
-        answer = _json(
-            {"error": {"code": "unavailable", "message": "the database is unavailable: try again"}},
-            503,
-        )
+        message = "the database is unavailable: try again (with the same Idempotency-Key)"
+        answer = _json({"error": {"code": "unavailable", "message": message}}, 503)
         answer.headers["Retry-After"] = str(database_retry_after_s)
         return answer
 
