@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from wallet_service.migrate import upgrade
 
@@ -93,25 +93,34 @@ def test_0007_keeps_what_paid_orders_were_paid(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_0007_down_and_up_again_loses_no_refund_due(tmp_path: Path) -> None:
-    """Down to 0006, a payment for an unknown order still to be refunded goes back to the
-    callbacks' batch (where 0006 refunds it, same key); up again, the schema is whole."""
-    from alembic import command
-
-    from wallet_service.migrate import alembic_config
-
+def _at_head_with(tmp_path: Path, insert: str) -> tuple[str, Engine]:
+    """A database at the latest revision, holding what ``insert`` writes."""
     url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
     upgrade(url)
     engine = create_engine(url)
     with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO bank_webhook_events (id, event_type, payload, received_at, "
-                "processed_at, refund_due_at) VALUES ('msg_1', 'payment.succeeded', '{}', "
-                "'2026-11-30', '2026-11-30', '2026-11-30')"
-            )
-        )
-    command.downgrade(alembic_config(url), "0006")
+        connection.execute(text(insert))
+    return url, engine
+
+
+def _downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    from wallet_service.migrate import alembic_config
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def test_0007_down_and_up_again_loses_no_refund_due(tmp_path: Path) -> None:
+    """Down to 0006, a payment for an unknown order still to be refunded goes back to the
+    callbacks' batch (where 0006 refunds it, same key); up again, the schema is whole."""
+    url, engine = _at_head_with(
+        tmp_path,
+        "INSERT INTO bank_webhook_events (id, event_type, payload, received_at, "
+        "processed_at, refund_due_at) VALUES ('msg_1', 'payment.succeeded', '{}', "
+        "'2026-11-30', '2026-11-30', '2026-11-30')",
+    )
+    _downgrade(url, "0006")
     with engine.connect() as connection:
         assert (
             connection.execute(text("SELECT processed_at FROM bank_webhook_events")).scalar_one()
@@ -134,22 +143,14 @@ def test_0008_will_not_go_down_while_a_pos_is_retired(tmp_path: Path) -> None:
     """Retirement is for good: a device brought back could upload fares paid with a load
     since refunded (settled unproven without waiting for it)."""
     import pytest
-    from alembic import command
 
-    from wallet_service.migrate import alembic_config
-
-    url = f"sqlite:///{tmp_path / 'wallet.sqlite'}"
-    upgrade(url)
-    engine = create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO pos_devices (operator_id, vehicle_id, terminal_id, "
-                "psam_key_version, retired_at) VALUES (1, 1, '000012000009', 1, '2026-12-01')"
-            )
-        )
+    url, engine = _at_head_with(
+        tmp_path,
+        "INSERT INTO pos_devices (operator_id, vehicle_id, terminal_id, psam_key_version, "
+        "retired_at) VALUES (1, 1, '000012000009', 1, '2026-12-01')",
+    )
     with pytest.raises(RuntimeError, match="000012000009"):
-        command.downgrade(alembic_config(url), "0007")
+        _downgrade(url, "0007")
     with engine.connect() as connection:
         assert connection.execute(text("SELECT retired_at FROM pos_devices")).scalar_one()
     engine.dispose()
