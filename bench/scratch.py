@@ -38,7 +38,16 @@ def scratch_database(prefix: str) -> Iterator[ScratchDatabase]:
         admin.dispose()
 
 
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free now, never one handed out before in this run (the system may give a
+    port just closed again: two servers of one benchmark on one port)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select, text
 
+from bench.scratch import free_port
 from tests.helpers import Clock, wait_until_up
 from wallet_service import create_app
 from wallet_service.auth import create_token
@@ -231,10 +231,9 @@ ROOT = Path(__file__).resolve().parent.parent
 startup_timeout_s = 30
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# A port free now, never one handed out before in this run (the system may give a port
+# just closed again: seen, a test's SMS centre and bank given the same one).
+_free_port = free_port
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
