@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, create_engine, text
 
+from reader_sim.vpcd import VPCD_PORT_BASE
+
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -39,6 +41,7 @@ def scratch_database(prefix: str) -> Iterator[ScratchDatabase]:
 
 
 _ports_handed_out: set[int] = set()
+VPCD_PORTS = (VPCD_PORT_BASE, VPCD_PORT_BASE + 1)  # (a server there keeps vpcd away)
 
 
 def free_port() -> int:
@@ -48,6 +51,6 @@ def free_port() -> int:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if port not in _ports_handed_out:
+        if port not in _ports_handed_out and port not in VPCD_PORTS:
             _ports_handed_out.add(port)
             return port

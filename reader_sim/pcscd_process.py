@@ -38,6 +38,27 @@ def vpcd_listening(slot: int = 0) -> bool:
     return False
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def vpcd_port_users(slot: int = 0) -> str:
+    """What holds vpcd's port besides vpcd (for a refusal's message): sockets by state."""
+    port = f"{VPCD_PORT_BASE + slot:04X}"
+    states: list[str] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        states += [
+            _TCP_STATES.get(fields[3], fields[3])
+            for fields in (line.split() for line in lines)
+            if fields[1].endswith(f":{port}")
+        ]
+    held = ", ".join(f"{state} x{states.count(state)}" for state in sorted(set(states)))
+    return f"sockets on port {VPCD_PORT_BASE + slot}: {held or 'none'}"
+
+
 def pcscd_running() -> bool:
     return subprocess.run(["pgrep", "-x", "pcscd"], capture_output=True).returncode == 0
 
@@ -72,10 +93,12 @@ class PcscDaemon:
         deadline = time.monotonic() + ready_timeout_s
         while not (vpcd_listening() and PCSCD_SOCKET.exists()):
             if self.process is not None and self.process.poll() is not None:
-                raise PcscUnavailable(f"pcscd exited with {self.process.returncode}")
+                raise PcscUnavailable(
+                    f"pcscd exited with {self.process.returncode} ({vpcd_port_users()})"
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise PcscUnavailable("vpcd did not start listening")
+                raise PcscUnavailable(f"vpcd did not start listening ({vpcd_port_users()})")
             time.sleep(0.02)
 
     def stop(self) -> None:

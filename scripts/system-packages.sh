@@ -10,6 +10,21 @@ packages=(
   chromium chromium-driver               # the web platform's end-to-end test
   fonts-noto-cjk                         # Chinese pages render as text in screenshots
 )
+# vpcd listens on 35963 and 35964 (slots 0 and 1), inside Linux's ephemeral port range: a
+# connection given one of them as its own port keeps vpcd from listening there, and the
+# PC/SC tests cannot run. Reserved, no connection is given them.
+vpcd_ports=35963-35964
+reserved=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ -r "$reserved" ] && ! grep -q "$vpcd_ports" "$reserved"; then
+  if [ "$(id -u)" -eq 0 ] && [ -w "$reserved" ]; then
+    current=$(cat "$reserved")
+    echo "${current:+$current,}$vpcd_ports" > "$reserved"
+  else
+    echo "Recommended (keeps connections off vpcd's ports):" >&2
+    echo "  sudo sysctl -w net.ipv4.ip_local_reserved_ports=$vpcd_ports" >&2
+  fi
+fi
+
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
