@@ -24,18 +24,22 @@ class PcscUnavailable(Exception):
     """pcscd or the vpcd driver is not installed."""
 
 
-def vpcd_listening(slot: int = 0) -> bool:
-    port = f"{VPCD_PORT_BASE + slot:04X}"
+def _socket_states(port: int) -> list[str]:
+    """The kernel's TCP state codes of the sockets on local ``port`` (/proc/net/tcp)."""
+    states = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        for line in lines:
-            fields = line.split()
-            if fields[1].endswith(f":{port}") and fields[3] == _TCP_LISTEN:
-                return True
-    return False
+        for fields in (line.split() for line in lines):
+            if fields[1].endswith(f":{port:04X}"):
+                states.append(fields[3])
+    return states
+
+
+def vpcd_listening(slot: int = 0) -> bool:
+    return _TCP_LISTEN in _socket_states(VPCD_PORT_BASE + slot)
 
 
 _TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
@@ -43,18 +47,7 @@ _TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A":
 
 def vpcd_port_users(slot: int = 0) -> str:
     """What holds vpcd's port besides vpcd (for a refusal's message): sockets by state."""
-    port = f"{VPCD_PORT_BASE + slot:04X}"
-    states: list[str] = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        states += [
-            _TCP_STATES.get(fields[3], fields[3])
-            for fields in (line.split() for line in lines)
-            if fields[1].endswith(f":{port}")
-        ]
+    states = [_TCP_STATES.get(code, code) for code in _socket_states(VPCD_PORT_BASE + slot)]
     held = ", ".join(f"{state} x{states.count(state)}" for state in sorted(set(states)))
     return f"sockets on port {VPCD_PORT_BASE + slot}: {held or 'none'}"
 

@@ -238,7 +238,7 @@ def _route(centre: SmsCentre, environ: dict) -> tuple[str, dict[str, Any]]:
     if parts[0] == "inbox" and len(parts) == 3 and parts[2] == "next":
         _allow(method, "POST")
         data = _json_body(environ)
-        ids = _ids(data, "ack")
+        ids = _ids(data, "ack", absent=[])
         wait_ms, lease_ms = (_int(data, name) for name in ("wait_ms", "lease_ms"))
         acknowledged = centre.acknowledge(parts[1], ids)  # (all checked: refused, nothing)
         answer = _delivered(centre.collect(parts[1], wait_ms, lease_ms))
@@ -280,8 +280,9 @@ def _body(environ: dict) -> bytes:
     return environ["wsgi.input"].read(int(declared))
 
 
-def _ids(data: Any, key: str = "ids") -> list[int]:
-    ids = data.get(key, [] if key == "ack" else None) if isinstance(data, dict) else None
+def _ids(data: Any, key: str = "ids", absent: list[int] | None = None) -> list[int]:
+    """``data[key]``, a list of integers (``absent`` when the key is, if given)."""
+    ids = data.get(key, absent) if isinstance(data, dict) else None
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
         raise SmsRefused(f'send {{"{key}": [integers]}}')
     return ids

@@ -251,22 +251,12 @@ def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
 
 
 def _wsgi(app, method: str, path: str, body: bytes = b"", **environ: object):  # type: ignore[no-untyped-def]
-    """(status, headers, body) of one request straight to the WSGI app."""
-    import io
+    """(status, headers, body) of one request straight to the WSGI app (werkzeug's test
+    client; ``environ`` as a server would set it, over what the client sets)."""
+    from werkzeug.test import Client
 
-    answer: list = []
-    chunks = app(
-        {
-            "REQUEST_METHOD": method,
-            "PATH_INFO": path,
-            "QUERY_STRING": "",
-            "CONTENT_LENGTH": str(len(body)),
-            "wsgi.input": io.BytesIO(body),
-            **environ,
-        },
-        lambda status, headers: answer.extend([status, dict(headers)]),
-    )
-    return answer[0], answer[1], b"".join(chunks)
+    answer = Client(app).open(path, method=method, data=body, environ_overrides=environ)
+    return answer.status, answer.headers, answer.get_data()
 
 
 def test_the_sms_centres_http_edge_reads_bodies_as_a_server_hands_them_over() -> None:
