@@ -12,6 +12,8 @@
   ota_worker_*: the OTA worker alone, in one process (``bench.ota_worker``), its CPU,
   statements and — under valgrind — instructions per top-up, which the machine's speed
   does not move.
+- http_client_*: the client CPU of one SMS centre request, the platform's keep-alive client
+  against urllib3's (``bench.http_client``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def main() -> None:
         flush=True,
     )
     print("\n".join(cpu_lines(figures)), flush=True)
+
+    from bench.http_client import http_client_lines
+
+    print("\n".join(http_client_lines()), flush=True)
 
     from bench.ota_worker import (
         CallgrindMissing,

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from datetime import date
 from typing import Any
 
-import requests
 from flask import Flask, Response, jsonify, request
 
 from reader_sim.bank import Bank, BankRefused, deliver_due
+from wallet_service.http_client import KeepAliveClient, origin_and_target
 
 sender_interval_s = 0.2
 delivery_timeout_s = 5.0
@@ -100,19 +100,25 @@ class WebhookSender:
         self.bank, self.secret = bank, secret
         self.stop, self.woken = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
-        self._http = requests.Session()  # the sender thread's only: connections kept alive
+        self._clients: dict[str, KeepAliveClient] = {}  # origin → its kept-alive connections
 
     def wake(self) -> None:
         self.woken.set()
 
     def _post(self, url: str, payload: str, headers: dict[str, str]) -> int | None:
+        """The callback's HTTP status; None when it could not be delivered (a merchant URL
+        that is not http(s) too: retried, as an unreachable one, until the merchant's URL
+        is right)."""
+        origin, target = origin_and_target(url)
         try:
-            answer = self._http.post(
-                url, data=payload.encode(), headers=headers, timeout=delivery_timeout_s
+            if origin not in self._clients:
+                self._clients[origin] = KeepAliveClient(origin)
+            answer = self._clients[origin].request(
+                "POST", target, body=payload.encode(), headers=headers, timeout_s=delivery_timeout_s
             )
-        except requests.RequestException:
+        except (OSError, ValueError):
             return None
-        return answer.status_code
+        return answer.status
 
     def _run(self) -> None:
         while not self.stop.is_set():

@@ -134,7 +134,11 @@ def phone(
     scripted = bool(selections or answers or follow is not None)
     screen = PrintingScreen(list(answers)) if scripted else TerminalScreen()
     pay = BankApp(bank_url, bank_card) if bank_card else None
-    handset = Phone(sim, number, HttpGateway(smsc_url, number), screen, pay)
+    try:
+        line = HttpGateway(smsc_url, number)
+    except ValueError as error:  # not an http(s) URL, not a phone number
+        raise BadInput(str(error)) from None
+    handset = Phone(sim, number, line, screen, pay)
     try:
         handset.power_on()
         if scripted:

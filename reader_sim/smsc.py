@@ -41,13 +41,17 @@ wait_slice_s_max = 1.0  # re-read the clock at least this often (tests move fake
 _MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
 
 
+def is_msisdn(address: str) -> bool:
+    return _MSISDN.match(address) is not None
+
+
 class SmsRefused(ValueError):
     pass
 
 
 def _check(sender: str, recipient: str, user_data: bytes, udh: bytes) -> None:
     for address in (sender, recipient):
-        if not _MSISDN.match(address):
+        if not is_msisdn(address):
             raise SmsRefused(f"not an MSISDN: {address!r}")
     if len(udh) + len(user_data) > user_data_bytes_max:
         raise SmsRefused(f"more than {user_data_bytes_max} bytes of user data")

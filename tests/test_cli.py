@@ -260,3 +260,32 @@ def test_an_operators_setup_mistake_is_one_line_and_exit_1(
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: {says}") and result.stderr.count("\n") == 1
     assert "secret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "refusal"),
+    [
+        ("--smsc", "127.0.0.1:8070", "not an http(s) origin"),
+        ("--smsc", "ftp://127.0.0.1", "not an http(s) origin"),
+        ("--short-code", "1065 8888", "not an MSISDN"),
+    ],
+)
+def test_a_worker_given_no_sms_centre_url_or_no_short_code_says_so_and_stops(
+    tmp_path: Path, option: str, value: str, refusal: str
+) -> None:
+    """(Else every pass would fail the same way, logged, for ever.)"""
+    import os
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "worker", option, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+            "WALLET_INSTANCE_DIR": str(tmp_path),
+        },
+    )
+    assert result.returncode == 2
+    assert refusal in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "wallet.sqlite").exists()  # refused before the database

@@ -125,3 +125,17 @@ def test_select_7_prints_the_language_sub_menu(tmp_path: Path) -> None:
         timeout=60,
     )  # fmt: skip
     assert "2. English\nchoice? 2\n[Language: English]" in chosen.stdout
+
+
+def test_a_phone_given_no_sms_centre_url_says_so_in_one_line(tmp_path: Path) -> None:
+    image = tmp_path / "phone.json"
+    personalize(bytes.fromhex("20260000000000009001")).save(image)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "phone", str(image), "--smsc", "127.0.0.1:8070",
+         "--select", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not an http(s) origin" in result.stderr

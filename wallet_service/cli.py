@@ -197,9 +197,13 @@ def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
     from wallet_service.sms_gateway import GatewayError, HttpGateway
     from wallet_service.worker import HttpBankClient, run_forever, run_once
 
+    try:
+        gateway = HttpGateway(smsc_url, short_code)
+    except ValueError as error:  # not an http(s) URL, not an MSISDN
+        raise click.UsageError(str(error)) from None
     _upgrade()
     app = create_app()
-    gateway, bank = HttpGateway(smsc_url, short_code), HttpBankClient(bank_url)
+    bank = HttpBankClient(bank_url)
     if once:
         import requests
 
