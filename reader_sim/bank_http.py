@@ -15,6 +15,7 @@ from wallet_service.http_client import KeepAliveClient, origin_and_target
 
 sender_interval_s = 0.2
 delivery_timeout_s = 5.0
+merchant_origins_kept_max = 64  # connections kept alive to this many callback origins
 log = logging.getLogger(__name__)
 
 
@@ -107,11 +108,13 @@ class WebhookSender:
 
     def _post(self, url: str, payload: str, headers: dict[str, str]) -> int | None:
         """The callback's HTTP status; None when it could not be delivered (a merchant URL
-        that is not http(s) too: retried, as an unreachable one, until the merchant's URL
-        is right)."""
-        origin, target = origin_and_target(url)
+        that is not http(s) too: retried, as an unreachable one, until its attempts run
+        out). Redirects are not followed: a 3xx is an answer that is not a 2xx."""
         try:
+            origin, target = origin_and_target(url)  # (ValueError: a broken IPv6 literal)
             if origin not in self._clients:
+                if len(self._clients) >= merchant_origins_kept_max:
+                    self._forget_clients()
                 self._clients[origin] = KeepAliveClient(origin)
             answer = self._clients[origin].request(
                 "POST", target, body=payload.encode(), headers=headers, timeout_s=delivery_timeout_s
@@ -119,6 +122,11 @@ class WebhookSender:
         except (OSError, ValueError):
             return None
         return answer.status
+
+    def _forget_clients(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
     def _run(self) -> None:
         while not self.stop.is_set():

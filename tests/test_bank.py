@@ -266,3 +266,40 @@ def test_a_stored_callback_wakes_the_workers_on_postgresql(pg_wallet: Wallet, ba
         woke = list(listener.notifies(timeout=2.0, stop_after=1))
         assert [n.channel for n in woke] == [WORK_CHANNEL]
         assert list(listener.notifies(timeout=0.2)) == []
+
+
+def test_a_merchant_url_the_sender_cannot_read_holds_up_no_other_callback(bank: Bank) -> None:
+    """(A URL that failed before its request — a broken IPv6 literal — once escaped the
+    sender's pass: that webhook stayed first in line, and no later one ever left.)"""
+    import http.server
+    import threading
+
+    from reader_sim.bank_http import WebhookSender
+
+    got: list[str] = []
+
+    class Platform(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # (http.server names it so)
+            got.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Platform)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bank.add_merchant("BROKEN", "http://[::1/callbacks")
+        bank.add_merchant("GOOD", f"http://127.0.0.1:{server.server_address[1]}/callbacks")
+        bank.open_card("6222020000000002", "Han Meimei", 10_000)
+        bank.pay("BROKEN", "order-1", 100, CARD)
+        bank.pay("GOOD", "order-2", 100, "6222020000000002")
+        sender = WebhookSender(bank, new_webhook_secret())
+        assert deliver_due(bank, sender.secret, sender._post) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [json.loads(body)["data"]["order_id"] for body in got] == ["order-2"]

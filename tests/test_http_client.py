@@ -198,6 +198,10 @@ def test_answers_without_length_chunked_and_closing_are_read_whole() -> None:
         server.read(connection)
         connection.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
 
+    def coded_to_the_close(connection: socket.socket) -> None:
+        server.read(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nas sent")
+
     def chunked(connection: socket.socket) -> None:
         server.read(connection)
         connection.sendall(
@@ -207,14 +211,69 @@ def test_answers_without_length_chunked_and_closing_are_read_whole() -> None:
         server.read(connection)  # kept alive: the next request comes on it
         connection.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
 
-    server = _Scripted(to_the_close, chunked)
+    server = _Scripted(to_the_close, coded_to_the_close, chunked)
     client = KeepAliveClient(server.origin)
     assert client.request("POST", "/", timeout_s=5).body == b"all of it"
+    assert client.request("POST", "/", timeout_s=5).body == b"as sent"  # (not decoded)
     answer = client.request("POST", "/", timeout_s=5)
     assert (answer.status, answer.body, answer.headers["retry-after"]) == (201, b"first, then", "3")
     assert client.request("POST", "/", timeout_s=5).status == 204
     server.close()
     client.close()
+
+
+def test_an_interim_answer_is_passed_over_for_the_answer_that_follows() -> None:
+    """(Taken for the answer, 100 Continue or 103 Early Hints would leave the real answer
+    on the connection, for the next request to read as its own.)"""
+
+    def interim_then_answer(connection: socket.socket) -> None:
+        server.read(connection)
+        connection.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        time.sleep(0.1)  # (its own segment: the client has read it before the answer comes)
+        connection.sendall(OK)
+        server.read(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+
+    server = _Scripted(interim_then_answer)
+    client = KeepAliveClient(server.origin)
+    answer = client.request("POST", "/", timeout_s=5)
+    assert (answer.status, answer.body, "link" in answer.headers) == (200, b'{"id":1}', False)
+    assert client.request("POST", "/", timeout_s=5).body == b"second"
+    server.close()
+    client.close()
+
+
+def test_bytes_after_the_answer_leave_the_answer_whole_and_the_connection_unused() -> None:
+    def answer_and_more(connection: socket.socket) -> None:
+        server.read(connection)
+        connection.sendall(OK + b"HTTP/1.1 500 Stray\r\nContent-Length: 2\r\n\r\nab")
+        if server.read(connection):  # the connection used again: wrongly
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong")
+
+    def answer(connection: socket.socket) -> None:
+        server.read(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+
+    server = _Scripted(answer_and_more, answer)
+    client = KeepAliveClient(server.origin)
+    first = client.request("POST", "/", timeout_s=5)
+    assert (first.status, first.body) == (200, b'{"id":1}')
+    assert client.request("POST", "/", timeout_s=5).body == b"second"  # on a new connection
+    server.close()
+    client.close()
+
+
+def test_an_answer_switching_protocols_is_an_os_error() -> None:
+    def upgrade(connection: socket.socket) -> None:
+        server.read(connection)
+        connection.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+        )
+
+    server = _Scripted(upgrade)
+    with pytest.raises(HttpClientError, match="switched protocols"):
+        KeepAliveClient(server.origin).request("POST", "/", timeout_s=5)
+    server.close()
 
 
 def test_garbage_and_oversized_answers_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,6 +314,9 @@ def test_a_refused_connection_is_an_os_error() -> None:
         ("POST", "/", {"X-Value": "1\r\nX-Injected: 1"}),
         ("POST", "/", {"X-Na:me": "1"}),
         ("POST", "/", {"X-Név": "1"}),
+        ("POST", "/", {"X-Name": "név"}),
+        ("POST", "/név", {}),
+        ("PÖST", "/", {}),
     ],
 )
 def test_what_would_make_another_request_or_header_is_refused_unsent(
@@ -266,8 +328,12 @@ def test_what_would_make_another_request_or_header_is_refused_unsent(
 
 
 @pytest.mark.parametrize(
-    "origin", ["127.0.0.1:8070", "ftp://host", "http://", "http://h/x", "http://u:p@h"]
-)
+    "origin",
+    [
+        "127.0.0.1:8070", "ftp://host", "http://", "http://h/x", "http://u:p@h", "http://:pw@h",
+        "http://[::1", "http://h:port", "http://h:99999",
+    ],
+)  # fmt: skip
 def test_an_origin_is_scheme_host_and_port_only(origin: str) -> None:
     with pytest.raises(ValueError):
         KeepAliveClient(origin)
@@ -276,6 +342,14 @@ def test_an_origin_is_scheme_host_and_port_only(origin: str) -> None:
 def test_origin_and_target_split_a_url() -> None:
     assert origin_and_target("http://h:1/a/b?c=d") == ("http://h:1", "/a/b?c=d")
     assert origin_and_target("https://h") == ("https://h", "/")
+
+
+def test_the_host_field_names_the_host_as_a_server_reads_it() -> None:
+    assert KeepAliveClient("http://bücher.example:8080")._host_header == (
+        "xn--bcher-kva.example:8080"
+    )
+    assert KeepAliveClient("http://[::1]:8080")._host_header == "[::1]:8080"
+    assert KeepAliveClient("https://Example.com")._host_header == "example.com"
 
 
 def test_a_client_dropped_closes_its_connections(echo) -> None:  # type: ignore[no-untyped-def]

@@ -327,3 +327,11 @@ def test_the_in_process_gateway_submits_a_big_batch_in_chunks_the_centre_takes()
         [(PHONE, bytes([n % 256]), b"") for n in range(submit_batch_max * 2 + 1)]
     )
     assert len(centre.collect(PHONE)) == submit_batch_max * 2 + 1
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:8070/sms centre", "http://127.0.0.1:8070/短信", "http://h/?a=1"]
+)
+def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: str) -> None:
+    with pytest.raises(ValueError):
+        HttpGateway(base_url, PLATFORM)

@@ -59,6 +59,19 @@ class Answer:
         return self.body.decode("utf-8", "replace")
 
 
+def check_target(target: str) -> None:
+    """ValueError unless ``target`` is a request target this client sends as it is: a path
+    (and query) in ASCII, with no space or control character (RFC 9112 §3.2)."""
+    if not target.startswith("/") or not target.isascii() or _TARGET_FORBIDDEN.search(target):
+        raise ValueError(f"not a request target (a path in ASCII, no spaces): {target!r}")
+
+
+def _host_field(hostname: str, port: int | None) -> str:
+    """The Host header (RFC 9110 §7.2): an IPv6 literal in brackets, a name in IDNA."""
+    host = f"[{hostname}]" if ":" in hostname else hostname.encode("idna").decode("ascii")
+    return host if port is None else f"{host}:{port}"
+
+
 def origin_and_target(url: str) -> tuple[str, str]:
     """``http://host:port/path?query`` → (``http://host:port``, ``/path?query``)."""
     parts = urlsplit(url)
@@ -72,15 +85,17 @@ class KeepAliveClient:
     gives it back once the answer is read in full."""
 
     def __init__(self, origin: str, ssl_context: ssl.SSLContext | None = None) -> None:
-        parts = urlsplit(origin)
+        """ValueError: not an http(s) origin (a URL's scheme, host and port only)."""
+        parts = urlsplit(origin)  # (ValueError itself for a broken IPv6 literal)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {origin!r}")
-        if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+        if parts.path.strip("/") or parts.query or parts.fragment or "@" in parts.netloc:
             raise ValueError(f"an origin has no path, query or user: {origin!r}")
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._host_header = parts.netloc
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)  # (ValueError)
+        self._host_header = _host_field(parts.hostname, parts.port)
+        self._closed = False
         self._tls = None
         if parts.scheme == "https":
             self._tls = ssl_context or ssl.create_default_context()
@@ -131,22 +146,25 @@ class KeepAliveClient:
         return answer
 
     def close(self) -> None:
-        """Close the idle connections (one in use closes as its request ends)."""
+        """Close the idle connections; one in use closes as its request ends. (The client
+        still works: a later request opens a connection, and closes it after.)"""
         with self._lock:
+            self._closed = True
             _close_all(self._idle)
 
     def _head(self, method: str, target: str, fields: dict[str, str], length: int) -> bytes:
         # (HEAD is not asked: its answer's length describes a body that never comes)
-        if not method.isalpha() or method == "HEAD" or not target.startswith("/"):
-            raise ValueError(f"not a request this client sends: {method!r} {target!r}")
-        if _TARGET_FORBIDDEN.search(target):
-            raise ValueError(f"not a request target: {target!r}")
+        if not method.isalpha() or not method.isascii() or method == "HEAD":
+            raise ValueError(f"not a request method this client sends: {method!r}")
+        check_target(target)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}"]
         if length or method not in ("GET", "DELETE"):
             lines.append(f"Content-Length: {length}")
         for name, value in fields.items():
             if not name.isascii() or _FIELD_FORBIDDEN.search(name + value) or ":" in name:
                 raise ValueError(f"not a header field: {name!r}")
+            if not value.isascii():  # (RFC 9110 §5.5: obsolete; servers read it apart)
+                raise ValueError(f"not a header field value in ASCII: {name!r}")
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -158,7 +176,7 @@ class KeepAliveClient:
 
     def _give_back(self, connection: socket.socket) -> None:
         with self._lock:
-            if len(self._idle) < idle_connections_max:
+            if not self._closed and len(self._idle) < idle_connections_max:
                 self._idle.append(connection)
                 return
         connection.close()
@@ -168,8 +186,11 @@ class KeepAliveClient:
             connection = socket.create_connection((self.host, self.port), timeout=timeout_s)
         except OSError as error:
             raise HttpClientError(f"{self.origin}: cannot connect: {error}") from None
-        # (the request goes out in one send; without this, an answer waits for a delayed ACK)
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:  # (a request goes out in one send: nothing for Nagle's algorithm to hold back)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as error:
+            connection.close()
+            raise HttpClientError(f"{self.origin}: {error}") from None
         if self._tls is None:
             return connection
         try:
@@ -189,16 +210,28 @@ class _Parsed:
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.keep_alive = False  # (read as the headers end: llhttp forgets it by the end)
+        self.status = 0
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
         self.size = 0
-        self.headers_done = self.complete = self.too_large = False
+        self.headers_done = self.interim = self.complete = self.too_large = False
+        self.more_after_it = False  # bytes after the answer: the connection is not kept
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second message where none was asked for
+            self.more_after_it = True
+            raise ValueError("bytes after the answer")  # (httptools stops there)
+        self.headers, self.headers_done = {}, False  # (after an interim answer)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        self.status = self.parser.get_status_code()
+        # 1xx but 101 (RFC 9110 §15.2): interim — 100 Continue, 103 Early Hints — the
+        # answer follows it
+        self.interim = 100 <= self.status < 200 and self.status != 101
         self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, chunk: bytes) -> None:
@@ -209,15 +242,15 @@ class _Parsed:
         self.chunks.append(chunk)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        self.complete = not self.interim
 
     def ends_at_close(self) -> bool:
         """An answer with neither length nor chunks runs to the connection's close
-        (RFC 9112 §6.3, rule 8)."""
+        (RFC 9112 §6.3, rules 7 and 8)."""
         return (
             self.headers_done
             and "content-length" not in self.headers
-            and "transfer-encoding" not in self.headers
+            and not self.headers.get("transfer-encoding", "").lower().endswith("chunked")
         )
 
 
@@ -244,16 +277,19 @@ def _exchange(connection: socket.socket, message: bytes, timeout_s: float) -> tu
         raise HttpClientError(f"the connection broke mid-answer: {error}") from None
     except TimeoutError:
         raise HttpClientError(f"no answer within {timeout_s:g} s") from None
+    except httptools.HttpParserUpgrade:  # (101 Switching Protocols: not to these requests)
+        raise HttpClientError("the server switched protocols") from None
     except httptools.HttpParserError as error:
         if parsed.too_large:
             raise HttpClientError(f"an answer larger than {answer_bytes_max} bytes") from None
-        raise HttpClientError(f"not an HTTP answer: {error}") from None
+        if not parsed.more_after_it:
+            raise HttpClientError(f"not an HTTP answer: {error}") from None
     except OSError as error:
         if isinstance(error, HttpClientError):
             raise
         raise HttpClientError(f"the connection failed: {error}") from None
-    answer = Answer(parsed.parser.get_status_code(), parsed.headers, b"".join(parsed.chunks))
-    return answer, parsed.complete and parsed.keep_alive
+    answer = Answer(parsed.status, parsed.headers, b"".join(parsed.chunks))
+    return answer, parsed.complete and parsed.keep_alive and not parsed.more_after_it
 
 
 def _close_all(connections: list[socket.socket]) -> None:

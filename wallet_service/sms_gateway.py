@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from reader_sim.smsc import Sms, SmsCentre, is_msisdn, submit_batch_max
-from wallet_service.http_client import KeepAliveClient, origin_and_target
+from wallet_service.http_client import KeepAliveClient, check_target, origin_and_target
 
 request_timeout_s = 10.0
 Outgoing = tuple[str, bytes, bytes]  # (to, user_data, udh)
@@ -80,6 +80,9 @@ class HttpGateway:
             raise ValueError(f"not an MSISDN: {short_code!r}")
         self.base_url, self.short_code = base_url.rstrip("/"), short_code
         origin, target = origin_and_target(self.base_url)
+        check_target(target)
+        if "?" in target:
+            raise ValueError(f"an SMS centre URL has no query: {base_url!r}")
         self.client = KeepAliveClient(origin)
         self.path_prefix = target.rstrip("/")  # (an SMS centre served below a path)
 
