@@ -441,3 +441,69 @@ def test_audit_events_go_with_the_savepoint_they_were_recorded_in(wallet: Wallet
         audit.record(session, "test", "dropped.3", "subject", wallet.clock())
         raise RuntimeError("the transaction fails")
     assert _audited_actions(wallet)[len(before) :] == ["kept.1", "kept.2", "kept.3"]
+
+
+def _passes_in(
+    seconds: float, done_per_pass: int, listening: bool, wake_during_passes: int = 0
+) -> int:
+    """How many passes ``_repeat`` runs in ``seconds`` (idle 200 ms), each pass reporting
+    ``done_per_pass`` units of work; the first ``wake_during_passes`` passes are woken
+    during the pass (a NOTIFY while it ran)."""
+    import threading
+
+    from wallet_service.worker import _repeat
+
+    stop, woken, listened = threading.Event(), threading.Event(), threading.Event()
+    if listening:
+        listened.set()
+    passes: list[float] = []
+
+    def unit() -> int:
+        passes.append(time.monotonic())
+        if len(passes) <= wake_during_passes:
+            woken.set()
+        return done_per_pass
+
+    loop = threading.Thread(target=_repeat, args=(stop, unit, 200, woken, listened))
+    loop.start()
+    time.sleep(seconds)
+    stop.set()
+    woken.set()
+    loop.join(timeout=5)
+    return len(passes)
+
+
+def test_while_listening_a_pass_that_did_work_waits_for_a_wake_up_not_a_second_look() -> None:
+    """A pass that did work used to be followed by one at once, and under load that one
+    found nothing more than a third of the time; with LISTEN in place, what comes after it
+    wakes the loop."""
+    assert _passes_in(0.5, done_per_pass=1, listening=True) <= 4  # one per 200 ms idle
+    assert _passes_in(0.5, done_per_pass=1, listening=True, wake_during_passes=5) >= 6
+    # Not listening (no PostgreSQL, or its LISTEN connection lost): nothing would wake it.
+    assert _passes_in(0.5, done_per_pass=1, listening=False) > 20
+    assert _passes_in(0.5, done_per_pass=0, listening=False) <= 4
+
+
+def test_the_listener_says_while_it_listens_and_wakes_the_loop_as_it_starts(
+    pg_wallet: Wallet,
+) -> None:
+    """(Whatever was stored while no one listened is looked for once LISTEN is in place.)"""
+    import threading
+
+    from wallet_service.services.bank_webhooks import WORK_CHANNEL
+    from wallet_service.worker import _listen_for_work
+
+    stop, woken, listening = threading.Event(), threading.Event(), threading.Event()
+    listener = _listen_for_work(pg_wallet.app, woken, stop, listening)
+    assert listener is not None
+    try:
+        assert listening.wait(10) and woken.wait(10)
+        woken.clear()
+        with pg_wallet.database.engine.connect() as connection:
+            connection.exec_driver_sql(f"NOTIFY {WORK_CHANNEL}")
+            connection.commit()
+        assert woken.wait(10)
+    finally:
+        stop.set()
+        listener.join(timeout=10)
+    assert not listening.is_set()

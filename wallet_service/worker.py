@@ -296,20 +296,22 @@ def run_forever(
 
     reader = threading.Thread(target=sms_loop, name="sms", daemon=True)
     reader.start()
-    listener = _listen_for_work(app, worker.woken, stop)
+    listening = threading.Event()  # set while the LISTEN connection is up
+    listener = _listen_for_work(app, worker.woken, stop, listening)
     if idle_poll_ms is None:
         idle_poll_ms = idle_poll_ms_default if listener is None else idle_poll_ms_listening
-    _repeat(stop, worker.do_due_work, idle_poll_ms, worker.woken)
+    _repeat(stop, worker.do_due_work, idle_poll_ms, worker.woken, listening)
     if listener is not None:
         listener.join(timeout=notify_wait_s * 2)
     reader.join(timeout=request_timeout_s + poll_wait_ms / 1000)
 
 
 def _listen_for_work(
-    app: Flask, woken: threading.Event, stop: threading.Event
+    app: Flask, woken: threading.Event, stop: threading.Event, listening: threading.Event
 ) -> threading.Thread | None:
     """On PostgreSQL, a stored bank callback NOTIFYs: the database loop wakes at once
-    instead of at its next poll. Polling stays as the fallback (a lost connection)."""
+    instead of at its next poll. Polling stays as the fallback (a lost connection).
+    ``listening`` is set while the LISTEN is in place."""
     import psycopg
 
     from wallet_service.services.bank_webhooks import WORK_CHANNEL
@@ -324,12 +326,16 @@ def _listen_for_work(
             try:
                 with psycopg.connect(dsn, autocommit=True) as connection:
                     connection.execute(f"LISTEN {WORK_CHANNEL}")
+                    listening.set()
+                    woken.set()  # (what was stored while no one listened: look now)
                     while not stop.is_set():
                         for _ in connection.notifies(timeout=notify_wait_s, stop_after=1):
                             woken.set()
             except psycopg.Error as error:
                 log.warning("LISTEN failed, polling meanwhile: %s", error)
                 stop.wait(retry_wait_s)
+            finally:
+                listening.clear()
 
     thread = threading.Thread(target=listen, name="listen", daemon=True)
     thread.start()
@@ -341,12 +347,20 @@ def _repeat(
     unit: Callable[[], int],
     idle_ms: int,
     woken: threading.Event | None = None,
+    listening: threading.Event | None = None,
 ) -> None:
+    """``unit`` again and again: at once after a pass that did something, else after
+    ``idle_ms`` or a wake-up. While ``listening`` (LISTEN/NOTIFY in place), a pass that did
+    something is not followed by one at once either: ``unit`` works until its queue is
+    empty (``do_due_work``), so what comes after is stored later — and wakes it. (Under
+    load, that pass found nothing more than a third of the time.)"""
     while not stop.is_set():
         try:
             if woken is not None:
                 woken.clear()  # before the pass: a wake-up during it means "look again"
-            if unit() == 0 and idle_ms:
+            done = unit()
+            drained = done == 0 or (listening is not None and listening.is_set())
+            if drained and idle_ms:
                 (woken or stop).wait(idle_ms / 1000)
         except (requests.RequestException, OSError) as error:
             log.warning("worker pass failed, retrying: %s", error)
