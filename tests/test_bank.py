@@ -259,13 +259,21 @@ def test_a_stored_callback_wakes_the_workers_on_postgresql(pg_wallet: Wallet, ba
     url = pg_wallet.database.engine.url.set(drivername="postgresql")
     secret = new_webhook_secret()
     pg_wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    delivered: list[tuple[str, str, dict[str, str]]] = []
+
+    def deliver(url: str, payload: str, headers: dict[str, str]) -> int:
+        delivered.append((url, payload, headers))
+        return _deliver_to(pg_wallet)(url, payload, headers)
+
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as listener:
         listener.execute(f"LISTEN {WORK_CHANNEL}")
         bank.pay(MERCHANT, "order-1", 3000, CARD)
-        assert deliver_due(bank, secret, _deliver_to(pg_wallet)) == 1
+        assert deliver_due(bank, secret, deliver) == 1
         woke = list(listener.notifies(timeout=2.0, stop_after=1))
         assert [n.channel for n in woke] == [WORK_CHANNEL]
         assert list(listener.notifies(timeout=0.2)) == []
+        assert deliver(*delivered[0]) == 200  # the same callback again: a twin
+        assert list(listener.notifies(timeout=0.5)) == []
 
 
 def test_a_merchant_url_the_sender_cannot_read_holds_up_no_other_callback(bank: Bank) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from standardwebhooks import Webhook
@@ -107,28 +107,41 @@ def receive(
     }
     if not _stored_once(ctx.session, row):
         return {"webhook_id": webhook_id, "duplicate": True}
-    work_waiting(ctx.session)
     return {"webhook_id": webhook_id, "duplicate": False}
-
-
-def _stored_once(session: Any, row: dict[str, Any]) -> bool:
-    """Store the event unless its webhook-id is stored already: one statement (a twin
-    delivered at the same moment waits for the first's commit, then stores nothing)."""
-    dialect_insert = (
-        postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    )
-    table = BankWebhookEvent.__table__
-    statement = (
-        dialect_insert(table).values(**row).on_conflict_do_nothing(index_elements=[table.c.id])
-    )
-    return session.execute(statement.returning(table.c.id)).first() is not None
 
 
 WORK_CHANNEL = "wallet_work"
 
 
-def work_waiting(session: Any) -> None:
-    """Wake the OTA workers (PostgreSQL LISTEN/NOTIFY, delivered at commit — never for a
-    rolled-back event). On SQLite the workers poll."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
+def _store_once_statement(dialect_insert, wakes_workers: bool):  # type: ignore[no-untyped-def]
+    """INSERT … ON CONFLICT (id) DO NOTHING: a twin delivered at the same moment waits for
+    the first's commit, then stores nothing. On PostgreSQL it wakes the OTA workers in the
+    same statement (LISTEN/NOTIFY, delivered at commit — never for a rolled-back event, nor
+    for a twin, which returns no row to notify for). Built once: built per callback, the
+    statement's expression tree and cache key cost more CPU than running it."""
+    table = BankWebhookEvent.__table__
+    stored = (
+        dialect_insert(table)
+        .values({column.key: bindparam(column.key) for column in _STORED_COLUMNS})
+        .on_conflict_do_nothing(index_elements=[table.c.id])
+        .returning(table.c.id)
+    )
+    if not wakes_workers:
+        return stored
+    inserted = stored.cte("stored")
+    return select(inserted.c.id, func.pg_notify(WORK_CHANNEL, "")).select_from(inserted)
+
+
+_STORED_COLUMNS = [
+    BankWebhookEvent.__table__.c[name] for name in ("id", "event_type", "payload", "received_at")
+]
+_STORE_ONCE = {
+    "postgresql": _store_once_statement(postgresql_insert, wakes_workers=True),
+    "sqlite": _store_once_statement(sqlite_insert, wakes_workers=False),  # (the workers poll)
+}
+
+
+def _stored_once(session: Any, row: dict[str, Any]) -> bool:
+    """Store the event unless its webhook-id is stored already: one statement."""
+    statement = _STORE_ONCE[session.get_bind().dialect.name]
+    return session.execute(statement, row).first() is not None
