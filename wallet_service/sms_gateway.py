@@ -80,10 +80,10 @@ class HttpGateway:
             raise ValueError(f"not an MSISDN: {short_code!r}")
         self.base_url, self.short_code = base_url.rstrip("/"), short_code
         origin, target = origin_and_target(self.base_url)
+        self.client = KeepAliveClient(origin)
         check_target(target)
         if "?" in target:
             raise ValueError(f"an SMS centre URL has no query: {base_url!r}")
-        self.client = KeepAliveClient(origin)
         self.path_prefix = target.rstrip("/")  # (an SMS centre served below a path)
 
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
