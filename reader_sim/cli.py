@@ -421,12 +421,13 @@ def smsc_serve(
     host: str, port: int, delay_ms: int, loss: float, duplicate: float, seed: int
 ) -> None:
     """Serve the SMS centre over HTTP."""
-    import random
+    from reader_sim import smsc_server
 
-    from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
-
-    centre = SmsCentre(Faults(delay_ms, loss, duplicate), random=random.Random(seed))
-    _serve_until_stopped(host, port, create_smsc_app(centre), "SMS centre")
+    settings = smsc_server.Settings(delay_ms, loss, duplicate, seed)
+    try:
+        smsc_server.serve(host, port, settings, on_listening=click.echo)
+    except smsc_server.CannotListen as error:
+        raise BadInput(str(error)) from None
 
 
 server_threads = 128  # requests at once: each long-polling phone holds one while it waits

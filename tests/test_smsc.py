@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,7 +189,6 @@ def test_the_http_gateway_against_smsc_serve() -> None:
 def test_the_http_gateway_tries_a_broken_connection_once_more_on_a_new_one() -> None:
     """A kept-alive connection the server drops as the next request arrives (unanswered):
     the gateway asks again on a fresh connection instead of failing the worker's pass."""
-    import socket
     import threading
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -223,7 +224,6 @@ def test_the_http_gateway_tries_a_broken_connection_once_more_on_a_new_one() -> 
 
 
 def test_smsc_serve_on_a_taken_port_says_so_in_one_line() -> None:
-    import socket
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -335,3 +335,36 @@ def test_the_in_process_gateway_submits_a_big_batch_in_chunks_the_centre_takes()
 def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: str) -> None:
     with pytest.raises(ValueError):
         HttpGateway(base_url, PLATFORM)
+
+
+def test_smsc_serve_killed_outright_leaves_no_server_holding_its_port() -> None:
+    """granian serves from a worker process: it ends with the process that started it,
+    however that ends."""
+    port = _free_port()
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+    process = subprocess.Popen(
+        [sys.executable, app, "smsc", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/stats", 20, process)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert children, "served from a worker process"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_running, children))
+    with socket.create_server(("127.0.0.1", port)):  # the port is free again
+        pass
+
+
+def _running(pid: str) -> bool:
+    """(A process ended but not reaped yet — a zombie, its parent gone — is not running.)"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
