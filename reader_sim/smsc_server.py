@@ -7,10 +7,10 @@ waiting, one kept-alive client; a throwaway script reading the servers' CPU from
 A long poll holds one of granian's blocking threads while it waits, as it held one of
 cheroot's threads.
 
-granian serves from a worker process of its own, which builds the app from an import path:
-the settings go to it in its environment (``SETTINGS_VARIABLE``), and it ends when the
-process that started it ends, however that ends (Linux's parent-death signal) — a server
-killed outright leaves no worker holding its port.
+granian serves from a worker process of its own, which builds the app (``_load_app``)
+from the settings in its environment (``SETTINGS_VARIABLE``), and it ends when the process
+that started it ends, however that ends (Linux's parent-death signal) — a server killed
+outright leaves no worker holding its port.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
 
 blocking_threads = 128  # requests at once: each long-polling phone holds one while it waits
+stop_wait_s = 5  # a worker not ended this long after SIGTERM is killed
 SETTINGS_VARIABLE = "SMSC_SERVE_SETTINGS"  # (JSON) what the worker process builds its app by
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -45,36 +46,50 @@ class CannotListen(Exception):
 
 
 def serve(host: str, port: int, settings: Settings, on_listening: Callable[[str], object]) -> None:
-    """Serve until SIGTERM or Ctrl-C. CannotListen: the address is taken or not ours."""
+    """Serve until SIGTERM, SIGINT or SIGHUP. CannotListen: the address is taken or not
+    ours, or the host is not an address of this machine."""
     from granian import Granian
     from granian.constants import Interfaces
 
-    _check_free(host, port)
+    address, url = _check_free(host, port)
     os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings) | {"parent_pid": os.getpid()})
     server = Granian(
-        f"{__name__}:app_from_environment",
-        address=host,
+        "reader_sim.smsc_server",  # (a name only: ``_load_app`` builds the app)
+        address=address,
         port=port,
         interface=Interfaces.WSGI,
         workers=1,  # one SMS centre: its mailboxes are in memory
         blocking_threads=blocking_threads,
-        factory=True,
+        workers_kill_timeout=stop_wait_s,
         log_enabled=False,
     )
-    on_listening(f"SMS centre on http://{host}:{port}")
+    # SIGHUP: granian would start a second worker with empty mailboxes and drop the first's
+    # (a reload); here it ends the SMS centre, as the other signals do.
+    server.signal_handler_reload = server.signal_handler_interrupt  # type: ignore[method-assign]
+    on_listening(f"SMS centre on {url}")
     try:
-        server.serve()
-    except RuntimeError as error:  # (granian's: a port taken since the check)
+        server.serve(target_loader=_load_app)
+    except RuntimeError as error:  # (granian's own bind: the check above does the rest)
         raise CannotListen(f"cannot listen on {host}:{port}: {error}") from None
 
 
-def _check_free(host: str, port: int) -> None:
-    """Taken, granian would fail with a traceback; this says so in one line."""
+def _check_free(host: str, port: int) -> tuple[str, str]:
+    """The address granian is to bind (it takes IP addresses only) and the URL it will
+    answer on. Taken, granian would fail with a traceback; this says so in one line."""
     try:
-        with socket.create_server((host, port)):
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.create_server(sockaddr[:2], family=family):
             pass
     except OSError as error:
         raise CannotListen(f"cannot listen on {host}:{port}: {error}") from None
+    address = sockaddr[0]
+    return address, f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+
+
+def _load_app(_target: str) -> Callable:
+    """(granian's loader, in its worker process: not an import by path, which would depend
+    on the directory it was started in.)"""
+    return app_from_environment()
 
 
 def app_from_environment() -> Callable:
@@ -86,9 +101,13 @@ def app_from_environment() -> Callable:
 
 
 def _end_with(parent_pid: int) -> None:
-    """SIGTERM this process when ``parent_pid`` ends (prctl PR_SET_PDEATHSIG; Linux)."""
+    """End this process when ``parent_pid`` ends (prctl PR_SET_PDEATHSIG; Linux). The
+    worker is forked with granian's parent handlers, which only note a signal for a loop
+    the worker does not run: until granian sets its own, the defaults end it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:  # it ended before the signal was asked for
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)

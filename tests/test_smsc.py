@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -368,3 +370,63 @@ def _running(pid: str) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+@contextmanager
+def _smsc_served(*options: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    port = _free_port()
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+    process = subprocess.Popen(
+        [sys.executable, app, "smsc", "serve", "--port", str(port), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/stats", 20, process)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def test_smsc_serve_by_name_answers_and_ends_on_sighup_with_its_mailboxes() -> None:
+    """(granian reloads on SIGHUP: a second SMS centre with empty mailboxes; here SIGHUP
+    ends it, as SIGTERM does.)"""
+    with _smsc_served("--host", "localhost") as (process, port):
+        process.send_signal(signal.SIGHUP)
+        output, _ = process.communicate(timeout=10)
+        assert process.returncode == 0
+        assert output == f"SMS centre on http://127.0.0.1:{port}\n"
+
+
+def test_a_request_is_answered_while_many_long_polls_wait() -> None:
+    """Each long poll holds one of the server's threads while it waits: 60 of them (more
+    than the phones of bench.ota) leave room for a submit, answered at once."""
+    import threading
+
+    from wallet_service.http_client import KeepAliveClient
+
+    with _smsc_served() as (_, port):
+        origin = f"http://127.0.0.1:{port}"
+        clients = [KeepAliveClient(origin) for _ in range(61)]
+        polls = [
+            threading.Thread(
+                target=client.request,
+                args=("POST", f"/inbox/1390000{n:04d}/next"),
+                kwargs={"json": {"wait_ms": 5000}, "timeout_s": 20},
+            )
+            for n, client in enumerate(clients[:60])
+        ]
+        for poll in polls:
+            poll.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        sms = {"from": PLATFORM, "to": "13900000059", "user_data": "01"}
+        assert clients[60].request("POST", "/submit", json=sms, timeout_s=20).status == 202
+        assert time.monotonic() - started < 2.5  # (a stall waits for a poll: 4.5 s)
+        for poll in polls:
+            poll.join(timeout=20)
+        for client in clients:
+            client.close()

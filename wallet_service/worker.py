@@ -306,6 +306,17 @@ def run_forever(
     reader.join(timeout=request_timeout_s + poll_wait_ms / 1000)
 
 
+# libpq's TCP keepalives on the LISTEN connection: one whose peer vanished without a word
+# (no RST) is found dead in some 20 s, not in the system's two hours — meanwhile the due
+# loop would wait for NOTIFYs that cannot come (up to idle_poll_ms_listening a pass).
+_LISTEN_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+}
+
+
 def _listen_for_work(
     app: Flask, woken: threading.Event, stop: threading.Event, listening: threading.Event
 ) -> threading.Thread | None:
@@ -324,7 +335,7 @@ def _listen_for_work(
     def listen() -> None:
         while not stop.is_set():
             try:
-                with psycopg.connect(dsn, autocommit=True) as connection:
+                with psycopg.connect(dsn, autocommit=True, **_LISTEN_KEEPALIVES) as connection:
                     connection.execute(f"LISTEN {WORK_CHANNEL}")
                     listening.set()
                     woken.set()  # (what was stored while no one listened: look now)
@@ -332,6 +343,7 @@ def _listen_for_work(
                         for _ in connection.notifies(timeout=notify_wait_s, stop_after=1):
                             woken.set()
             except psycopg.Error as error:
+                listening.clear()  # (before the wait: the loop polls meanwhile)
                 log.warning("LISTEN failed, polling meanwhile: %s", error)
                 stop.wait(retry_wait_s)
             finally:
