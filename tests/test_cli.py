@@ -213,22 +213,28 @@ def test_ota_keys_encode_and_a_packet_handed_to_the_sim(card_image: Path) -> Non
     assert run("card", "ota", str(card_image), "zz").returncode == 2
 
 
-def test_a_worker_pass_with_the_sms_centre_down_says_so_in_one_line(tmp_path: Path) -> None:
+def _worker_on_sqlite(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+    """``app.py worker`` on an SQLite database in ``tmp_path``."""
     import os
 
-    from tests.wallet_fixtures import _free_port
-
-    down = f"http://127.0.0.1:{_free_port()}"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "worker", "--once", "--smsc", down, "--bank", down],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "worker", *options],
         capture_output=True,
         text=True,
         timeout=60,
         env={
-            **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},  # SQLite in tmp
+            **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
             "WALLET_INSTANCE_DIR": str(tmp_path),
         },
     )
+
+
+def test_a_worker_pass_with_the_sms_centre_down_says_so_in_one_line(tmp_path: Path) -> None:
+
+    from tests.wallet_fixtures import _free_port
+
+    down = f"http://127.0.0.1:{_free_port()}"
+    result = _worker_on_sqlite(tmp_path, "--once", "--smsc", down, "--bank", down)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: pass not done:") and "Traceback" not in result.stderr
 
@@ -274,18 +280,7 @@ def test_a_worker_given_no_sms_centre_url_or_no_short_code_says_so_and_stops(
     tmp_path: Path, option: str, value: str, refusal: str
 ) -> None:
     """(Else every pass would fail the same way, logged, for ever.)"""
-    import os
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "worker", option, value],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
-            "WALLET_INSTANCE_DIR": str(tmp_path),
-        },
-    )
+    result = _worker_on_sqlite(tmp_path, option, value)
     assert result.returncode == 2
     assert refusal in result.stderr.splitlines()[-1]
     assert not (tmp_path / "wallet.sqlite").exists()  # refused before the database

@@ -89,21 +89,29 @@ def test_threads_share_the_pool_each_on_a_connection_of_its_own(echo) -> None:  
     client.close()
 
 
-class _Scripted:
-    """A server that runs ``script`` on each connection it accepts, in order."""
+Script = Callable[[socket.socket], None] | bytes
 
-    def __init__(self, *scripts: Callable[[socket.socket], None]) -> None:
+
+class _Scripted:
+    """A server that runs ``script`` on each connection it accepts, in order (bytes: read
+    a request, send them)."""
+
+    def __init__(self, *scripts: Script) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.origin = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests: list[bytes] = []
         self.thread = threading.Thread(target=self._serve, args=(scripts,), daemon=True)
         self.thread.start()
 
-    def _serve(self, scripts: tuple[Callable[[socket.socket], None], ...]) -> None:
+    def _serve(self, scripts: tuple[Script, ...]) -> None:
         for script in scripts:
             connection, _ = self.listener.accept()
             with connection:
-                script(connection)
+                if isinstance(script, bytes):
+                    self.read(connection)
+                    connection.sendall(script)
+                else:
+                    script(connection)
 
     def read(self, connection: socket.socket) -> bytes:
         request = connection.recv(65536)
@@ -127,11 +135,7 @@ def test_a_kept_alive_connection_dropped_unanswered_is_tried_once_more_on_a_new_
         server.read(connection)
         _reset(connection)
 
-    def answer(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(OK)
-
-    server = _Scripted(answer_then_drop, answer)
+    server = _Scripted(answer_then_drop, OK)
     client = KeepAliveClient(server.origin)
     assert client.request("POST", "/submit", body=b"1", timeout_s=5).json() == {"id": 1}
     assert client.request("POST", "/submit", body=b"2", timeout_s=5).json() == {"id": 1}
@@ -153,24 +157,29 @@ def test_a_new_connection_dropped_unanswered_is_an_error_not_asked_again() -> No
     assert len(server.requests) == 1
 
 
-def test_an_answer_broken_off_is_an_error_and_never_asked_again() -> None:
-    def half(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(OK[:-3])
+def _half_then_reset(connection: socket.socket) -> None:
+    connection.recv(65536)
+    connection.sendall(OK[:-3])
+    _reset(connection)
 
-    def half_then_reset(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(OK[:-3])
-        _reset(connection)
 
-    server = _Scripted(half, half_then_reset)
-    client = KeepAliveClient(server.origin)
-    with pytest.raises(HttpClientError, match="mid-answer"):
-        client.request("POST", "/", timeout_s=5)
-    with pytest.raises(HttpClientError, match="mid-answer"):
-        client.request("POST", "/", timeout_s=5)
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        (OK[:-3], "closed mid-answer"),
+        (_half_then_reset, "broke mid-answer"),
+        (b"SMTP ready\r\n\r\n", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n01234567890", "larger than 10 bytes"),
+    ],
+)
+def test_an_answer_broken_off_garbled_or_oversized_is_an_error_never_asked_again(
+    monkeypatch: pytest.MonkeyPatch, script: Script, error: str
+) -> None:
+    monkeypatch.setattr(http_client, "answer_bytes_max", 10)
+    server = _Scripted(script)  # (asked again, unanswered: "no answer within 5 s")
+    with pytest.raises(HttpClientError, match=error):
+        KeepAliveClient(server.origin).request("POST", "/", timeout_s=5)
     server.close()
-    assert len(server.requests) == 2
 
 
 def test_no_answer_in_time_is_an_os_error_and_the_connection_is_not_reused() -> None:
@@ -178,11 +187,7 @@ def test_no_answer_in_time_is_an_os_error_and_the_connection_is_not_reused() -> 
         server.read(connection)
         time.sleep(1.0)
 
-    def answer(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(OK)
-
-    server = _Scripted(silent, answer)
+    server = _Scripted(silent, OK)
     client = KeepAliveClient(server.origin)
     started = time.monotonic()
     with pytest.raises(OSError, match=r"no answer within 0\.2 s"):
@@ -194,13 +199,8 @@ def test_no_answer_in_time_is_an_os_error_and_the_connection_is_not_reused() -> 
 
 
 def test_answers_without_length_chunked_and_closing_are_read_whole() -> None:
-    def to_the_close(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
-
-    def coded_to_the_close(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nas sent")
+    to_the_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
+    coded_to_the_close = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nas sent"
 
     def chunked(connection: socket.socket) -> None:
         server.read(connection)
@@ -250,11 +250,7 @@ def test_bytes_after_the_answer_leave_the_answer_whole_and_the_connection_unused
         if server.read(connection):  # the connection used again: wrongly
             connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong")
 
-    def answer(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
-
-    server = _Scripted(answer_and_more, answer)
+    server = _Scripted(answer_and_more, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
     client = KeepAliveClient(server.origin)
     first = client.request("POST", "/", timeout_s=5)
     assert (first.status, first.body) == (200, b'{"id":1}')
@@ -264,35 +260,11 @@ def test_bytes_after_the_answer_leave_the_answer_whole_and_the_connection_unused
 
 
 def test_an_answer_switching_protocols_is_an_os_error() -> None:
-    def upgrade(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
-        )
-
-    server = _Scripted(upgrade)
+    server = _Scripted(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    )
     with pytest.raises(HttpClientError, match="switched protocols"):
         KeepAliveClient(server.origin).request("POST", "/", timeout_s=5)
-    server.close()
-
-
-def test_garbage_and_oversized_answers_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_client, "answer_bytes_max", 10)
-
-    def garbage(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(b"SMTP ready\r\n\r\n")
-
-    def large(connection: socket.socket) -> None:
-        server.read(connection)
-        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n01234567890")
-
-    server = _Scripted(garbage, large)
-    client = KeepAliveClient(server.origin)
-    with pytest.raises(HttpClientError, match="not an HTTP answer"):
-        client.request("POST", "/", timeout_s=5)
-    with pytest.raises(HttpClientError, match="larger than 10 bytes"):
-        client.request("POST", "/", timeout_s=5)
     server.close()
 
 
