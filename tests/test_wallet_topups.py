@@ -377,3 +377,32 @@ def test_a_request_told_twice_at_the_same_moment_makes_one_order(world: World) -
         assert thread.is_alive()  # waiting for this transaction
     thread.join(timeout=30)
     assert twin == [first]
+
+
+def test_a_load_to_start_again_wakes_the_workers_on_postgresql(
+    pg_wallet: Wallet, tmp_path: Path
+) -> None:
+    """(Made due by a proof of receipt, not by a callback: without a NOTIFY, the due loop
+    would send packet 1 again only at its next idle poll.)"""
+    import psycopg
+
+    from wallet_service.services.bank_webhooks import WORK_CHANNEL
+
+    world = World(pg_wallet, tmp_path)
+    url = pg_wallet.database.engine.url.set(drivername="postgresql")
+    try:
+        with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as db:
+            db.execute(f"LISTEN {WORK_CHANNEL}")
+            world.sim.application("transit_purse").state.balance = 1000  # type: ignore[attr-defined]
+            reference = world.order()
+            world.pay(reference)
+            list(db.notifies(timeout=0.5))  # (the callback's)
+            world.work()
+            assert world.deliver() == "packet 2 sent"  # (a proof that makes nothing due)
+            assert list(db.notifies(timeout=0.3)) == []
+            assert new_pos().present(InMemoryLink(world.sim)).outcome is Outcome.PAID
+            assert world.deliver() == "credit refused: again from packet 1"
+            woke = list(db.notifies(timeout=2.0, stop_after=1))
+            assert [notice.channel for notice in woke] == [WORK_CHANNEL]
+    finally:
+        world.bank.close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from standardwebhooks import Webhook
@@ -139,6 +139,17 @@ _STORE_ONCE = {
     "postgresql": _store_once_statement(postgresql_insert, wakes_workers=True),
     "sqlite": _store_once_statement(sqlite_insert, wakes_workers=False),  # (the workers poll)
 }
+
+
+_NOTIFY_WORK = text(f"NOTIFY {WORK_CHANNEL}")
+
+
+def wake_workers(session: Any) -> None:
+    """Work due now that no callback brought (an order to start again from packet 1): the
+    OTA workers' due loops wake as this transaction commits (PostgreSQL; on SQLite they
+    poll), not at their next idle poll."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_NOTIFY_WORK)
 
 
 def _stored_once(session: Any, row: dict[str, Any]) -> bool:

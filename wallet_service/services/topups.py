@@ -862,6 +862,8 @@ def on_proof_of_receipt(
         return "stale"
     outcome = _answered(ctx, channel, order, last_response)
     write_now(ctx.session, order)
+    if order.state == "paid":  # again from packet 1, now: a step for the due loop
+        bank_webhooks.wake_workers(ctx.session)
     return outcome
 
 
