@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from reader_sim.sqlite_tx import immediate
 
@@ -319,6 +320,26 @@ def signed_headers(secret: str, webhook_id: str, payload: str, at: datetime) -> 
         "webhook-signature": signature,
         "content-type": "application/json",
     }
+
+
+def signed_request_headers(secret: str, payload: str, at: datetime) -> dict[str, str]:
+    """A merchant's request to the bank's API, signed as the bank signs its callbacks (the
+    same headers, HMAC and secret; project-defined): ``payload`` is the body, or for a GET
+    the request target. A fresh id each (the bank does not keep them: a refund is once
+    per key, a statement only read)."""
+    return signed_headers(secret, f"req_{secrets.token_hex(12)}", payload, at)
+
+
+def request_signed(secret: str, payload: bytes, headers: dict[str, str]) -> bool:
+    """Whether ``payload`` came with a good signature under ``secret``, at most 5 minutes
+    old (the Standard Webhooks tolerance)."""
+    try:
+        Webhook(secret).verify(payload, headers)
+    except json.JSONDecodeError:
+        return True  # (checked first: a GET's signed target is not JSON)
+    except (WebhookVerificationError, ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def deliver_due(

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from reader_sim.bank import Bank, BankRefused, deliver_due
+from reader_sim.bank import Bank, BankRefused, deliver_due, request_signed
 from wallet_service.http_client import KeepAliveClient, origin_and_target
 
 sender_interval_s = 0.2
@@ -30,6 +30,19 @@ def create_bank_app(
         if not isinstance(data, dict):
             raise BankRefused("invalid_body", "send a JSON object")
         return data
+
+    def from_the_merchant(payload: bytes) -> None:
+        """Refunds and statements are the merchant's: its requests come signed with the
+        secret it shares with the bank (``signed_request_headers``)."""
+        if not request_signed(secret, payload, dict(request.headers)):
+            raise _NotSigned
+
+    @app.errorhandler(_NotSigned)
+    def not_signed(_: _NotSigned) -> Response:
+        message = "sign the request with the merchant's secret (webhook-id, -timestamp, -signature)"
+        response = jsonify({"error": {"code": "unauthenticated", "message": message}})
+        response.status_code = 401
+        return response
 
     @app.errorhandler(BankRefused)
     def refused(error: BankRefused) -> Response:
@@ -71,6 +84,7 @@ def create_bank_app(
 
     @app.post("/api/refunds")
     def refund():  # type: ignore[no-untyped-def]
+        from_the_merchant(request.get_data())
         data = body()
         refund_id = bank.refund(
             str(data["payment_id"]),
@@ -83,6 +97,7 @@ def create_bank_app(
 
     @app.get("/api/statements/<merchant>/<day>.csv")
     def statement(merchant: str, day: str):  # type: ignore[no-untyped-def]
+        from_the_merchant(request.full_path.rstrip("?").encode())
         return Response(bank.statement(merchant, date.fromisoformat(day)), mimetype="text/csv")
 
     @app.get("/api/webhooks")
@@ -90,6 +105,10 @@ def create_bank_app(
         return jsonify(bank.webhook_log())
 
     return app
+
+
+class _NotSigned(Exception):
+    pass
 
 
 class WebhookSender:

@@ -311,3 +311,41 @@ def test_a_merchant_url_the_sender_cannot_read_holds_up_no_other_callback(bank: 
         server.shutdown()
         server.server_close()
     assert [json.loads(body)["data"]["order_id"] for body in got] == ["order-2"]
+
+
+def test_refunds_and_statements_are_the_merchants_requests_signed_with_its_secret(
+    bank: Bank,
+) -> None:
+    """(They were open to anyone who could reach the bank: a refund of any payment, any
+    merchant's statement.)"""
+    from reader_sim.bank import signed_request_headers
+    from reader_sim.bank_http import create_bank_app
+
+    secret = new_webhook_secret()
+    client = create_bank_app(bank, secret).test_client()
+    payment = bank.pay(MERCHANT, "order-1", 3000, CARD)
+    body = json.dumps(
+        {"payment_id": payment.id, "amount_fen": 1000, "refund_key": "r1", "reason": ""}
+    )
+    now = datetime.now()
+    for headers in (
+        {"content-type": "application/json"},  # unsigned
+        signed_request_headers(new_webhook_secret(), body, now),  # another secret
+        signed_request_headers(secret, body, now - timedelta(minutes=6)),  # stale
+        signed_request_headers(secret, body.replace("1000", "3000"), now),  # another body
+    ):
+        refused = client.post("/api/refunds", data=body, headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.json["error"]["code"] == "unauthenticated"
+    assert bank.card_balance(CARD) == 10_000 - 3000  # nothing refunded
+    signed = client.post(
+        "/api/refunds", data=body, headers=signed_request_headers(secret, body, now)
+    )
+    assert signed.status_code == 201 and bank.card_balance(CARD) == 10_000 - 2000
+    target = f"/api/statements/{MERCHANT}/{date.today()}.csv"
+    assert client.get(target).status_code == 401
+    other_day = f"/api/statements/{MERCHANT}/{date.today() - timedelta(days=1)}.csv"
+    signed_for_another = signed_request_headers(secret, other_day, now)
+    assert client.get(target, headers=signed_for_another).status_code == 401
+    statement = client.get(target, headers=signed_request_headers(secret, target, now))
+    assert statement.status_code == 200 and "order-1" in statement.get_data(as_text=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from reader_sim.bank import new_webhook_secret
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -225,7 +227,29 @@ def _worker_on_sqlite(tmp_path: Path, *options: str) -> subprocess.CompletedProc
         env={
             **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
             "WALLET_INSTANCE_DIR": str(tmp_path),
+            "WALLET_BANK_WEBHOOK_SECRET": new_webhook_secret(),
         },
+    )
+
+
+def test_a_worker_without_the_bank_secret_says_refunds_wait(tmp_path: Path) -> None:
+    """(The bank takes signed refund requests only.)"""
+    import os
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "worker", "--once", "--smsc", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{
+                k: v for k, v in os.environ.items() if "DATABASE_URL" not in k and "SECRET" not in k
+            },
+            "WALLET_INSTANCE_DIR": str(tmp_path),
+        },
+    )
+    assert result.stderr.splitlines()[0] == (
+        "worker: no WALLET_BANK_WEBHOOK_SECRET: refunds wait until it is set"
     )
 
 

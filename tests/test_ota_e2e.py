@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from reader_sim.bank import new_webhook_secret
 from sim_applet.sim import Sim
 from tests.helpers import wait_until_up
 from tests.wallet_fixtures import ROOT, _free_port, cli_token
+from wallet_service.worker import HttpBankClient
 
 PHONE, BANK_CARD, MERCHANT, SHORT_CODE = "13800138000", "6222020000000009", "BUSCARD", "10658888"
 SECRET = new_webhook_secret()
@@ -168,9 +170,9 @@ def test_top_up_from_the_phone_menu_across_processes(parties: dict) -> None:
     assert ledger["balanced"]
     floats = {a["code"]: a["credits_fen"] - a["debits_fen"] for a in ledger["accounts"]}
     assert floats[f"card_float:{card['serial']}"] == 3000
-    statement = requests.get(
-        f"{parties['bank']}/api/statements/{MERCHANT}/{order['created_at'][:10]}.csv", timeout=10
-    ).text
+    statement = HttpBankClient(parties["bank"], SECRET).statement(
+        MERCHANT, date.fromisoformat(order["created_at"][:10])
+    )
     report = _api(
         parties,
         "POST",

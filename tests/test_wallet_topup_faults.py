@@ -14,7 +14,7 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from reader_sim.bank import signed_headers
+from reader_sim.bank import new_webhook_secret, signed_headers
 from tests.bank_doubles import FlakyRefunds, RefusingBank
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet, set_up_bus_company
@@ -330,7 +330,9 @@ def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
     server = ThreadingHTTPServer(("127.0.0.1", 0), Bank)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client = HttpBankClient(f"http://127.0.0.1:{server.server_address[1]}")
+        client = HttpBankClient(
+            f"http://127.0.0.1:{server.server_address[1]}", new_webhook_secret()
+        )
         with pytest.raises(raised) as error:
             client.refund("pay_1", 100, "test", "key-1")
         if raised is topups.BankBusy:
@@ -386,3 +388,15 @@ def test_a_second_payment_of_a_paid_order_goes_back(world: World) -> None:
     assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000  # one kept, one back
     assert world.books()["topup_pending:platform"] == 3000  # the first, still loading
     assert world.wallet.audited("topup.second_payment")[0]["amount_fen"] == 3000
+
+
+def test_without_the_bank_secret_a_refund_waits_and_asks_nothing() -> None:
+    """(The bank takes signed requests only: unsigned, it would say no, and the refund
+    would wait for a person; the secret may yet be set.)"""
+    from wallet_service.worker import HttpBankClient, NoBankSecret
+
+    client = HttpBankClient("http://127.0.0.1:9", None)  # (nothing listens: never asked)
+    with pytest.raises(topups.BankBusy, match="WALLET_BANK_WEBHOOK_SECRET"):
+        client.refund("pay_1", 100, "test", "key-1")
+    with pytest.raises(NoBankSecret):
+        client.statement("BUSCARD", datetime(2026, 12, 1).date())

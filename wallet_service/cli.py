@@ -203,7 +203,9 @@ def worker(smsc_url: str, bank_url: str, short_code: str, once: bool) -> None:
         raise click.UsageError(str(error)) from None
     _upgrade()
     app = create_app()
-    bank = HttpBankClient(bank_url)
+    bank = HttpBankClient(bank_url, app.config["BANK_WEBHOOK_SECRET"])
+    if not app.config["BANK_WEBHOOK_SECRET"]:
+        click.echo("worker: no WALLET_BANK_WEBHOOK_SECRET: refunds wait until it is set", err=True)
     if once:
         import requests
 
@@ -260,11 +262,16 @@ def topups_reconcile(day, bank_url: str, merchant: str | None, statement) -> Non
     if statement is not None:
         csv = statement.read()
     else:
-        from wallet_service.worker import HttpBankClient
+        from wallet_service.worker import HttpBankClient, NoBankSecret
 
-        merchant = merchant or default_config()["BANK_MERCHANT"]
+        config = default_config()
+        merchant = merchant or config["BANK_MERCHANT"]
         try:
-            csv = HttpBankClient(bank_url).statement(merchant, business_day)
+            csv = HttpBankClient(bank_url, config["BANK_WEBHOOK_SECRET"]).statement(
+                merchant, business_day
+            )
+        except NoBankSecret as missing:
+            raise click.UsageError(f"{missing} (or give --statement)") from None
         except requests.RequestException as error:
             click.echo(f"Error: the bank's statement could not be fetched: {error}", err=True)
             sys.exit(1)

@@ -6,6 +6,7 @@ share the queue (orders are claimed with SKIP LOCKED)."""
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -48,20 +49,40 @@ BUSY_STATUSES = (408, 425, 429, 503)
 
 class HttpBankClient:
     """Refunds through the (simulated) bank's API; idempotent by refund key. A 4xx answer
-    is the bank's no (``topups.RefundRefused``)."""
+    is the bank's no (``topups.RefundRefused``). Requests are signed with the secret the
+    platform shares with the bank (``secret``: its callbacks' too), as the bank wants."""
 
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str, secret: str | None) -> None:
+        self.base_url, self.secret = base_url.rstrip("/"), secret
+
+    def _signed(self, payload: str) -> dict[str, str]:
+        from datetime import datetime
+
+        from reader_sim.bank import signed_request_headers
+
+        if not self.secret:
+            raise NoBankSecret(
+                "the bank takes signed requests only: set WALLET_BANK_WEBHOOK_SECRET"
+            )
+        return signed_request_headers(self.secret, payload, datetime.now())
 
     def refund(self, payment_id: str, amount_fen: int, reason: str, refund_key: str) -> str:
-        answer = requests.post(
-            f"{self.base_url}/api/refunds",
-            json={
+        body = json.dumps(
+            {
                 "payment_id": payment_id,
                 "amount_fen": amount_fen,
                 "reason": reason,
                 "refund_key": refund_key,
-            },
+            }
+        )
+        try:
+            headers = self._signed(body)
+        except NoBankSecret as missing:  # (the refund waits: the setting may yet come)
+            raise topups.BankBusy(str(missing), None) from None
+        answer = requests.post(
+            f"{self.base_url}/api/refunds",
+            data=body.encode(),
+            headers=headers,
             timeout=request_timeout_s,
         )
         if answer.status_code in BUSY_STATUSES:
@@ -74,11 +95,16 @@ class HttpBankClient:
 
     def statement(self, merchant: str, day: date) -> str:
         """The bank's statement of ``merchant``'s payments and refunds on ``day`` (CSV)."""
+        target = f"/api/statements/{merchant}/{day}.csv"
         answer = requests.get(
-            f"{self.base_url}/api/statements/{merchant}/{day}.csv", timeout=statement_timeout_s
+            self.base_url + target, headers=self._signed(target), timeout=statement_timeout_s
         )
         answer.raise_for_status()
         return answer.text
+
+
+class NoBankSecret(ValueError):
+    """No secret to sign the bank's requests with."""
 
 
 def retry_after_s(value: str | None, now_s: float) -> float | None:
