@@ -349,3 +349,21 @@ def test_refunds_and_statements_are_the_merchants_requests_signed_with_its_secre
     assert client.get(target, headers=signed_for_another).status_code == 401
     statement = client.get(target, headers=signed_request_headers(secret, target, now))
     assert statement.status_code == 200 and "order-1" in statement.get_data(as_text=True)
+
+
+def test_signatures_made_on_a_host_not_on_utc_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Given a naive local time, the library signed it as UTC while the header said local
+    time: on a host in China, no callback or request verified.)"""
+    from reader_sim.bank import request_signed, signed_request_headers
+
+    secret = new_webhook_secret()
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    time.tzset()
+    try:
+        now = datetime.now()
+        headers = signed_headers(secret, "msg_1", '{"type": "x"}', now)
+        assert Webhook(secret).verify('{"type": "x"}', headers) == {"type": "x"}
+        assert request_signed(secret, b"/api/x", signed_request_headers(secret, "/api/x", now))
+    finally:
+        monkeypatch.undo()
+        time.tzset()

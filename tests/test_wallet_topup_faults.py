@@ -298,6 +298,7 @@ def test_a_refund_whose_answer_was_lost_is_posted_once_when_the_bank_confirms_it
     [
         (409, None, topups.RefundRefused, None),
         (422, None, topups.RefundRefused, None),
+        (401, None, topups.BankBusy, None),  # the signature refused: the platform's set-up
         (429, None, topups.BankBusy, None),
         (429, "120", topups.BankBusy, 120),
         (503, "Wed, 21 Oct 2015 07:28:00 GMT", topups.BankBusy, 0),  # (a date gone by)

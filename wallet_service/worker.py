@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from urllib.parse import quote
 
 import requests
 from flask import Flask
@@ -45,6 +46,12 @@ rare_work_look_s = 1.0  # at most this often (not after every batch: under load,
 # Timeout, too early, too many requests, unavailable: ask again later, when the answer's
 # Retry-After says if it does.
 BUSY_STATUSES = (408, 425, 429, 503)
+
+
+SIGNATURE_REFUSED = (
+    "the bank refused the request's signature: check WALLET_BANK_WEBHOOK_SECRET against "
+    "the bank's, and both machines' clocks (5 minutes' tolerance)"
+)
 
 
 class HttpBankClient:
@@ -88,6 +95,8 @@ class HttpBankClient:
         if answer.status_code in BUSY_STATUSES:
             retry_after = retry_after_s(answer.headers.get("Retry-After"), time.time())
             raise topups.BankBusy(f"HTTP {answer.status_code}", retry_after)
+        if answer.status_code == 401:  # not the bank's no: the platform's set-up (asked again)
+            raise topups.BankBusy(SIGNATURE_REFUSED, None)
         if 400 <= answer.status_code < 500:  # the bank said no: asking again will not help
             raise topups.RefundRefused(f"HTTP {answer.status_code}: {answer.text[:200]}")
         answer.raise_for_status()  # a server error: asked again later
@@ -95,10 +104,13 @@ class HttpBankClient:
 
     def statement(self, merchant: str, day: date) -> str:
         """The bank's statement of ``merchant``'s payments and refunds on ``day`` (CSV)."""
-        target = f"/api/statements/{merchant}/{day}.csv"
+        target = f"/api/statements/{merchant}/{day}.csv"  # (signed as the bank reads it)
+        sent = f"/api/statements/{quote(merchant, safe='')}/{day}.csv"
         answer = requests.get(
-            self.base_url + target, headers=self._signed(target), timeout=statement_timeout_s
+            self.base_url + sent, headers=self._signed(target), timeout=statement_timeout_s
         )
+        if answer.status_code == 401:
+            raise requests.HTTPError(SIGNATURE_REFUSED, response=answer)
         answer.raise_for_status()
         return answer.text
 
