@@ -18,15 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import urllib3
 
+from bench.ingest import ROOT
 from bench.scratch import free_port
 from tests.helpers import wait_until_up
 from wallet_service.http_client import KeepAliveClient
 
-ROOT = Path(__file__).resolve().parent.parent
 rounds = 5
 requests_per_round = 2_000
 warm_up_requests = 100

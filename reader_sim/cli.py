@@ -430,7 +430,7 @@ def smsc_serve(
         raise BadInput(str(error)) from None
 
 
-server_threads = 128  # requests at once: each long-polling phone holds one while it waits
+server_threads = 128  # requests at once (the bank: every phone's payment, its callbacks)
 keep_alive_connections_max = 1024  # idle ones kept open (cheroot's default, 10, would close
 # the connections of most phones between polls — and a client reusing one just as it is
 # closed sees "connection reset")

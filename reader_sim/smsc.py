@@ -271,8 +271,8 @@ def _json_body(environ: dict) -> Any:
 
 def _body(environ: dict) -> bytes:
     """At most one byte more than ``request_bytes_max``: by its Content-Length, or to its
-    end when the server knows where that is (a chunked body: cheroot's
-    ``wsgi.input_terminated``)."""
+    end when the server knows where that is (a chunked body: the server's
+    ``wsgi.input_terminated``, which granian sets)."""
     declared = environ.get("CONTENT_LENGTH") or ""
     if not declared:
         chunked = environ.get("wsgi.input_terminated")

@@ -87,13 +87,8 @@ def _check_free(host: str, port: int) -> tuple[str, str]:
 
 
 def _load_app(_target: str) -> Callable:
-    """(granian's loader, in its worker process: not an import by path, which would depend
-    on the directory it was started in.)"""
-    return app_from_environment()
-
-
-def app_from_environment() -> Callable:
-    """(In granian's worker process.) The app, as ``serve`` was asked for it."""
+    """(granian's loader, in its worker process.) The app, as ``serve`` was asked for it —
+    built here, not imported by a path, which would depend on the directory it started in."""
     settings = Settings(**json.loads(os.environ[SETTINGS_VARIABLE]))
     _end_with(settings.parent_pid)
     faults = Faults(settings.delay_ms, settings.loss, settings.duplicate)

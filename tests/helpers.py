@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import random
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -128,3 +132,16 @@ def wait_until_up(url: str, timeout_s: float, process: subprocess.Popen | None =
             return False
         time.sleep(0.05)
     return False
+
+
+@contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A throwaway HTTP server on loopback answering with ``handler``, in a thread: its
+    base URL, while the block runs."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

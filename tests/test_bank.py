@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
 from reader_sim.bank import Bank, BankRefused, deliver_due, new_webhook_secret, signed_headers
-from tests.helpers import Clock, wait_until_up
-from tests.wallet_fixtures import Wallet, _free_port
+from tests.helpers import Clock, serving, wait_until_up
+from tests.wallet_fixtures import Wallet, _free_port, listening_for_work
 from wallet_service.models import BankWebhookEvent
 
 CARD = "6222020000000001"
@@ -252,11 +253,8 @@ def _stored_events(database: Path) -> int:
 def test_a_stored_callback_wakes_the_workers_on_postgresql(pg_wallet: Wallet, bank: Bank) -> None:
     """The worker LISTENs; a stored callback NOTIFYs at commit (a duplicate stores nothing
     and wakes no one)."""
-    import psycopg
-
     from wallet_service.services.bank_webhooks import WORK_CHANNEL
 
-    url = pg_wallet.database.engine.url.set(drivername="postgresql")
     secret = new_webhook_secret()
     pg_wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
     delivered: list[tuple[str, str, dict[str, str]]] = []
@@ -265,8 +263,7 @@ def test_a_stored_callback_wakes_the_workers_on_postgresql(pg_wallet: Wallet, ba
         delivered.append((url, payload, headers))
         return _deliver_to(pg_wallet)(url, payload, headers)
 
-    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as listener:
-        listener.execute(f"LISTEN {WORK_CHANNEL}")
+    with listening_for_work(pg_wallet) as listener:
         bank.pay(MERCHANT, "order-1", 3000, CARD)
         assert deliver_due(bank, secret, deliver) == 1
         woke = list(listener.notifies(timeout=2.0, stop_after=1))
@@ -280,7 +277,6 @@ def test_a_merchant_url_the_sender_cannot_read_holds_up_no_other_callback(bank: 
     """(A URL that failed before its request — a broken IPv6 literal — once escaped the
     sender's pass: that webhook stayed first in line, and no later one ever left.)"""
     import http.server
-    import threading
 
     from reader_sim.bank_http import WebhookSender
 
@@ -297,19 +293,14 @@ def test_a_merchant_url_the_sender_cannot_read_holds_up_no_other_callback(bank: 
         def log_message(self, *_: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Platform)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(Platform) as platform:
         bank.add_merchant("BROKEN", "http://[::1/callbacks")
-        bank.add_merchant("GOOD", f"http://127.0.0.1:{server.server_address[1]}/callbacks")
+        bank.add_merchant("GOOD", f"{platform}/callbacks")
         bank.open_card("6222020000000002", "Han Meimei", 10_000)
         bank.pay("BROKEN", "order-1", 100, CARD)
         bank.pay("GOOD", "order-2", 100, "6222020000000002")
         sender = WebhookSender(bank, new_webhook_secret())
         assert deliver_due(bank, sender.secret, sender._post) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [json.loads(body)["data"]["order_id"] for body in got] == ["order-2"]
 
 
@@ -342,28 +333,38 @@ def test_refunds_and_statements_are_the_merchants_requests_signed_with_its_secre
         "/api/refunds", data=body, headers=signed_request_headers(secret, body, now)
     )
     assert signed.status_code == 201 and bank.card_balance(CARD) == 10_000 - 2000
-    target = f"/api/statements/{MERCHANT}/{date.today()}.csv"
+    today = bank.clock().date()  # (the fixture's clock: not the next day at midnight)
+    target = f"/api/statements/{MERCHANT}/{today}.csv"
     assert client.get(target).status_code == 401
-    other_day = f"/api/statements/{MERCHANT}/{date.today() - timedelta(days=1)}.csv"
+    other_day = f"/api/statements/{MERCHANT}/{today - timedelta(days=1)}.csv"
     signed_for_another = signed_request_headers(secret, other_day, now)
     assert client.get(target, headers=signed_for_another).status_code == 401
     statement = client.get(target, headers=signed_request_headers(secret, target, now))
     assert statement.status_code == 200 and "order-1" in statement.get_data(as_text=True)
 
 
-def test_signatures_made_on_a_host_not_on_utc_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def eight_hours_east_of_utc() -> Iterator[None]:
+    """The process's local time zone UTC+8, as China's (POSIX form: no tzdata needed)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "CST-8"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+@pytest.mark.usefixtures("eight_hours_east_of_utc")
+def test_signatures_made_on_a_host_not_on_utc_verify() -> None:
     """(Given a naive local time, the library signed it as UTC while the header said local
     time: on a host in China, no callback or request verified.)"""
     from reader_sim.bank import request_signed, signed_request_headers
 
     secret = new_webhook_secret()
-    monkeypatch.setenv("TZ", "Asia/Shanghai")
-    time.tzset()
-    try:
-        now = datetime.now()
-        headers = signed_headers(secret, "msg_1", '{"type": "x"}', now)
-        assert Webhook(secret).verify('{"type": "x"}', headers) == {"type": "x"}
-        assert request_signed(secret, b"/api/x", signed_request_headers(secret, "/api/x", now))
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    now = datetime.now()
+    headers = signed_headers(secret, "msg_1", '{"type": "x"}', now)
+    assert Webhook(secret).verify('{"type": "x"}', headers) == {"type": "x"}
+    assert request_signed(secret, b"/api/x", signed_request_headers(secret, "/api/x", now))

@@ -3,6 +3,8 @@ of vpcd's (a server there would keep pcscd's virtual reader from listening)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from bench import scratch
@@ -26,6 +28,7 @@ def test_a_port_the_system_gives_again_is_not_handed_out_twice(
         def getsockname(self):  # type: ignore[no-untyped-def]
             return ("127.0.0.1", self.port)
 
-    monkeypatch.setattr(scratch.socket, "socket", Probe)
+    # (scratch's own name for the module, not socket.socket: other threads make sockets)
+    monkeypatch.setattr(scratch, "socket", SimpleNamespace(socket=Probe))
     monkeypatch.setattr(scratch, "_ports_handed_out", set())
     assert [scratch.free_port(), scratch.free_port()] == [50_001, 50_002]  # (35963: vpcd's)

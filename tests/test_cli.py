@@ -215,38 +215,31 @@ def test_ota_keys_encode_and_a_packet_handed_to_the_sim(card_image: Path) -> Non
     assert run("card", "ota", str(card_image), "zz").returncode == 2
 
 
-def _worker_on_sqlite(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
-    """``app.py worker`` on an SQLite database in ``tmp_path``."""
+def _worker_on_sqlite(
+    tmp_path: Path, *options: str, bank_secret: bool = True
+) -> subprocess.CompletedProcess:
+    """``app.py worker`` on an SQLite database in ``tmp_path`` (with a bank secret, or
+    none at all)."""
     import os
 
+    unset = ("DATABASE_URL",) if bank_secret else ("DATABASE_URL", "SECRET")
+    env = {k: v for k, v in os.environ.items() if not any(part in k for part in unset)}
+    env["WALLET_INSTANCE_DIR"] = str(tmp_path)
+    if bank_secret:
+        env["WALLET_BANK_WEBHOOK_SECRET"] = new_webhook_secret()
     return subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "worker", *options],
         capture_output=True,
         text=True,
         timeout=60,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
-            "WALLET_INSTANCE_DIR": str(tmp_path),
-            "WALLET_BANK_WEBHOOK_SECRET": new_webhook_secret(),
-        },
+        env=env,
     )
 
 
 def test_a_worker_without_the_bank_secret_says_refunds_wait(tmp_path: Path) -> None:
     """(The bank takes signed refund requests only.)"""
-    import os
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "worker", "--once", "--smsc", "http://127.0.0.1:9"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **{
-                k: v for k, v in os.environ.items() if "DATABASE_URL" not in k and "SECRET" not in k
-            },
-            "WALLET_INSTANCE_DIR": str(tmp_path),
-        },
+    result = _worker_on_sqlite(
+        tmp_path, "--once", "--smsc", "http://127.0.0.1:9", bank_secret=False
     )
     assert result.stderr.splitlines()[0] == (
         "worker: no WALLET_BANK_WEBHOOK_SECRET: refunds wait until it is set"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import serving
 from wallet_service import http_client
 from wallet_service.http_client import HttpClientError, KeepAliveClient, origin_and_target
 
@@ -47,13 +48,8 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def echo() -> Iterator[tuple[str, list[int]]]:
     connections: list[int] = []
-    handler = type("Echo", (_Echo,), {"connections": connections})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", connections
-    server.shutdown()
-    server.server_close()
+    with serving(type("Echo", (_Echo,), {"connections": connections})) as origin:
+        yield origin, connections
 
 
 def test_one_kept_alive_connection_carries_every_request(echo) -> None:  # type: ignore[no-untyped-def]

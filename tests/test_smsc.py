@@ -18,7 +18,7 @@ import requests
 
 from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
 from tests.helpers import Clock, wait_until_up
-from tests.wallet_fixtures import Wallet, _free_port
+from tests.wallet_fixtures import ROOT, Wallet, _free_port
 from wallet_service.sms_gateway import GatewayError, HttpGateway, InProcessGateway
 
 PHONE, PLATFORM = "13800138000", "10658888"
@@ -318,7 +318,10 @@ def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wal
         target=run_forever, args=(wallet.app, StopsAfterABatch(smsc, PLATFORM), None, stop, 10)
     )
     loop.start()
-    loop.join(timeout=10)
+    try:
+        loop.join(timeout=10)
+    finally:
+        stop.set()  # (a loop that never got its batch would run on, and pytest with it)
     assert not loop.is_alive()
     assert smsc._boxes[PLATFORM] == [] and smsc._leased[PLATFORM] == {}  # acknowledged
 
@@ -342,24 +345,19 @@ def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: s
 def test_smsc_serve_killed_outright_leaves_no_server_holding_its_port() -> None:
     """granian serves from a worker process: it ends with the process that started it,
     however that ends."""
-    port = _free_port()
-    app = str(Path(__file__).resolve().parent.parent / "app.py")
-    process = subprocess.Popen(
-        [sys.executable, app, "smsc", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    children: list[str] = []
     try:
-        assert wait_until_up(f"http://127.0.0.1:{port}/stats", 20, process)
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert children, "served from a worker process"
+        with _smsc_served() as (process, port):
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            assert children, "served from a worker process"
+            process.kill()
+        deadline = time.monotonic() + 10
+        while any(map(_running, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, children))
     finally:
-        process.kill()
-        process.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while any(map(_running, children)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(map(_running, children))
+        for pid in filter(_running, children):  # (the bug this guards: not left behind)
+            os.kill(int(pid), signal.SIGKILL)
     with socket.create_server(("127.0.0.1", port)):  # the port is free again
         pass
 
@@ -375,9 +373,8 @@ def _running(pid: str) -> bool:
 @contextmanager
 def _smsc_served(*options: str) -> Iterator[tuple[subprocess.Popen, int]]:
     port = _free_port()
-    app = str(Path(__file__).resolve().parent.parent / "app.py")
     process = subprocess.Popen(
-        [sys.executable, app, "smsc", "serve", "--port", str(port), *options],
+        [sys.executable, str(ROOT / "app.py"), "smsc", "serve", "--port", str(port), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -421,12 +418,14 @@ def test_a_request_is_answered_while_many_long_polls_wait() -> None:
         ]
         for poll in polls:
             poll.start()
-        time.sleep(0.5)
-        started = time.monotonic()
-        sms = {"from": PLATFORM, "to": "13900000059", "user_data": "01"}
-        assert clients[60].request("POST", "/submit", json=sms, timeout_s=20).status == 202
-        assert time.monotonic() - started < 2.5  # (a stall waits for a poll: 4.5 s)
-        for poll in polls:
-            poll.join(timeout=20)
-        for client in clients:
-            client.close()
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            sms = {"from": PLATFORM, "to": "13900000059", "user_data": "01"}
+            assert clients[60].request("POST", "/submit", json=sms, timeout_s=20).status == 202
+            assert time.monotonic() - started < 2.5  # (a stall waits for a poll: 4.5 s)
+        finally:  # (the polls end before the server: none outlives the test)
+            for poll in polls:
+                poll.join(timeout=20)
+            for client in clients:
+                client.close()

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from reader_sim.bank import new_webhook_secret, signed_headers
 from tests.bank_doubles import FlakyRefunds, RefusingBank
+from tests.helpers import serving
 from tests.test_wallet_topups import BANK_CARD, PHONE, World
 from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service.models import BankWebhookEvent, TopUpOrder
@@ -310,8 +311,7 @@ def test_a_refund_whose_answer_was_lost_is_posted_once_when_the_bank_confirms_it
 def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
     status: int, retry_after: str | None, raised: type, wait_s: float | None
 ) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from wallet_service.worker import HttpBankClient
 
@@ -328,19 +328,12 @@ def test_the_platform_takes_a_bank_s_4xx_as_no_but_busy_answers_as_later(
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Bank)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = HttpBankClient(
-            f"http://127.0.0.1:{server.server_address[1]}", new_webhook_secret()
-        )
+    with serving(Bank) as bank:
+        client = HttpBankClient(bank, new_webhook_secret())
         with pytest.raises(raised) as error:
             client.refund("pay_1", 100, "test", "key-1")
         if raised is topups.BankBusy:
             assert error.value.retry_after_s == wait_s
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_retry_after_in_an_http_date_counts_from_now() -> None:

@@ -18,7 +18,7 @@ from reader_sim.pos import Outcome
 from sim_applet.personalize import IssuerKeys, personalize
 from sim_applet.sim import Sim
 from tests.helpers import new_pos, purse
-from tests.wallet_fixtures import Wallet, set_up_bus_company
+from tests.wallet_fixtures import Wallet, listening_for_work, set_up_bus_company
 from wallet_service.auth import Principal
 from wallet_service.services import topups
 from wallet_service.services.registry import Context
@@ -384,15 +384,11 @@ def test_a_load_to_start_again_wakes_the_workers_on_postgresql(
 ) -> None:
     """(Made due by a proof of receipt, not by a callback: without a NOTIFY, the due loop
     would send packet 1 again only at its next idle poll.)"""
-    import psycopg
-
     from wallet_service.services.bank_webhooks import WORK_CHANNEL
 
     world = World(pg_wallet, tmp_path)
-    url = pg_wallet.database.engine.url.set(drivername="postgresql")
     try:
-        with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as db:
-            db.execute(f"LISTEN {WORK_CHANNEL}")
+        with listening_for_work(pg_wallet) as db:
             world.sim.application("transit_purse").state.balance = 1000  # type: ignore[attr-defined]
             reference = world.order()
             world.pay(reference)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -286,3 +287,18 @@ def cli_token(env: dict, *args: str) -> str:
         check=True,
     )
     return result.stdout.strip()
+
+
+@contextmanager
+def listening_for_work(wallet: Wallet) -> Iterator[Any]:
+    """A LISTEN on the OTA workers' channel of ``wallet``'s PostgreSQL database, as a
+    worker's listener has: the connection, whose ``notifies`` tell what came."""
+    import psycopg
+
+    from wallet_service.services.bank_webhooks import WORK_CHANNEL
+
+    url = wallet.database.engine.url.set(drivername="postgresql")
+    dsn = url.render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(f"LISTEN {WORK_CHANNEL}")
+        yield connection

@@ -121,24 +121,18 @@ class KeepAliveClient:
             fields.setdefault("Content-Type", "application/json")
         message = self._head(method, target, fields, len(body)) + body
         connection, reused = self._take(timeout_s)
-        try:
-            answer, keep = _exchange(connection, message, timeout_s)
-        except _Unanswered as unanswered:
-            connection.close()
-            if not reused:
-                raise HttpClientError(f"{self.origin}: {unanswered}") from None
-            connection, reused = self._connect(timeout_s), False  # once more, on a new one
+        while True:
             try:
                 answer, keep = _exchange(connection, message, timeout_s)
-            except _Unanswered as again:
+                break
+            except _Unanswered as unanswered:
                 connection.close()
-                raise HttpClientError(f"{self.origin}: {again}") from None
+                if not reused:
+                    raise HttpClientError(f"{self.origin}: {unanswered}") from None
+                connection, reused = self._connect(timeout_s), False  # once more, on a new one
             except BaseException:
                 connection.close()
                 raise
-        except BaseException:
-            connection.close()
-            raise
         if keep:
             self._give_back(connection)
         else:
@@ -284,9 +278,9 @@ def _exchange(connection: socket.socket, message: bytes, timeout_s: float) -> tu
             raise HttpClientError(f"an answer larger than {answer_bytes_max} bytes") from None
         if not parsed.more_after_it:
             raise HttpClientError(f"not an HTTP answer: {error}") from None
+    except HttpClientError:
+        raise
     except OSError as error:
-        if isinstance(error, HttpClientError):
-            raise
         raise HttpClientError(f"the connection failed: {error}") from None
     answer = Answer(parsed.status, parsed.headers, b"".join(parsed.chunks))
     return answer, parsed.complete and parsed.keep_alive and not parsed.more_after_it

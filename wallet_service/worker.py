@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from urllib.parse import quote
 
 import requests
@@ -20,6 +20,7 @@ from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from reader_sim.bank import signed_request_headers
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
 from wallet_service.ota_channel import Outbox, SmsOtaChannel, handle_incoming_sms, keyset_lookup
@@ -63,10 +64,6 @@ class HttpBankClient:
         self.base_url, self.secret = base_url.rstrip("/"), secret
 
     def _signed(self, payload: str) -> dict[str, str]:
-        from datetime import datetime
-
-        from reader_sim.bank import signed_request_headers
-
         if not self.secret:
             raise NoBankSecret(
                 "the bank takes signed requests only: set WALLET_BANK_WEBHOOK_SECRET"
@@ -376,16 +373,16 @@ def _listen_for_work(
                 with psycopg.connect(dsn, autocommit=True, **_LISTEN_KEEPALIVES) as connection:
                     connection.execute(f"LISTEN {WORK_CHANNEL}")
                     listening.set()
-                    woken.set()  # (what was stored while no one listened: look now)
-                    while not stop.is_set():
-                        for _ in connection.notifies(timeout=notify_wait_s, stop_after=1):
-                            woken.set()
+                    try:
+                        woken.set()  # (what was stored while no one listened: look now)
+                        while not stop.is_set():
+                            for _ in connection.notifies(timeout=notify_wait_s, stop_after=1):
+                                woken.set()
+                    finally:
+                        listening.clear()  # (however it ends: the loop polls meanwhile)
             except psycopg.Error as error:
-                listening.clear()  # (before the wait: the loop polls meanwhile)
                 log.warning("LISTEN failed, polling meanwhile: %s", error)
                 stop.wait(retry_wait_s)
-            finally:
-                listening.clear()
 
     thread = threading.Thread(target=listen, name="listen", daemon=True)
     thread.start()
