@@ -368,3 +368,34 @@ def test_signatures_made_on_a_host_not_on_utc_verify() -> None:
     headers = signed_headers(secret, "msg_1", '{"type": "x"}', now)
     assert Webhook(secret).verify('{"type": "x"}', headers) == {"type": "x"}
     assert request_signed(secret, b"/api/x", signed_request_headers(secret, "/api/x", now))
+
+
+def test_the_platforms_bank_client_signs_what_the_bank_checks(bank: Bank) -> None:
+    """Against the bank's own app: the worker's refunds and reconcile's statements are
+    taken signed with the shared secret; under another, refused — and the platform takes
+    that for its own set-up, to ask again, saying what to check."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from reader_sim.bank_http import create_bank_app
+    from wallet_service.services import topups
+    from wallet_service.worker import SIGNATURE_REFUSED, HttpBankClient
+
+    secret = new_webhook_secret()
+    server = make_server("127.0.0.1", 0, create_bank_app(bank, secret), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        payment = bank.pay(MERCHANT, "order-1", 3000, CARD)
+        with pytest.raises(topups.BankBusy, match="refused the request's signature") as busy:
+            HttpBankClient(base, new_webhook_secret()).refund(payment.id, 1000, "", "r1")
+        assert str(busy.value) == SIGNATURE_REFUSED
+        assert bank.card_balance(CARD) == 10_000 - 3000
+        client = HttpBankClient(base, secret)
+        assert client.refund(payment.id, 1000, "", "r1")
+        assert bank.card_balance(CARD) == 10_000 - 2000
+        assert "order-1" in client.statement(MERCHANT, bank.clock().date())
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -189,6 +189,7 @@ def test_no_answer_in_time_is_an_os_error_and_the_connection_is_not_reused() -> 
     with pytest.raises(OSError, match=r"no answer within 0\.2 s"):
         client.request("POST", "/", timeout_s=0.2)
     assert time.monotonic() - started < 0.9
+    assert client._idle == []  # closed, not pooled: its late answer would meet the next
     assert client.request("POST", "/", timeout_s=5).status == 200  # on a new connection
     server.close()
     client.close()

@@ -301,6 +301,7 @@ def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wal
     worker = Worker(wallet.app, gateway, bank=None)  # type: ignore[arg-type]
     smsc.submit(PHONE, PLATFORM, b"not ours")  # (no UDH, not a service request)
     assert worker.read_sms(acknowledge_now=False) == 1
+    assert len(worker.unacknowledged) == 1  # (acknowledged at once, both would be [])
     assert worker.unacknowledged == list(smsc._leased[PLATFORM])  # handled, still leased
     assert worker.read_sms(acknowledge_now=False) == 0
     assert smsc._leased[PLATFORM] == {} and worker.unacknowledged == []
