@@ -199,6 +199,18 @@ def _moving_at_commit(session: Session) -> dict[int, list[int]]:
     return moves
 
 
+# Built once: every worker transaction that posts runs it (see ``_ACCOUNTS_BY_CODE``).
+_ACCOUNT_COLUMNS = Account.__table__.c
+_MOVE_TOTALS = (
+    update(Account.__table__)
+    .where(_ACCOUNT_COLUMNS.id == bindparam("account_id"))
+    .values(
+        debits_fen=_ACCOUNT_COLUMNS.debits_fen + bindparam("debit_fen"),
+        credits_fen=_ACCOUNT_COLUMNS.credits_fen + bindparam("credit_fen"),
+    )
+)
+
+
 @event.listens_for(Session, "before_commit")
 def _move_totals(session: Session) -> None:
     """The totals move as the transaction commits, in it. ``before_commit`` comes before a
@@ -224,14 +236,8 @@ def _move_totals(session: Session) -> None:
     session.info.pop(_AT_COMMIT, None)
     if not moves:
         return
-    accounts = Account.__table__.c
     session.execute(
-        update(Account.__table__)
-        .where(accounts.id == bindparam("account_id"))
-        .values(
-            debits_fen=accounts.debits_fen + bindparam("debit_fen"),
-            credits_fen=accounts.credits_fen + bindparam("credit_fen"),
-        ),
+        _MOVE_TOTALS,
         [
             {"account_id": account_id, "debit_fen": debit_fen, "credit_fen": credit_fen}
             for account_id, (debit_fen, credit_fen) in sorted(moves.items())

@@ -61,7 +61,7 @@ from sim_applet.structures import (
 )
 from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
-from wallet_service.db import transaction_cache, write_all_now, write_now
+from wallet_service.db import as_loaded, transaction_cache, write_all_now, write_now
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import (
     BankWebhookEvent,
@@ -150,20 +150,26 @@ _ORDER_OF_REQUEST = select(TopUpOrder).where(
 
 
 _INSERT_ORDER_ONCE: dict[str, Insert] = {}  # by dialect, built once
+_ORDERS = TopUpOrder.__table__
 
 
 def _inserted_once(ctx: Context, values: dict) -> TopUpOrder | None:
     """The new order, in one statement — or None when its request has one already (a twin
-    inserting at the same moment: this one waits for its commit, then inserts nothing)."""
+    inserting at the same moment: this one waits for its commit, then inserts nothing).
+    A Core INSERT returning the id, the order then made from what was inserted: the ORM's
+    INSERT … RETURNING an entity costs about three times as much CPU."""
     dialect = ctx.session.get_bind().dialect.name
     if dialect not in _INSERT_ORDER_ONCE:
         dialect_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
         _INSERT_ORDER_ONCE[dialect] = (
-            dialect_insert(TopUpOrder)
+            dialect_insert(_ORDERS)
             .on_conflict_do_nothing()  # (its request's, or its reference's: they go together)
-            .returning(TopUpOrder)
+            .returning(_ORDERS.c.id)
         )
-    return ctx.session.scalars(_INSERT_ORDER_ONCE[dialect], [values]).first()
+    order_id = ctx.session.execute(_INSERT_ORDER_ONCE[dialect], values).scalar()
+    if order_id is None:
+        return None
+    return as_loaded(ctx.session, TopUpOrder, {**values, "id": order_id})
 
 
 def create_order(
