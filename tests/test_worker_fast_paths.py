@@ -97,6 +97,35 @@ def test_write_now_writes_the_changed_columns_once_and_leaves_nothing_to_flush(
         )
 
 
+def test_a_new_order_is_the_sessions_object_as_a_query_would_load_it(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """``create_order`` inserts with Core and makes the object from what it inserted
+    (``as_loaded``): it must be the session's one object for the row, clean, with every
+    column as the row has it."""
+    world = World(wallet, tmp_path)
+
+    def created(ctx):  # type: ignore[no-untyped-def]
+        order = topups.create_order(ctx, world.serial, b"\x00\x00\x00\x01", 3000, PHONE)
+        assert order in ctx.session and order not in ctx.session.dirty | ctx.session.new
+        with statements(wallet) as seen:
+            columns = {column.key: getattr(order, column.key) for column in TopUpOrder.__table__.c}
+            assert seen == []  # every column known: none read again
+            assert _order(ctx.session, order.reference) is order
+            ctx.session.flush()  # nothing for the unit of work to write
+        assert len(seen) == 1 and seen[0].startswith("SELECT")
+        order.state = "failed"
+        with statements(wallet) as seen:
+            write_now(ctx.session, order)
+        assert len(seen) == 1 and "state" in seen[0] and "reference" not in seen[0]
+        return columns | {"state": "failed"}
+
+    as_created = world.run(created)
+    with wallet.database.transaction() as session:
+        row = _order(session, as_created["reference"])
+        assert {key: getattr(row, key) for key in as_created} == as_created
+
+
 def test_write_now_inside_a_savepoint_rolled_back_is_undone(wallet: Wallet, tmp_path: Path) -> None:
     world = World(wallet, tmp_path)
     reference = world.order(3000)
