@@ -29,7 +29,7 @@ from tests.wallet_fixtures import _make_wallet
 from wallet_service.migrate import upgrade
 from wallet_service.models import OtaRekey, TopUpOrder
 from wallet_service.services import rekeys, topups
-from wallet_service.worker import run_once
+from wallet_service.worker import Worker, run_once
 
 BANK_BALANCE_FEN = 100_000
 AMOUNTS_YUAN = ("10", "20", "30")
@@ -86,6 +86,16 @@ class TopUpMachine(RuleBasedStateMachine):
     @rule()
     def worker_pass(self) -> None:
         run_once(self.wallet.app, self.world.gateway, self.bank)
+
+    @rule()
+    def worker_loop_pass(self) -> None:
+        """A pass as ``python app.py worker`` loops: the SMS read, then the due work —
+        callbacks applied and their orders' packet 1 sent in one transaction, each order
+        written once (``Worker.do_due_work``), refunds and rekeys after."""
+        worker = Worker(self.wallet.app, self.world.gateway, self.bank)
+        worker.rare_work_look_s = 0.0  # (looks for refunds every pass, not once a second)
+        worker.read_sms(0)
+        worker.do_due_work()
 
     @rule(after=st.booleans())
     def the_next_refund_fails(self, after: bool) -> None:

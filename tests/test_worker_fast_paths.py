@@ -352,6 +352,37 @@ def test_a_batch_of_callbacks_locks_its_orders_at_once(wallet: Wallet, tmp_path:
         assert sum(event.refund_due_at is not None for event in events) == 1
 
 
+def test_an_order_paid_in_the_workers_pass_is_written_once_with_its_packet_1(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The worker's pass hands the orders it paid to ``work_batch`` unwritten: each is
+    written once, paid and stepped. Two orders of one card paid together: the one made
+    first sends packet 1, the other waits for it — as when each was written paid first."""
+    world = World(wallet, tmp_path)
+    first, second = world.order(3000), world.order(3000)
+    for reference in (second, first):  # (the bank tells the later order first)
+        world.bank.pay("BUSCARD", reference, 3000, BANK_CARD)
+    world.deliver_callbacks()
+
+    def callbacks_and_packets(ctx):  # type: ignore[no-untyped-def]
+        paid: list[TopUpOrder] = []
+        assert topups.process_bank_events(ctx, paid=paid) == 2
+        return [
+            step.action for step in topups.work_batch(ctx, world.channel, world.bank, paid=paid)
+        ]
+
+    with statements(wallet) as seen:
+        actions = world.run(callbacks_and_packets)
+    assert actions == ["packet 1 sent", "waiting for the card's other top-up"]
+    order_updates = [s for s in seen if s.startswith("UPDATE topup_orders")]
+    assert len(order_updates) == 2 and all("payment_id" in s for s in order_updates)
+    assert [world.state(first), world.state(second)] == ["init_sent", "paid"]
+    assert len(world.channel.sent) == 1
+    with wallet.database.transaction() as session:
+        orders = [_order(session, reference) for reference in (first, second)]
+        assert all(order.payment_id and order.paid_fen == 3000 for order in orders)
+
+
 def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:
     serials = ["1000000000000001", "1000000000000002"]
 

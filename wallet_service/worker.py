@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from reader_sim.bank import signed_request_headers
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
+from wallet_service.models import TopUpOrder
 from wallet_service.ota_channel import Outbox, SmsOtaChannel, handle_incoming_sms, keyset_lookup
 from wallet_service.services import rekeys, topups
 from wallet_service.services.registry import Context
@@ -233,8 +234,9 @@ class Worker:
     def _callbacks_and_packets(
         self, ctx: Context, box: Outbox, look: bool
     ) -> tuple[int, int, set[str]]:
-        events = topups.process_bank_events(ctx)
-        steps = len(topups.work_batch(ctx, box, self.bank))
+        paid: list[TopUpOrder] = []  # (written once, with their packet 1)
+        events = topups.process_bank_events(ctx, paid=paid)
+        steps = len(topups.work_batch(ctx, box, self.bank, paid=paid))
         if not look:
             return events, steps, set()
         due = ctx.session.execute(

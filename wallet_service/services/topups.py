@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -256,15 +257,20 @@ _LOCK_ORDERS_BY_REFERENCE = (  # in id order: two batches never wait for each ot
 )
 
 
-def process_bank_events(ctx: Context, limit: int = events_per_batch) -> int:
+def process_bank_events(
+    ctx: Context, limit: int = events_per_batch, paid: list[TopUpOrder] | None = None
+) -> int:
     """Apply stored, unprocessed bank callbacks, oldest first. Each is applied once; none
-    calls the bank (a refund is a step of its own). Their orders are locked at once."""
+    calls the bank (a refund is a step of its own). Their orders are locked at once. With
+    ``paid``, the orders now paid are put there unwritten, for ``work_batch`` to take first
+    and write once with their packet 1 (the worker: one UPDATE an order, not two)."""
     events = ctx.session.scalars(_UNPROCESSED_EVENTS, {"limit": limit}).all()
     told = [(event, _event_data(ctx, event)) for event in events]
     orders = _lock_orders(ctx, {data.order_id.upper() for _, data in told if data is not None})
-    for event, data in told:
-        if data is not None:
-            _apply(ctx, event, data, orders.get(data.order_id.upper()))
+    with ctx.session.no_autoflush:  # (a posting's INSERT would flush the orders paid so far)
+        for event, data in told:
+            if data is not None:
+                _apply(ctx, event, data, orders.get(data.order_id.upper()), paid)
     for event in events:  # (set after the applying, whose queries would flush each event)
         event.processed_at = ctx.now
     write_all_now(ctx.session, events)
@@ -291,7 +297,11 @@ def _event_data(ctx: Context, event: BankWebhookEvent) -> bank_webhooks.EventDat
 
 
 def _apply(
-    ctx: Context, event: BankWebhookEvent, data: bank_webhooks.EventData, order: TopUpOrder | None
+    ctx: Context,
+    event: BankWebhookEvent,
+    data: bank_webhooks.EventData,
+    order: TopUpOrder | None,
+    paid: list[TopUpOrder] | None,
 ) -> None:
     if event.event_type == "refund.succeeded":
         _refund_confirmed(ctx, order)
@@ -310,7 +320,7 @@ def _apply(
             payment=data.payment_id,
         )
         return
-    _paid(ctx, order, data)
+    _paid(ctx, order, data, paid)
 
 
 _UNKNOWN_PAYMENT_DUE = (
@@ -397,7 +407,12 @@ def _refund_at_bank(
         return _NotNow(refund_retry_s, BANK_NOT_ASKED)
 
 
-def _paid(ctx: Context, order: TopUpOrder, data: bank_webhooks.EventData) -> None:
+def _paid(
+    ctx: Context,
+    order: TopUpOrder,
+    data: bank_webhooks.EventData,
+    unwritten: list[TopUpOrder] | None,
+) -> None:
     amount = data.amount_fen
     late = order.state == "failed" and order.payment_id is None  # paid after it expired
     if order.state != "created" and not late:
@@ -419,7 +434,10 @@ def _paid(ctx: Context, order: TopUpOrder, data: bank_webhooks.EventData) -> Non
         to_refund(ctx, order, reason)  # the bank is called in a refund step of its own
         return
     order.state, order.next_action_at = "paid", ctx.now
-    write_now(ctx.session, order)
+    if unwritten is None:
+        write_now(ctx.session, order)
+    else:
+        unwritten.append(order)
 
 
 def _refund_confirmed(ctx: Context, order: TopUpOrder | None) -> None:
@@ -484,14 +502,25 @@ _LOCK_CARDS = (  # whole rows, read as locked: the packets' keys come from these
 
 
 def work_batch(
-    ctx: Context, channel: OtaChannel, bank: BankClient, limit: int = orders_per_batch
+    ctx: Context,
+    channel: OtaChannel,
+    bank: BankClient,
+    limit: int = orders_per_batch,
+    paid: Sequence[TopUpOrder] = (),
 ) -> list[WorkResult]:
     """The due packet-sending steps of up to ``limit`` orders, in one transaction (claimed
     with SKIP LOCKED: several workers share the queue; a killed worker's batch was never
-    committed, and its packets never left)."""
-    orders = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit}).all()
-    _lock_cards(ctx, [order.card_serial for order in orders])
-    return [WorkResult(order.id, _step_written(ctx, order, channel, bank)) for order in orders]
+    committed, and its packets never left) — after those of ``paid``: orders this
+    transaction locked and paid, not written yet (``process_bank_events``), each written
+    once with its step. Until then the database has them as they were, so nothing here
+    autoflushes them; and each order is written before the next is looked at, so the next
+    sees it as it now is (one load of a card at a time)."""
+    with ctx.session.no_autoflush:
+        due = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit}).all()
+        orders = sorted(paid, key=lambda order: order.id)
+        orders += [order for order in due if order not in orders]
+        _lock_cards(ctx, [order.card_serial for order in orders])
+        return [WorkResult(o.id, _step_written(ctx, o, channel, bank)) for o in orders]
 
 
 def _lock_cards(ctx: Context, serials: list[str]) -> None:
