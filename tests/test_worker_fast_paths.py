@@ -17,6 +17,7 @@ from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bench import ota_worker
+from otar.keys import derive_keyset
 from reader_sim.bank import Bank, new_webhook_secret
 from reader_sim.smsc import SmsCentre
 from tests.helpers import purse
@@ -33,7 +34,7 @@ from wallet_service.models import (
     TopUpOrder,
     Transfer,
 )
-from wallet_service.ota_channel import CardKeysets
+from wallet_service.ota_channel import CardKeysets, derived_keyset
 from wallet_service.services import cards, topups
 from wallet_service.sms_gateway import InProcessGateway
 from wallet_service.worker import Worker, rare_work_look_s
@@ -190,6 +191,16 @@ def test_find_card_answers_from_the_cards_its_transaction_loaded(
         session.expire(cards.find_card(session, serial))
         assert cards.find_card(session, serial).serial == serial  # expired: read again
         assert len(seen) == 3
+
+
+def test_a_cards_keyset_is_derived_once_per_version_and_masters() -> None:
+    masters, iccid = (b"\x11" * 16, b"\x22" * 16), "8986001234567890123"
+    assert derived_keyset(*masters, iccid, 1) is derived_keyset(*masters, iccid, 1)
+    assert derived_keyset(*masters, iccid, 1) == derive_keyset(*masters, iccid, 1)
+    assert derived_keyset(*masters, iccid, 2) == derive_keyset(*masters, iccid, 2)
+    other_masters = (b"\x33" * 16, b"\x22" * 16)
+    assert derived_keyset(*other_masters, iccid, 1) == derive_keyset(*other_masters, iccid, 1)
+    assert derived_keyset(*other_masters, iccid, 1) != derived_keyset(*masters, iccid, 1)
 
 
 def test_a_batch_reads_its_phones_cards_at_once_and_chooses_as_one_by_one(

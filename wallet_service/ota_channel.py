@@ -4,6 +4,7 @@ which ties every answer to its step. PoRs come back as SMS to the platform's sho
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -168,7 +169,14 @@ class CardKeysets:
         card = cards.find_card(self.session, card_serial)  # (loaded once a transaction)
         if card is None:
             raise LookupError(f"no card {card_serial}")
-        return derive_keyset(*self.masters, card.iccid, version or card.ota_key_version)
+        return derived_keyset(*self.masters, card.iccid, version or card.ota_key_version)
+
+
+# A card's keyset derived once per version in a process, not for every packet and proof
+# (two AES blocks: some 4 % of the worker's CPU). The derivation is a pure function of the
+# master keys, which the process holds anyway; a rekey asks for another version.
+keysets_cached_max = 10_000
+derived_keyset = functools.lru_cache(maxsize=keysets_cached_max)(derive_keyset)
 
 
 def keyset_lookup(ctx: Context, masters: tuple[bytes, bytes]) -> CardKeysets:
