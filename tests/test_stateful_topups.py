@@ -158,9 +158,12 @@ class TopUpMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_sim_holds_what_was_loaded_and_at_most_what_may_have_been(self) -> None:
+        """(And the card loads one order at a time: never two sending packets.)"""
         orders = self._orders()
         loaded = sum(o.amount_fen for o in orders if o.state == "loaded")
         may_have_loaded = sum(o.amount_fen for o in orders if o.state in ("credit_sent", "proving"))
+        sending = [o.reference for o in orders if o.state in topups.SENDING_PACKETS]
+        assert len(sending) <= 1, f"one load of a card at a time, not {sending}"
         books = self.world.books()  # asserts they balance
         assert books.get(f"card_float:{self.world.serial}", 0) == loaded
         assert loaded <= purse(self.world.sim).balance <= loaded + may_have_loaded

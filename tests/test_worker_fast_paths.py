@@ -127,6 +127,30 @@ def test_a_new_order_is_the_sessions_object_as_a_query_would_load_it(
         assert {key: getattr(row, key) for key in as_created} == as_created
 
 
+def test_a_new_order_whose_savepoint_rolls_back_leaves_the_session(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """As an SMS batch handled one savepoint per message: a request's order rolled back
+    with its message's savepoint is out of the session, and the next message's order —
+    on SQLite, under the same id again — is its own object with its own values."""
+    world = World(wallet, tmp_path)
+
+    def two_messages(ctx):  # type: ignore[no-untyped-def]
+        failed = ctx.session.begin_nested()
+        gone = topups.create_order(ctx, world.serial, b"\x00\x00\x00\x01", 1000, PHONE)
+        failed.rollback()  # (the message failed after its order was made)
+        assert gone not in ctx.session
+        with ctx.session.begin_nested():
+            kept = topups.create_order(ctx, world.serial, b"\x00\x00\x00\x02", 2000, PHONE)
+        assert (kept.request_id, kept.amount_fen) == ("00000002", 2000)
+        assert _order(ctx.session, kept.reference) is kept
+        return kept.reference
+
+    reference = world.run(two_messages)
+    with wallet.database.transaction() as session:
+        assert [order.reference for order in session.scalars(select(TopUpOrder))] == [reference]
+
+
 def test_write_now_inside_a_savepoint_rolled_back_is_undone(wallet: Wallet, tmp_path: Path) -> None:
     world = World(wallet, tmp_path)
     reference = world.order(3000)
@@ -392,6 +416,27 @@ def test_an_order_paid_in_the_workers_pass_is_written_once_with_its_packet_1(
     with wallet.database.transaction() as session:
         orders = [_order(session, reference) for reference in (first, second)]
         assert all(order.payment_id and order.paid_fen == 3000 for order in orders)
+
+
+def test_the_orders_a_pass_paid_count_against_its_batch_limit(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    world = World(wallet, tmp_path)
+    earlier = world.order(3000)
+    world.pay(earlier)  # paid and due, not stepped yet
+    later = world.order(3000)
+    world.bank.pay("BUSCARD", later, 3000, BANK_CARD)
+    world.deliver_callbacks()
+
+    def one_order_batch(ctx):  # type: ignore[no-untyped-def]
+        paid: list[TopUpOrder] = []
+        topups.process_bank_events(ctx, paid=paid)
+        batch = topups.work_batch(ctx, world.channel, world.bank, limit=1, paid=paid)
+        return [step.action for step in batch]
+
+    assert world.run(one_order_batch) == ["waiting for the card's other top-up"]
+    assert world.work() == "packet 1 sent"  # the earlier order, next
+    assert [world.state(earlier), world.state(later)] == ["init_sent", "paid"]
 
 
 def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:

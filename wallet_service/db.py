@@ -61,7 +61,40 @@ def as_loaded(session: Session, model: type[B], values: dict) -> B:
     row = model(**{column.key: None for column in model.__table__.c} | values)
     make_transient_to_detached(row)  # (what was set counts as loaded, not as changed)
     session.add(row)
+    inserted_in = session.get_nested_transaction() or session.get_transaction()
+    transaction_cache(session, _INSERTED_NOW, list).append((row, inserted_in))
     return row
+
+
+# Rows ``as_loaded`` made, with the savepoint (or transaction) their INSERT ran in, until
+# the transaction ends. The ORM takes out of the session the objects it inserted when their
+# savepoint rolls back; these it takes for loaded ones, which stay — and on SQLite, where a
+# rolled-back id is given again, the next row's object would clash with the stale one.
+_INSERTED_NOW = "rows_inserted_now"
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _expunge_inserted_now(session: Session, rolled_back) -> None:  # type: ignore[no-untyped-def]
+    inserted = session.info.get(_INSERTED_NOW)
+    if not inserted:
+        return
+    kept = []
+    for row, inserted_in in inserted:
+        if _inside(inserted_in, rolled_back):
+            if row in session:
+                session.expunge(row)
+        else:
+            kept.append((row, inserted_in))
+    inserted[:] = kept
+
+
+def _inside(transaction, outer) -> bool:  # type: ignore[no-untyped-def]
+    """``transaction`` is ``outer`` or was begun inside it (released or not)."""
+    while transaction is not None:
+        if transaction is outer:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 def write_all_now(session: Session, rows: list[Base]) -> None:

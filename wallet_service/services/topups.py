@@ -510,15 +510,17 @@ def work_batch(
 ) -> list[WorkResult]:
     """The due packet-sending steps of up to ``limit`` orders, in one transaction (claimed
     with SKIP LOCKED: several workers share the queue; a killed worker's batch was never
-    committed, and its packets never left) — after those of ``paid``: orders this
-    transaction locked and paid, not written yet (``process_bank_events``), each written
-    once with its step. Until then the database has them as they were, so nothing here
-    autoflushes them; and each order is written before the next is looked at, so the next
-    sees it as it now is (one load of a card at a time)."""
+    committed, and its packets never left) — those of ``paid`` first, all of them, and
+    counted: orders this transaction locked and paid, not written yet
+    (``process_bank_events``), each written once with its step. Until then the database
+    has them as they were, so nothing here autoflushes them; and each order is written
+    before the next is looked at, so the next sees it as it now is (one load of a card at
+    a time)."""
+    orders = sorted(paid, key=lambda order: order.id)
     with ctx.session.no_autoflush:
-        due = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit}).all()
-        orders = sorted(paid, key=lambda order: order.id)
-        orders += [order for order in due if order not in orders]
+        if len(orders) < limit:  # (a batch holds its locks as long as it runs)
+            due = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit - len(orders)})
+            orders += [order for order in due if order not in orders]
         _lock_cards(ctx, [order.card_serial for order in orders])
         return [WorkResult(o.id, _step_written(ctx, o, channel, bank)) for o in orders]
 
