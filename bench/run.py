@@ -88,21 +88,10 @@ def main() -> None:
     )
     print(f"clearing_peak_rss_mb: {figures['clearing_peak_rss_mb']:.0f} MB", flush=True)
 
-    from bench.ota import cpu_lines, median_alone_line, ota_figures, ota_workers, phones
+    from bench.ota import ota_figures, ota_lines, ota_workers_scaled_out, scaled_out_line
 
-    figures = ota_figures()
-    print(
-        f"ota_topups_per_s: {figures['ota_topups_per_s']:.0f} top-ups/s  # {phones} phones, "
-        f"{ota_workers} workers, PostgreSQL, every party its own process on this machine",
-        flush=True,
-    )
-    print(f"ota_topup_median_ms: {median_alone_line(figures)}", flush=True)
-    print(
-        f"ota_topup_median_ms_loaded: {figures['ota_topup_median_ms_loaded']:.0f} ms  "
-        f"# {phones} phones at once",
-        flush=True,
-    )
-    print("\n".join(cpu_lines(figures)), flush=True)
+    print("\n".join(ota_lines(ota_figures())), flush=True)
+    print(scaled_out_line(ota_figures(ota_workers_scaled_out)), flush=True)
 
     from bench.http_client import http_client_lines
 
