@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -23,7 +25,7 @@ from reader_sim.smsc import SmsCentre
 from tests.helpers import purse
 from tests.test_wallet_ledger_and_registry import _pay_in
 from tests.test_wallet_topups import BANK_CARD, PHONE, World, _real_now
-from tests.wallet_fixtures import Wallet
+from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service import audit, ledger
 from wallet_service.db import write_all_now, write_now
 from wallet_service.models import (
@@ -31,6 +33,7 @@ from wallet_service.models import (
     AuditEvent,
     BankWebhookEvent,
     Card,
+    OtaRekey,
     TopUpOrder,
     Transfer,
 )
@@ -437,6 +440,106 @@ def test_the_orders_a_pass_paid_count_against_its_batch_limit(
     assert world.run(one_order_batch) == ["waiting for the card's other top-up"]
     assert world.work() == "packet 1 sent"  # the earlier order, next
     assert [world.state(earlier), world.state(later)] == ["init_sent", "paid"]
+
+
+_ORDER_STATES = ("created", "paid", "init_sent", "credit_sent", "proving", "loaded", "refunding")
+_REKEY_STATES = ("waiting", "put_key_sent", "probing", "done")
+
+
+@st.composite
+def _cards_under_way(draw):  # type: ignore[no-untyped-def]
+    """For three cards: their orders (state, step) and rekeys (state, counter base,
+    attempts), and which order of each card comes first in the batch."""
+    cards_drawn = []
+    for _ in range(3):
+        orders = draw(
+            st.lists(
+                st.tuples(st.sampled_from(_ORDER_STATES), st.none() | st.integers(1, 40)),
+                min_size=1,
+                max_size=4,
+            )
+        )
+        rekeys = draw(
+            st.lists(
+                st.tuples(st.sampled_from(_REKEY_STATES), st.integers(1, 40), st.integers(0, 3)),
+                max_size=2,
+            )
+        )
+        cards_drawn.append((orders, rekeys, draw(st.integers(0, len(orders) - 1))))
+    return cards_drawn
+
+
+@pytest.fixture
+def three_cards(wallet: Wallet) -> list[str]:
+    company = set_up_bus_company(wallet)
+    serials = []
+    for index in range(3):
+        card = wallet.ok(
+            "POST",
+            "/api/v1/cards",
+            company.counter_token,
+            {"iccid": f"89860012345678901{index:02d}", "phone": f"1380013800{index}"},
+        )
+        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
+        serials.append(card["serial"])
+    return serials
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cards_drawn=_cards_under_way())
+def test_a_batchs_card_situations_read_at_once_are_each_orders_own(
+    wallet: Wallet, three_cards: list[str], cards_drawn
+) -> None:  # type: ignore[no-untyped-def]
+    """``_first_situations`` answers for the first order of each card as that order's own
+    query would (its counter up to the order's own step: ``_next_step`` takes the larger)."""
+    with wallet.database.transaction() as session:
+        ctx = SimpleNamespace(session=session)
+        batch, later = [], []
+        for serial, (orders, rekeys, first) in zip(three_cards, cards_drawn, strict=True):
+            made = []
+            for index, (state, step) in enumerate(orders):
+                made.append(
+                    TopUpOrder(
+                        reference=f"{serial}-{index}",
+                        card_serial=serial,
+                        request_id=f"{index:08d}",
+                        phone="13800138000",
+                        amount_fen=100,
+                        state=state,
+                        step=step,
+                        attempts=0,
+                        init_attempts=0,
+                        created_at=AT,
+                        expires_at=AT,
+                    )
+                )
+            for state, base, attempts in rekeys:
+                session.add(
+                    OtaRekey(
+                        card_serial=serial,
+                        from_version=1,
+                        to_version=2,
+                        state=state,
+                        counter_base=base,
+                        attempts=attempts,
+                        created_at=AT,
+                    )
+                )
+            session.add_all(made)
+            session.flush()
+            batch.append(made[first])
+            later.extend(order for order in made if order is not made[first])
+        known = topups._first_situations(ctx, batch + later)  # (later ones: their own query)
+        assert sorted(known) == sorted(order.id for order in batch)
+        for order in batch:
+            rekeying, other, counter, status = topups._card_situation(ctx, order)
+            batch_rekeying, batch_other, batch_counter, batch_status = known[order.id]
+            assert (batch_rekeying, batch_other, batch_status) == (rekeying, other, status)
+            own = order.step or 0
+            assert max(own, batch_counter) == max(own, counter)
+        session.rollback()
 
 
 def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:

@@ -522,7 +522,10 @@ def work_batch(
             due = ctx.session.scalars(_DUE_TO_SEND, {"now": ctx.now, "limit": limit - len(orders)})
             orders += [order for order in due if order not in orders]
         _lock_cards(ctx, [order.card_serial for order in orders])
-        return [WorkResult(o.id, _step_written(ctx, o, channel, bank)) for o in orders]
+        known = _first_situations(ctx, orders)
+        return [
+            WorkResult(o.id, _step_written(ctx, o, channel, bank, known.get(o.id))) for o in orders
+        ]
 
 
 def _lock_cards(ctx: Context, serials: list[str]) -> None:
@@ -545,20 +548,36 @@ def refund_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResu
     return None if order is None else WorkResult(order.id, _step_written(ctx, order, channel, bank))
 
 
-def _step_written(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
-    outcome = _step(ctx, order, channel, bank)
+def _step_written(
+    ctx: Context,
+    order: TopUpOrder,
+    channel: OtaChannel,
+    bank: BankClient,
+    situation: CardSituation | None = None,
+) -> str:
+    outcome = _step(ctx, order, channel, bank, situation)
     write_now(ctx.session, order)
     return outcome
 
 
-def _step(ctx: Context, order: TopUpOrder, channel: OtaChannel, bank: BankClient) -> str:
+def _step(
+    ctx: Context,
+    order: TopUpOrder,
+    channel: OtaChannel,
+    bank: BankClient,
+    situation: CardSituation | None = None,
+) -> str:
+    """The order's next step; ``situation``: its card's, read for the batch (else asked
+    here)."""
     if order.state == "created":  # never paid in its lifetime
         order.state, order.finished_at, order.next_action_at = "failed", ctx.now, None
         order.failure = "not paid in time"
         return "expired"
     if order.state == "refunding":
         return _refund(ctx, order, channel, bank)
-    rekeying, other_order_under_way, card_counter, card_status = _card_situation(ctx, order)
+    rekeying, other_order_under_way, card_counter, card_status = situation or _card_situation(
+        ctx, order
+    )
     if rekeying:
         # The SIM's OTA keys are changing: a packet now might be under the wrong version.
         order.next_action_at = ctx.now + timedelta(seconds=rekey_wait_s)
@@ -690,7 +709,10 @@ def _card_situation_query():  # type: ignore[no-untyped-def]
 _CARD_SITUATION = _card_situation_query()
 
 
-def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int, str]:
+CardSituation = tuple[bool, bool, int, str]  # rekeying, another order under way, counter, status
+
+
+def _card_situation(ctx: Context, order: TopUpOrder) -> CardSituation:
     """What else goes on with this order's card, in one query (the card is locked by
     ``_lock_cards`` first, in a statement of its own: one that waited for a lock reads
     what was committed before it started): is a rekey sending; is another order under
@@ -701,6 +723,54 @@ def _card_situation(ctx: Context, order: TopUpOrder) -> tuple[bool, bool, int, s
         _CARD_SITUATION, {"serial": order.card_serial, "order_id": order.id}
     ).one()
     return bool(rekeying), bool(other_order), max(from_orders or 0, from_rekeys or 0), status
+
+
+def _card_situations_query():  # type: ignore[no-untyped-def]
+    """``_CARD_SITUATION`` for several cards at once, as figures per card that each order
+    reads its own answer from (``_first_situations``). Built once."""
+    serial = Card.serial
+
+    def of_card_orders(column, *where):  # type: ignore[no-untyped-def]
+        return select(column).where(TopUpOrder.card_serial == serial, *where).scalar_subquery()
+
+    return select(
+        serial,
+        Card.status,
+        exists().where(OtaRekey.card_serial == serial, OtaRekey.state.in_(rekeys.SENDING)),
+        of_card_orders(func.count(), TopUpOrder.state.in_(SENDING_PACKETS)),
+        of_card_orders(func.min(TopUpOrder.id), TopUpOrder.state.in_(SENDING_PACKETS)),
+        of_card_orders(func.min(TopUpOrder.id), TopUpOrder.state == "paid"),
+        of_card_orders(func.max(TopUpOrder.step)),
+        select(func.max(OtaRekey.counter_base + OtaRekey.attempts - 1))
+        .where(OtaRekey.card_serial == serial, OtaRekey.attempts > 0)
+        .scalar_subquery(),
+    ).where(serial.in_(bindparam("serials", expanding=True)))
+
+
+_CARD_SITUATIONS = _card_situations_query()
+
+
+def _first_situations(ctx: Context, orders: list[TopUpOrder]) -> dict[int, CardSituation]:
+    """Order id → its card's situation, as ``_card_situation`` would answer it, for the
+    first order of each card in a batch: in one query, not one an order. Only the first:
+    nothing in the batch has touched its card before its step, while a later order of the
+    same card must see what the earlier one's step wrote (it asks its own query). The
+    counter is the highest step of all the card's orders, this one's too: ``_next_step``
+    takes this order's own step into account anyway."""
+    first = {}
+    for order in orders:
+        first.setdefault(order.card_serial, order)
+    if len(first) < 2:
+        return {}  # (one card: its own query costs the same)
+    known = {}
+    rows = ctx.session.execute(_CARD_SITUATIONS, {"serials": sorted(first)})
+    for serial, status, rekeying, sending, first_sending, first_paid, step, rekey_step in rows:
+        order = first[serial]
+        another_sending = sending > 1 or (sending == 1 and first_sending != order.id)
+        paid_before = first_paid is not None and first_paid < order.id
+        counter = max(step or 0, rekey_step or 0)
+        known[order.id] = (bool(rekeying), another_sending or paid_before, counter, status)
+    return known
 
 
 def last_packet_counter(ctx: Context, serial: str) -> int:
