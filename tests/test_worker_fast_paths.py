@@ -542,6 +542,51 @@ def test_a_batchs_card_situations_read_at_once_are_each_orders_own(
         session.rollback()
 
 
+def test_a_batch_of_several_cards_steps_each_order_as_alone(wallet: Wallet, tmp_path: Path) -> None:
+    """Three cards, four paid orders due in one batch: one query answers for the first
+    order of each card, the second order of a card asks its own after the first's step is
+    written — and waits for it, while the other cards' orders send their packet 1."""
+    world = World(wallet, tmp_path)
+    company = set_up_bus_company(wallet, code="BUS2", terminal_id="000012000002")
+    phones = {world.serial: PHONE}
+    for index in range(2):
+        phone = f"1390013900{index}"
+        card = wallet.ok(
+            "POST",
+            "/api/v1/cards",
+            company.counter_token,
+            {"iccid": f"89860099999999999{index:02d}", "phone": phone},
+        )
+        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
+        phones[card["serial"]] = phone
+    serials = [world.serial, world.serial, *list(phones)[1:]]
+
+    def paid_orders(ctx):  # type: ignore[no-untyped-def]
+        made = [
+            topups.create_order(ctx, serial, index.to_bytes(4, "big"), 100, phones[serial])
+            for index, serial in enumerate(serials)
+        ]
+        ctx.session.execute(
+            update(TopUpOrder).values(
+                state="paid", payment_id="pay", paid_fen=100, next_action_at=ctx.now
+            )
+        )
+        return [order.id for order in made]
+
+    ids = world.run(paid_orders)
+    with statements(wallet) as seen:
+        steps = world.run(lambda ctx: topups.work_batch(ctx, world.channel, world.bank))
+    assert {step.order_id: step.action for step in steps} == {  # (in whichever order)
+        ids[0]: "packet 1 sent",
+        ids[1]: "waiting for the card's other top-up",
+        ids[2]: "packet 1 sent",
+        ids[3]: "packet 1 sent",
+    }
+    situations = [s for s in seen if "FROM ota_rekeys" in s and s.startswith("SELECT")]
+    assert len(situations) == 2 and "cards.serial IN" in situations[0]  # all, then the 2nd
+    assert sorted(packet[1] for packet in world.channel.sent) == sorted(set(serials))
+
+
 def test_a_batchs_load_accounts_are_read_in_one_query(wallet: Wallet) -> None:
     serials = ["1000000000000001", "1000000000000002"]
 
