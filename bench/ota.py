@@ -267,13 +267,16 @@ def median_alone_line(figures: dict[str, float]) -> str:
     )
 
 
+def cpu_ms_per_topup(figures: dict[str, float], parties: tuple[str, ...]) -> float:
+    return sum(figures[f"cpu_ms_per_topup_{party}"] for party in parties)
+
+
 def cpu_lines(figures: dict[str, float]) -> list[str]:
     """CPU per top-up over the loaded run: the platform's own cost, and the simulators'."""
 
     def per_topup(parties: tuple[str, ...]) -> str:
         parts = ", ".join(f"{p} {figures[f'cpu_ms_per_topup_{p}']:.1f}" for p in parties)
-        total = sum(figures[f"cpu_ms_per_topup_{p}"] for p in parties)
-        return f"{total:.1f} ms  # {parts}"
+        return f"{cpu_ms_per_topup(figures, parties):.1f} ms  # {parts}"
 
     return [
         f"ota_platform_cpu_ms_per_topup: {per_topup(PLATFORM)}",
@@ -296,7 +299,7 @@ def ota_lines(figures: dict[str, float], workers: int = ota_workers) -> list[str
 
 def scaled_out_line(figures: dict[str, float], workers: int = ota_workers_scaled_out) -> str:
     """The throughput of a run with several workers, and what they cost per top-up."""
-    total = sum(figures[f"cpu_ms_per_topup_{party}"] for party in (*PLATFORM, *SIMULATORS))
+    total = cpu_ms_per_topup(figures, (*PLATFORM, *SIMULATORS))
     return (
         f"ota_topups_per_s_{workers}_workers: {figures['ota_topups_per_s']:.0f} top-ups/s  "
         f"# workers {figures['cpu_ms_per_topup_workers']:.1f} ms CPU a top-up, every party "

@@ -118,6 +118,17 @@ class _Scripted:
         self.thread.join(timeout=5)
         self.listener.close()
 
+    def unserved_connections(self) -> int:
+        """Connections made after the scripts ran out (waiting in the backlog, unread)."""
+        self.listener.setblocking(False)
+        waiting = 0
+        while True:
+            try:
+                self.listener.accept()[0].close()
+            except BlockingIOError:
+                return waiting
+            waiting += 1
+
 
 def _reset(connection: socket.socket) -> None:
     """Close with an RST, as a server dropping a connection does."""
@@ -149,6 +160,8 @@ def test_a_new_connection_dropped_unanswered_is_an_error_not_asked_again() -> No
     client = KeepAliveClient(server.origin)
     with pytest.raises(HttpClientError, match="closed unanswered"):
         client.request("POST", "/submit", body=b"1", timeout_s=5)
+    server.thread.join(timeout=5)
+    assert server.unserved_connections() == 0  # (not asked again on another connection)
     server.close()
     assert len(server.requests) == 1
 

@@ -121,23 +121,8 @@ def test_the_in_process_gateway_talks_both_ways() -> None:
 
 
 def test_the_http_gateway_against_smsc_serve() -> None:
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).resolve().parent.parent / "app.py"),
-            "smsc",
-            "serve",
-            "--port",
-            str(port),
-        ],
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until_up(f"{base}/stats", 20, process)
+    with _smsc_served() as (process, port):
+        base = f"http://127.0.0.1:{port}"
         gateway = HttpGateway(base, PLATFORM)
         gateway.send(PHONE, b"\x01\x02")
         phone_box = requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"]
@@ -182,7 +167,6 @@ def test_the_http_gateway_against_smsc_serve() -> None:
         with pytest.raises(GatewayError, match="HTTP 422"):  # refused: an error, not a 2xx
             gateway.send_many([(PHONE, b"\x03", b""), ("not a number", b"\x04", b"")])
         assert requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"] == []
-    finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
     assert process.returncode == 0

@@ -18,10 +18,11 @@ COUNTER_TERMINAL = bytes.fromhex("0000000000C1")
 ID_NUMBER = "110101199001011234"
 
 
-def issue_card(wallet: Wallet, token: str, iccid: str = "8986001234567890123") -> tuple[dict, Sim]:
-    card = wallet.ok(
-        "POST", "/api/v1/cards", token, {"iccid": iccid, "phone": "13800138000"}, status=201
-    )
+def issue_card(
+    wallet: Wallet, token: str, iccid: str = "8986001234567890123", phone: str = "13800138000"
+) -> tuple[dict, Sim]:
+    """A card issued and activated through the API, and its SIM."""
+    card = wallet.ok("POST", "/api/v1/cards", token, {"iccid": iccid, "phone": phone}, status=201)
     wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", token)
     sim = Sim.load(Path(wallet.app.config["PERSONALIZATION_DIR"]) / card["image_file"])
     return card, sim

@@ -18,6 +18,7 @@ from reader_sim.pos import Outcome
 from sim_applet.personalize import IssuerKeys, personalize
 from sim_applet.sim import Sim
 from tests.helpers import new_pos, purse
+from tests.test_wallet_cards_and_loads import issue_card
 from tests.wallet_fixtures import Wallet, listening_for_work, set_up_bus_company
 from wallet_service.auth import Principal
 from wallet_service.services import topups
@@ -54,16 +55,8 @@ class World:
     def __init__(self, wallet: Wallet, tmp_path: Path, sim_keys: IssuerKeys | None = None):
         self.wallet = wallet
         company = set_up_bus_company(wallet)
-        card = wallet.ok(
-            "POST",
-            "/api/v1/cards",
-            company.counter_token,
-            {"iccid": "8986001234567890123", "phone": PHONE},
-        )
-        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
+        card, self.sim = issue_card(wallet, company.counter_token, phone=PHONE)
         self.serial = card["serial"]
-        perso = Path(wallet.app.config["PERSONALIZATION_DIR"])
-        self.sim = Sim.load(perso / card["image_file"])
         if sim_keys is not None:  # a clone made with another issuer's keys
             self.sim = personalize(bytes.fromhex(self.serial), issuer=sim_keys)
         self.channel = MemoryChannel({PHONE: self.sim})

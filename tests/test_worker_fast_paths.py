@@ -23,6 +23,7 @@ from otar.keys import derive_keyset
 from reader_sim.bank import Bank, new_webhook_secret
 from reader_sim.smsc import SmsCentre
 from tests.helpers import purse
+from tests.test_wallet_cards_and_loads import issue_card
 from tests.test_wallet_ledger_and_registry import _pay_in
 from tests.test_wallet_topups import BANK_CARD, PHONE, World, _real_now
 from tests.wallet_fixtures import Wallet, set_up_bus_company
@@ -474,14 +475,8 @@ def three_cards(wallet: Wallet) -> list[str]:
     company = set_up_bus_company(wallet)
     serials = []
     for index in range(3):
-        card = wallet.ok(
-            "POST",
-            "/api/v1/cards",
-            company.counter_token,
-            {"iccid": f"89860012345678901{index:02d}", "phone": f"1380013800{index}"},
-        )
-        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
-        serials.append(card["serial"])
+        iccid, phone = f"89860012345678901{index:02d}", f"1380013800{index}"
+        serials.append(issue_card(wallet, company.counter_token, iccid, phone)[0]["serial"])
     return serials
 
 
@@ -551,13 +546,7 @@ def test_a_batch_of_several_cards_steps_each_order_as_alone(wallet: Wallet, tmp_
     phones = {world.serial: PHONE}
     for index in range(2):
         phone = f"1390013900{index}"
-        card = wallet.ok(
-            "POST",
-            "/api/v1/cards",
-            company.counter_token,
-            {"iccid": f"89860099999999999{index:02d}", "phone": phone},
-        )
-        wallet.ok("POST", f"/api/v1/cards/{card['serial']}/activate", company.counter_token)
+        card, _ = issue_card(wallet, company.counter_token, f"89860099999999999{index:02d}", phone)
         phones[card["serial"]] = phone
     serials = [world.serial, world.serial, *list(phones)[1:]]
 
