@@ -350,6 +350,54 @@ def test_a_message_the_database_refuses_is_dropped_alone(
     world.bank.close()
 
 
+def test_a_message_whose_rows_the_commit_refuses_is_dropped_alone(
+    wallet: Wallet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's transfers go in as it commits (``db.insert_at_commit``), so a unique
+    reference taken fails the commit, not the message that posted it. Done again one
+    savepoint per message, that message's transfer goes in at once, inside its savepoint:
+    only it is dropped, and the top-up request beside it stands."""
+    from datetime import datetime
+
+    import wallet_service.worker as worker_module
+    from wallet_service import ledger
+
+    def post_taken(session) -> None:  # type: ignore[no-untyped-def]
+        ledger.post_at_commit(
+            session,
+            debit=(ledger.BANK_SETTLEMENT, "bank"),
+            credit=("topup_pending", "platform"),
+            amount_fen=1,
+            kind="test",
+            reference="taken",
+            at=datetime(2026, 12, 1),
+        )
+
+    with wallet.database.transaction() as session:
+        post_taken(session)
+    real = worker_module.handle_incoming_sms
+
+    def posting_taken_for_loss_reports(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+        outcome = real(ctx, box, sms, merchant)
+        if ctx.session.scalar(select(Card.status)) == "lost":
+            post_taken(ctx.session)
+        return outcome
+
+    monkeypatch.setattr(worker_module, "handle_incoming_sms", posting_taken_for_loss_reports)
+    world = PhoneWorld(wallet, tmp_path)
+    world.screen.answers[:] = ["12", "123456"]
+    world.phone.select(4)  # a top-up request …
+    world.screen.answers[:] = ["123456"]
+    world.phone.select(5)  # … then a loss report whose transfer the database refuses
+    worker = worker_module.Worker(wallet.app, world.gateway, world.bank)
+    assert worker.read_sms() == 2
+    world.phone.receive()
+    assert [link[2] for link in world.phone.payment_links] == [1200]
+    assert wallet.ok("GET", f"/api/v1/cards/{world.serial}")["status"] == "active"
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
+    world.bank.close()
+
+
 def test_the_worker_running_forever_serves_the_phone(wallet: Wallet, tmp_path: Path) -> None:
     """``run_forever`` (the SMS loop and the database loop side by side) in a thread."""
     import threading

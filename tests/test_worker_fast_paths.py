@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bench import ota_worker
@@ -693,7 +693,51 @@ def test_audit_events_go_with_the_savepoint_they_were_recorded_in(wallet: Wallet
     with pytest.raises(RuntimeError), wallet.database.transaction() as session:
         audit.record(session, "test", "dropped.3", "subject", wallet.clock())
         raise RuntimeError("the transaction fails")
-    assert _audited_actions(wallet)[len(before) :] == ["kept.1", "kept.2", "kept.3"]
+    # (one recorded inside a savepoint is inserted at once, the others as the transaction
+    # commits: ids order transactions, not the events within one)
+    assert sorted(_audited_actions(wallet)[len(before) :]) == ["kept.1", "kept.2", "kept.3"]
+
+
+def test_transfers_and_audit_events_are_inserted_as_their_transaction_commits(
+    wallet: Wallet,
+) -> None:
+    """Nothing reads them back inside their transaction: each table's rows go in one
+    statement as it commits, not one round trip each. One made inside a savepoint goes at
+    once (a failure is then the savepoint's); a rolled-back transaction's never go."""
+
+    def inserts(seen: list[str], table: str) -> int:
+        return sum(s.startswith(f"INSERT INTO {table} ") for s in seen)
+
+    def counts() -> tuple[int, int]:
+        with wallet.database.transaction() as session:
+            return tuple(  # type: ignore[return-value]
+                session.scalar(select(func.count()).select_from(model))
+                for model in (Transfer, AuditEvent)
+            )
+
+    transfers_before, events_before = counts()
+    with statements(wallet) as seen, wallet.database.transaction() as session:
+        for n in range(3):
+            _pay_in(session, 10, f"paid:{n}")
+            audit.record(session, "test", f"held.{n}", "subject", AT)
+        assert inserts(seen, "transfers") == inserts(seen, "audit_events") == 0
+        ledger.check_balanced(session)  # (the transfers held count, as their totals do)
+        with session.begin_nested():
+            audit.record(session, "test", "in a savepoint", "subject", AT)
+            assert inserts(seen, "audit_events") == 1
+    assert inserts(seen, "transfers") == 1 and inserts(seen, "audit_events") == 2
+    assert counts() == (transfers_before + 3, events_before + 4)
+    with (
+        statements(wallet) as seen,
+        pytest.raises(RuntimeError),
+        wallet.database.transaction() as session,
+    ):
+        _pay_in(session, 10, "paid:rolled back")
+        audit.record(session, "test", "rolled back", "subject", AT)
+        raise RuntimeError("the worker dies")
+    assert inserts(seen, "transfers") == inserts(seen, "audit_events") == 0
+    assert counts() == (transfers_before + 3, events_before + 4)
+    assert wallet.ok("GET", "/api/v1/ledger")["balanced"]
 
 
 def _passes_in(

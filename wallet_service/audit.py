@@ -9,9 +9,11 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from wallet_service.db import insert_at_commit
 from wallet_service.models import AuditEvent
 
-# Written at once, as a plain INSERT: an event is never read back in the transaction that
+# Written as the transaction commits, as a plain INSERT with its other events in one
+# executemany (``insert_at_commit``): an event is never read back in the transaction that
 # writes it, and an ORM object would cost a unit-of-work flush (about four times the
 # INSERT's CPU; the worker writes one or two per top-up). Built once.
 _INSERT_EVENT = insert(AuditEvent.__table__)
@@ -27,4 +29,4 @@ def record(
         "details": json.dumps(details, sort_keys=True, default=str, ensure_ascii=False),
         "created_at": at,
     }
-    session.execute(_INSERT_EVENT, event)
+    insert_at_commit(session, _INSERT_EVENT, event)

@@ -16,7 +16,14 @@ from sqlalchemy import bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
-from wallet_service.db import transaction_cache
+from wallet_service.db import (
+    SavepointsLeftOpen,
+    at_commit,
+    insert_at_commit,
+    pending,
+    savepoints_open,
+    transaction_cache,
+)
 from wallet_service.models import Account, Transfer
 
 # Account kinds (the chart of accounts)
@@ -114,9 +121,6 @@ def _transfer_row(
 # stays, nor leaves one whose transfer went.
 _AT_COMMIT = "ledger_transfers_moving_at_commit"
 Posted = tuple[int, int, int]
-# The innermost savepoint open at the last ``before_commit``, until it closes (see
-# ``_move_totals``).
-_COMMITTING_THROUGH = "ledger_commit_through_savepoint"
 
 
 def _moving(session: Session) -> dict[SessionTransaction, list[Posted]]:
@@ -140,19 +144,20 @@ def post_at_commit(
     reference: str,
     at: datetime,
 ) -> None:
-    """A transfer for hot accounts (every top-up moves ``topup_pending:platform``): the
-    transfer row is written now, the two accounts' totals just before the transaction
-    commits — one UPDATE per account for all of the transaction's transfers, in id order.
+    """A transfer for hot accounts (every top-up moves ``topup_pending:platform``), written
+    as the transaction commits: its row with the transaction's other transfers in one
+    executemany (``db.insert_at_commit``; inside a savepoint, at once), the two accounts'
+    totals by one UPDATE per account for all of them, in id order.
     A worker's batch then holds a hot account's row lock only for its commit, not for the
     rest of the batch, and two workers stop queueing behind each other. A savepoint rolled
     back (an exception, a failed flush) takes its transfers' totals with it, as it takes
-    their rows (``_AT_COMMIT``). Totals read inside the transaction do not show these
-    transfers yet."""
+    their rows (``_AT_COMMIT``). Totals and transfers read inside the transaction do not
+    show these transfers yet."""
     assert amount_fen > 0, "a transfer moves a positive amount"
     debit_id, credit_id = _account_ids(session, debit, credit)
     assert debit_id != credit_id, "a transfer moves money between two accounts"
     row = _transfer_row(debit_id, credit_id, amount_fen, kind, reference, at)
-    session.execute(_INSERT_TRANSFER, row)
+    insert_at_commit(session, _INSERT_TRANSFER, row)
     _moving(session).setdefault(_innermost(session), []).append((debit_id, credit_id, amount_fen))
 
 
@@ -211,23 +216,15 @@ _MOVE_TOTALS = (
 )
 
 
-@event.listens_for(Session, "before_commit")
+@at_commit
 def _move_totals(session: Session) -> None:
-    """The totals move as the transaction commits, in it. ``before_commit`` comes before a
-    savepoint's release too, and a transaction committed with savepoints still open has
-    its own come first, then theirs, innermost first (SQLAlchemy releases them for it): so
-    the innermost savepoint seeing ``before_commit`` twice before it closes is being
-    committed through, and everything moves then, inside it. At a plain release nothing
-    moves (its transfers go to its parent as it closes: ``_hand_to_parent``). With one
-    savepoint open, only the transaction can commit through it; with more, a savepoint
-    might — and moving everything inside it would let a rollback of that savepoint's parent
-    take totals of transfers posted outside it. So that is refused (nothing here does it:
-    commit savepoints before their transaction)."""
-    savepoint = session.get_nested_transaction()
-    if savepoint is not None and session.info.get(_COMMITTING_THROUGH) is not savepoint:
-        session.info[_COMMITTING_THROUGH] = savepoint  # a release, unless a second comes
-        return
-    if savepoint is not None and _savepoints_open(savepoint) > 1 and _moving_at_commit(session):
+    """The totals move as the transaction commits, in it (``db.at_commit``: not as a
+    savepoint is released — its transfers go to its parent as it closes,
+    ``_hand_to_parent``). With one savepoint open, only the transaction can commit through
+    it; with more, a savepoint might — and moving everything inside it would let a rollback
+    of that savepoint's parent take totals of transfers posted outside it. So that is
+    refused (nothing here does it: commit savepoints before their transaction)."""
+    if savepoints_open(session) > 1 and _moving_at_commit(session):
         raise SavepointsLeftOpen(
             "a commit with more than one savepoint open, transfers to move: commit the "
             "savepoints first"
@@ -248,17 +245,6 @@ def _move_totals(session: Session) -> None:
             session.expire(loaded, ["debits_fen", "credits_fen"])
 
 
-class SavepointsLeftOpen(RuntimeError):
-    pass
-
-
-def _savepoints_open(innermost: SessionTransaction) -> int:
-    count, transaction = 0, innermost
-    while transaction is not None:
-        count, transaction = count + transaction.nested, transaction.parent
-    return count
-
-
 @event.listens_for(Session, "after_rollback")
 def _taken_back(session: Session) -> None:
     """The database rolled back the innermost savepoint, or the transaction: what was posted
@@ -276,8 +262,6 @@ def _taken_back(session: Session) -> None:
 def _hand_to_parent(session: Session, transaction: SessionTransaction) -> None:
     """A savepoint closed: what was posted in it still to move (it was released, or closed
     as its parent rolled back, which then takes it) is its parent's now."""
-    if session.info.get(_COMMITTING_THROUGH) is transaction:
-        del session.info[_COMMITTING_THROUGH]
     moving = session.info.get(_AT_COMMIT)
     if not transaction.nested or not moving or transaction not in moving:
         return
@@ -310,7 +294,7 @@ def balance(account: Account) -> int:
 
 def check_balanced(session: Session) -> None:
     """Sum of debits = sum of credits, in the accounts (with what moves at commit) and in
-    the transfers behind them."""
+    the transfers behind them (with those inserted at commit)."""
     debits, credits = session.execute(
         select(
             func.coalesce(func.sum(Account.debits_fen), 0),
@@ -318,6 +302,7 @@ def check_balanced(session: Session) -> None:
         )
     ).one()
     moved = session.scalar(select(func.coalesce(func.sum(Transfer.amount_fen), 0)))
+    moved += sum(row["amount_fen"] for row in pending(session, _INSERT_TRANSFER))
     for debit_fen, credit_fen in _moving_at_commit(session).values():  # not yet moved
         debits, credits = debits + debit_fen, credits + credit_fen
     if not debits == credits == moved:
