@@ -92,7 +92,10 @@ def test_write_now_writes_the_changed_columns_once_and_leaves_nothing_to_flush(
         with statements(wallet) as seen:
             write_now(session, order)
             session.flush()  # nothing left for the unit of work
-        assert len(seen) == 1 and seen[0].startswith("UPDATE topup_orders SET ")
+            assert seen == []  # (held until the next statement)
+            state = session.scalar(select(TopUpOrder.state).where(TopUpOrder.id == order.id))
+        assert state == "failed" and len(seen) == 2 and seen[1].startswith("SELECT")
+        assert seen[0].startswith("UPDATE topup_orders SET ")
         assert "state" in seen[0] and "attempts" in seen[0] and "failure" not in seen[0]
         assert order not in session.dirty
     with wallet.database.transaction() as session:
@@ -122,13 +125,59 @@ def test_a_new_order_is_the_sessions_object_as_a_query_would_load_it(
         order.state = "failed"
         with statements(wallet) as seen:
             write_now(ctx.session, order)
-        assert len(seen) == 1 and "state" in seen[0] and "reference" not in seen[0]
+            assert seen == []  # (held until the next statement, here the commit)
+            ctx.session.execute(select(1))
+        assert len(seen) == 2 and "state" in seen[0] and "reference" not in seen[0]
         return columns | {"state": "failed"}
 
     as_created = world.run(created)
     with wallet.database.transaction() as session:
         row = _order(session, as_created["reference"])
         assert {key: getattr(row, key) for key in as_created} == as_created
+
+
+def test_rows_written_outside_a_savepoint_go_together_before_the_next_statement(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """``write_now`` outside a savepoint holds its UPDATE until the session's next
+    statement, flush, savepoint or commit: rows of a table changed in the same columns go
+    in one executemany, nothing reads the database before they are written, and a
+    rolled-back transaction's are never sent."""
+    world = World(wallet, tmp_path)
+    references = [world.order(3000) for _ in range(3)]
+    in_order = select(TopUpOrder.attempts, TopUpOrder.state).order_by(TopUpOrder.id)
+    with wallet.database.transaction() as session:
+        orders = [_order(session, reference) for reference in references]
+        with statements(wallet) as seen:
+            for n, order in enumerate(orders):
+                order.attempts = n + 1
+                write_now(session, order)
+            orders[2].state = "failed"
+            write_now(session, orders[2])  # (held with its first: one row, both columns)
+            assert seen == []
+            read = session.execute(in_order).all()
+        assert [tuple(row) for row in read] == [(1, "created"), (2, "created"), (3, "failed")]
+        # two rows changed in the same columns: one statement (an executemany); the third
+        # in its own
+        assert seen[0].startswith("UPDATE topup_orders SET attempts=")
+        assert seen[1].startswith("UPDATE topup_orders SET state=")
+        assert len(seen) == 3 and "state" in seen[1] and seen[2].startswith("SELECT")
+    with (
+        pytest.raises(RuntimeError),
+        wallet.database.transaction() as session,
+        statements(wallet) as seen,
+    ):
+        for order in [_order(session, reference) for reference in references]:
+            order.attempts = 9
+            write_now(session, order)
+        raise RuntimeError("the worker dies")
+    assert not any(s.startswith("UPDATE") for s in seen)
+    with wallet.database.transaction() as session:
+        assert [tuple(row) for row in session.execute(in_order)] == [
+            (1, "created"),
+            (2, "created"),
+            (3, "failed"),
+        ]
 
 
 def test_a_new_order_whose_savepoint_rolls_back_leaves_the_session(
@@ -353,10 +402,12 @@ def test_write_all_now_writes_rows_changed_alike_in_one_update(
         with statements(wallet) as seen:
             write_all_now(session, orders)
             session.flush()  # nothing left for the unit of work
-        assert len(seen) == 2 and all(s.startswith("UPDATE topup_orders SET ") for s in seen)
-        assert sum(" IN (" in s for s in seen) == 1
+        assert len(seen) == 1 and seen[0].startswith("UPDATE topup_orders SET ")
+        assert " IN (" in seen[0]  # (the third is held until the next statement)
         assert not session.dirty
-        savepoint = session.begin_nested()
+        with statements(wallet) as seen:
+            savepoint = session.begin_nested()  # the held UPDATE goes first, outside it
+        assert len(seen) == 1 and "attempts" in seen[0] and " IN (" not in seen[0]
         orders[0].state = "loaded"
         orders[1].state = "loaded"
         write_all_now(session, orders[:2])
