@@ -180,6 +180,57 @@ def test_rows_written_outside_a_savepoint_go_together_before_the_next_statement(
         ]
 
 
+def test_a_requests_order_goes_in_before_the_held_updates_which_go_at_commit(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """A batch's proofs of receipt hold their orders' UPDATEs; a request between them
+    inserts its order without writing them first (it cannot see them: its unique keys are
+    ones no UPDATE changes), so they all go in one executemany at commit."""
+    world = World(wallet, tmp_path)
+    references = [world.order(3000) for _ in range(2)]
+
+    def proofs_around_a_request(ctx):  # type: ignore[no-untyped-def]
+        first, second = (_order(ctx.session, reference) for reference in references)
+        cards.find_card(ctx.session, world.serial)  # (read ahead for a batch, as its phones')
+        with statements(wallet) as seen:
+            first.attempts = 5
+            write_now(ctx.session, first)
+            new = topups.create_order(ctx, world.serial, b"\x00\x00\x00\x09", 100, PHONE)
+            second.attempts = 6
+            write_now(ctx.session, second)
+            assert [s.split(" ")[0] for s in seen] == ["INSERT"]  # (the order only)
+        return new.reference
+
+    with statements(wallet) as committed:
+        new_reference = world.run(proofs_around_a_request)
+    updates = [s for s in committed if s.startswith("UPDATE topup_orders")]
+    assert len(updates) == 1 and "attempts" in updates[0]  # both rows, one executemany
+    with wallet.database.transaction() as session:
+        attempts = [_order(session, r).attempts for r in (*references, new_reference)]
+    assert attempts == [5, 6, 0]
+
+
+def test_the_commit_hooks_statements_are_pipelined_on_postgresql(wallet: Wallet) -> None:
+    """Held UPDATEs, INSERTs and ledger totals go to PostgreSQL without waiting for each
+    answer (psycopg's pipeline mode): one round trip for all of them."""
+    from wallet_service import db
+
+    seen: list[bool] = []
+
+    def pipelined(session) -> None:  # type: ignore[no-untyped-def]
+        raw = session.connection().connection.dbapi_connection
+        pgconn = getattr(raw, "pgconn", None)  # (psycopg's; SQLite has none)
+        seen.append(pgconn is not None and pgconn.pipeline_status != 0)  # 0: OFF
+
+    db._commit_hooks.append(pipelined)
+    try:
+        with wallet.database.transaction() as session:
+            _pay_in(session, 10, "pipelined")
+    finally:
+        db._commit_hooks.remove(pipelined)
+    assert seen == [wallet.database.engine.dialect.name == "postgresql"]
+
+
 def test_a_new_order_whose_savepoint_rolls_back_leaves_the_session(
     wallet: Wallet, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from wallet_service.models import AuditEvent
 # executemany (``insert_at_commit``): an event is never read back in the transaction that
 # writes it, and an ORM object would cost a unit-of-work flush (about four times the
 # INSERT's CPU; the worker writes one or two per top-up). Built once.
-_INSERT_EVENT = insert(AuditEvent.__table__)
+_INSERT_EVENT = insert(AuditEvent.__table__).inline()  # (no id returned: see insert_at_commit)
 
 
 def record(

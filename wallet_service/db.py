@@ -25,6 +25,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import (
+    DBAPIError,
     DisconnectionError,
     IntegrityError,
     InvalidatePoolError,
@@ -107,9 +108,18 @@ def _write_held(session: Session) -> None:
         held.connection.execute(_updates_by_id[table], parameters)
 
 
+# A statement with this execution option set goes before the held UPDATEs (``write_now``):
+# one that cannot see what they change — an INSERT of a new row whose unique keys no
+# UPDATE here changes (a top-up order's request and reference are set once). Between a
+# batch's proofs of receipt, each request's order then leaves the UPDATEs held: the
+# batch's go in one executemany at commit, not one before each request.
+BLIND_TO_HELD_WRITES = "blind_to_held_writes"
+
+
 @event.listens_for(Session, "do_orm_execute")
 def _write_held_before_a_statement(execution) -> None:  # type: ignore[no-untyped-def]
-    _write_held(execution.session)
+    if not execution.execution_options.get(BLIND_TO_HELD_WRITES):
+        _write_held(execution.session)
 
 
 @event.listens_for(Session, "before_flush")
@@ -271,7 +281,8 @@ def at_commit(hook: Callable[[Session], None]) -> Callable[[Session], None]:
     savepoint seeing ``before_commit`` twice before it closes is being committed through,
     and the hooks run then, inside it (released right after). A hook that must not run
     inside a savepoint counts them (``savepoints_open``). Nothing here commits with
-    savepoints open: ``begin_nested`` blocks close theirs."""
+    savepoints open: ``begin_nested`` blocks close theirs. On PostgreSQL the hooks'
+    statements are pipelined (``_pipelined``): they read nothing back."""
     _commit_hooks.append(hook)
     return hook
 
@@ -282,8 +293,32 @@ def _committing(session: Session) -> None:
     if savepoint is not None and session.info.get(_COMMITTING_THROUGH) is not savepoint:
         session.info[_COMMITTING_THROUGH] = savepoint  # a release, unless a second comes
         return
-    for hook in _commit_hooks:
-        hook(session)
+    session.flush()  # (what the unit of work holds goes first: it reads its row counts)
+    with session.no_autoflush, _pipelined(session):
+        for hook in _commit_hooks:
+            hook(session)
+
+
+@contextmanager
+def _pipelined(session: Session) -> Iterator[None]:
+    """On PostgreSQL, the statements sent meanwhile go without waiting for each answer
+    (psycopg's pipeline mode), and are answered together as it ends: the commit hooks'
+    held UPDATEs, INSERTs and ledger totals cost one round trip, not one each. So those
+    statements read nothing back — no rows, no row counts (an INSERT is ``inline()``: no
+    id returned; no ORM flush runs in it). An error
+    answered then is raised as SQLAlchemy raises one (an ``IntegrityError`` for a unique
+    key taken: retried, or the worker's batch done again one message at a time)."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    import psycopg
+
+    try:
+        with connection.connection.dbapi_connection.pipeline():
+            yield
+    except psycopg.Error as error:
+        raise DBAPIError.instance(None, None, error, psycopg.Error) from None
 
 
 @event.listens_for(Session, "after_transaction_end")

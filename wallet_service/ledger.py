@@ -51,7 +51,7 @@ def open_account(session: Session, kind: str, owner: str) -> Account:
 # Built once: every top-up posts twice (built per call, a statement's expression tree and
 # cache key cost more CPU than running it).
 _ACCOUNTS_BY_CODE = select(Account).where(Account.code.in_(bindparam("codes", expanding=True)))
-_INSERT_TRANSFER = insert(Transfer.__table__)
+_INSERT_TRANSFER = insert(Transfer.__table__).inline()  # (no id returned: see insert_at_commit)
 
 
 def open_accounts(session: Session, *kinds_and_owners: tuple[str, str]) -> list[Account]:

@@ -62,7 +62,13 @@ from sim_applet.structures import (
 )
 from sim_applet.toolkit import yuan
 from wallet_service import audit, ledger
-from wallet_service.db import as_loaded, transaction_cache, write_all_now, write_now
+from wallet_service.db import (
+    BLIND_TO_HELD_WRITES,
+    as_loaded,
+    transaction_cache,
+    write_all_now,
+    write_now,
+)
 from wallet_service.errors import Conflict, InvalidInput, NotFound
 from wallet_service.models import (
     BankWebhookEvent,
@@ -166,6 +172,7 @@ def _inserted_once(ctx: Context, values: dict) -> TopUpOrder | None:
             dialect_insert(_ORDERS)
             .on_conflict_do_nothing()  # (its request's, or its reference's: they go together)
             .returning(_ORDERS.c.id)
+            .execution_options(**{BLIND_TO_HELD_WRITES: True})
         )
     order_id = ctx.session.execute(_INSERT_ORDER_ONCE[dialect], values).scalar()
     if order_id is None:
