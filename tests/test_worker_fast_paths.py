@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from bench import ota_worker
 from otar.keys import derive_keyset
@@ -210,25 +211,37 @@ def test_a_requests_order_goes_in_before_the_held_updates_which_go_at_commit(
     assert attempts == [5, 6, 0]
 
 
-def test_the_commit_hooks_statements_are_pipelined_on_postgresql(wallet: Wallet) -> None:
+def test_the_commit_hooks_statements_are_pipelined_on_postgresql(
+    wallet: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Held UPDATEs, INSERTs and ledger totals go to PostgreSQL without waiting for each
-    answer (psycopg's pipeline mode): one round trip for all of them."""
+    answer (psycopg's pipeline mode): one round trip for all of them. A transaction with
+    nothing to do as it commits opens no pipeline (an empty one costs a round trip)."""
     from wallet_service import db
 
     seen: list[bool] = []
+    pipelines: list[Session] = []
+    real_pipelined = db._pipelined
+
+    def counted(session):  # type: ignore[no-untyped-def]
+        pipelines.append(session)
+        return real_pipelined(session)
 
     def pipelined(session) -> None:  # type: ignore[no-untyped-def]
         raw = session.connection().connection.dbapi_connection
         pgconn = getattr(raw, "pgconn", None)  # (psycopg's; SQLite has none)
         seen.append(pgconn is not None and pgconn.pipeline_status != 0)  # 0: OFF
 
-    db._commit_hooks.append(pipelined)
-    try:
-        with wallet.database.transaction() as session:
-            _pay_in(session, 10, "pipelined")
-    finally:
-        db._commit_hooks.remove(pipelined)
+    monkeypatch.setattr(db, "_pipelined", counted)
+    monkeypatch.setattr(db, "_commit_hooks", [*db._commit_hooks, ("test_work", pipelined)])
+    with wallet.database.transaction() as session:
+        session.info["test_work"] = True
+        _pay_in(session, 10, "pipelined")
     assert seen == [wallet.database.engine.dialect.name == "postgresql"]
+    assert len(pipelines) == 1
+    with wallet.database.transaction() as session:
+        session.scalar(select(func.count()).select_from(Transfer))  # (nothing to write)
+    assert len(pipelines) == 1 and len(seen) == 1
 
 
 def test_a_new_order_whose_savepoint_rolls_back_leaves_the_session(

@@ -211,11 +211,12 @@ def _update_all(session: Session, rows: list[Base], values: dict) -> None:
 def _changed_columns(state) -> dict:  # type: ignore[no-untyped-def]
     """Column → value of the attributes set since the load (committed_state holds their
     old values)."""
-    columns = state.mapper.column_attrs
+    attributes = state.attrs  # (made anew at each access, for all of them: once here)
+    columns, row = state.mapper.column_attrs, state.obj()
     return {
-        columns[key].columns[0].key: getattr(state.obj(), key)
+        columns[key].columns[0].key: getattr(row, key)
         for key in state.committed_state
-        if state.attrs[key].history.has_changes()
+        if attributes[key].history.has_changes()
     }
 
 
@@ -268,23 +269,30 @@ def _forget_transaction_caches(session: Session, transaction) -> None:  # type: 
 
 
 # Work done inside each transaction just before it commits (``at_commit``).
-_commit_hooks: list[Callable[[Session], None]] = []
+CommitHook = Callable[[Session], None]
+_commit_hooks: list[tuple[str, CommitHook]] = []  # (work key, hook)
 # The innermost savepoint open at the last ``before_commit``, until it closes.
 _COMMITTING_THROUGH = "commit_through_savepoint"
 
 
-def at_commit(hook: Callable[[Session], None]) -> Callable[[Session], None]:
-    """Run ``hook(session)`` inside every transaction just before it commits — once, and
-    not as a savepoint is released. ``before_commit`` comes before a savepoint's release
+def at_commit(work_key: str) -> Callable[[CommitHook], CommitHook]:
+    """Run the hook (``hook(session)``) inside every transaction that holds work for it in
+    ``session.info[work_key]``, just before it commits — once, and not as a savepoint is
+    released. ``before_commit`` comes before a savepoint's release
     too, and a transaction committed with savepoints still open has its own come first,
     then theirs, innermost first (SQLAlchemy releases them for it): so the innermost
     savepoint seeing ``before_commit`` twice before it closes is being committed through,
     and the hooks run then, inside it (released right after). A hook that must not run
     inside a savepoint counts them (``savepoints_open``). Nothing here commits with
     savepoints open: ``begin_nested`` blocks close theirs. On PostgreSQL the hooks'
-    statements are pipelined (``_pipelined``): they read nothing back."""
-    _commit_hooks.append(hook)
-    return hook
+    statements are pipelined (``_pipelined``): they read nothing back. A transaction with
+    no such work pays nothing (a pipeline costs a round trip even when empty)."""
+
+    def register(hook: CommitHook) -> CommitHook:
+        _commit_hooks.append((work_key, hook))
+        return hook
+
+    return register
 
 
 @event.listens_for(Session, "before_commit")
@@ -293,9 +301,12 @@ def _committing(session: Session) -> None:
     if savepoint is not None and session.info.get(_COMMITTING_THROUGH) is not savepoint:
         session.info[_COMMITTING_THROUGH] = savepoint  # a release, unless a second comes
         return
+    due = [hook for work_key, hook in _commit_hooks if session.info.get(work_key)]
+    if not due:
+        return
     session.flush()  # (what the unit of work holds goes first: it reads its row counts)
     with session.no_autoflush, _pipelined(session):
-        for hook in _commit_hooks:
+        for hook in due:
             hook(session)
 
 
@@ -365,12 +376,12 @@ def pending(session: Session, statement: Insert) -> list[dict]:
     return held[1] if held else []
 
 
-@at_commit
+@at_commit(_HELD_WRITES)
 def _write_held_updates(session: Session) -> None:
     _write_held(session)
 
 
-@at_commit
+@at_commit(_INSERTS_AT_COMMIT)
 def _insert_held_rows(session: Session) -> None:
     held = session.info.pop(_INSERTS_AT_COMMIT, None)
     if held and savepoints_open(session) > 1:

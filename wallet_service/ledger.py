@@ -216,7 +216,7 @@ _MOVE_TOTALS = (
 )
 
 
-@at_commit
+@at_commit(_AT_COMMIT)
 def _move_totals(session: Session) -> None:
     """The totals move as the transaction commits, in it (``db.at_commit``: not as a
     savepoint is released — its transfers go to its parent as it closes,
