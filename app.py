@@ -6,11 +6,23 @@ service (``serve``, ``db upgrade``, ``admin create-token``); ``demo`` shows a ca
 
 from __future__ import annotations
 
+import gc
+
 import click
 
 from reader_sim.cli import bank, card, ota, pos, smsc
 from reader_sim.phone_cli import phone
 from wallet_service.cli import admin, clearing, db, serve, topups, worker
+
+# Every command here is a long-running party (the service, the worker, the SMS centre,
+# the bank) or a short tool. Their objects are mostly freed by reference counting: a
+# young-generation collection every 700 allocations (Python's default) found little
+# garbage and cost the OTA worker some 6 % of its CPU. So one every 20,000, and what the
+# imports made (modules, classes, statements built once: never garbage) is left out of every
+# collection. bench.ota, 10 interleaved pairs: worker 2.78 -> 2.61 ms CPU a top-up.
+young_collection_allocations = 20_000
+gc.freeze()
+gc.set_threshold(young_collection_allocations)  # (older generations: as by default)
 
 
 class Cli(click.Group):
