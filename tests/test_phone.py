@@ -357,21 +357,11 @@ def test_a_message_whose_rows_the_commit_refuses_is_dropped_alone(
     reference taken fails the commit, not the message that posted it. Done again one
     savepoint per message, that message's transfer goes in at once, inside its savepoint:
     only it is dropped, and the top-up request beside it stands."""
-    from datetime import datetime
-
     import wallet_service.worker as worker_module
-    from wallet_service import ledger
+    from tests.test_wallet_ledger_and_registry import _pay_in
 
     def post_taken(session) -> None:  # type: ignore[no-untyped-def]
-        ledger.post_at_commit(
-            session,
-            debit=(ledger.BANK_SETTLEMENT, "bank"),
-            credit=("topup_pending", "platform"),
-            amount_fen=1,
-            kind="test",
-            reference="taken",
-            at=datetime(2026, 12, 1),
-        )
+        _pay_in(session, 1, "taken")
 
     with wallet.database.transaction() as session:
         post_taken(session)
