@@ -263,7 +263,8 @@ def _forget_transaction_caches(session: Session, transaction) -> None:  # type: 
     ended = "transaction" if transaction.parent is None else "savepoint"
     if ended == "savepoint" and not transaction.nested:
         return  # a flush's inner transaction
-    for key, at_savepoints in _transaction_caches.items():
+    # (a copy: the other worker thread may add a key meanwhile, its first use)
+    for key, at_savepoints in tuple(_transaction_caches.items()):
         if ended == "transaction" or at_savepoints:
             session.info.pop(key, None)
 
@@ -301,10 +302,12 @@ def _committing(session: Session) -> None:
     if savepoint is not None and session.info.get(_COMMITTING_THROUGH) is not savepoint:
         session.info[_COMMITTING_THROUGH] = savepoint  # a release, unless a second comes
         return
-    due = [hook for work_key, hook in _commit_hooks if session.info.get(work_key)]
-    if not due:
+    if not any(session.info.get(work_key) for work_key, _ in _commit_hooks):
         return
     session.flush()  # (what the unit of work holds goes first: it reads its row counts)
+    due = [hook for work_key, hook in _commit_hooks if session.info.get(work_key)]
+    if not due:  # (the flush wrote the held UPDATEs, and they were all there was)
+        return
     with session.no_autoflush, _pipelined(session):
         for hook in due:
             hook(session)
@@ -328,8 +331,12 @@ def _pipelined(session: Session) -> Iterator[None]:
     try:
         with connection.connection.dbapi_connection.pipeline():
             yield
-    except psycopg.Error as error:
-        raise DBAPIError.instance(None, None, error, psycopg.Error) from None
+    except psycopg.Error as error:  # (a connection lost then: said so, as SQLAlchemy does)
+        raw = connection.connection.dbapi_connection
+        lost = connection.dialect.is_disconnect(error, raw, None)
+        raise DBAPIError.instance(
+            None, None, error, psycopg.Error, connection_invalidated=lost
+        ) from None
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -362,7 +369,9 @@ def insert_at_commit(session: Session, statement: Insert, row: dict) -> None:
     answers for those): under load, a round trip waits for both cores' other work, and the
     worker's SMS loop spent a fifth of its time waiting on these INSERTs. Inside a savepoint
     the row is inserted at once, so its failure (a unique key taken) is that savepoint's, as
-    the worker's one savepoint per message wants. A rolled-back transaction takes them."""
+    the worker's one savepoint per message wants. A rolled-back transaction takes them.
+    (So a held row and one of a savepoint that clash on a unique key fail the commit, not
+    the savepoint: nothing here posts both.)"""
     if session.get_nested_transaction() is not None:
         session.execute(statement, row)
         return
