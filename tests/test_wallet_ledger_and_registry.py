@@ -19,6 +19,7 @@ from sim_applet.sim import Sim
 from tests.helpers import Clock
 from tests.wallet_fixtures import Wallet, set_up_bus_company
 from wallet_service import ledger
+from wallet_service.db import SavepointsLeftOpen
 from wallet_service.models import Account, AuditEvent, Transfer
 
 AT = datetime(2026, 11, 25, 9, 0, 0)
@@ -291,7 +292,7 @@ def test_a_commit_through_two_open_savepoints_is_refused(wallet: Wallet) -> None
         session.begin_nested()
         _pay_in(session, 4, "two savepoints deep, left open")
 
-    with pytest.raises(ledger.SavepointsLeftOpen):
+    with pytest.raises(SavepointsLeftOpen):
         wallet.database.run(work)
     with wallet.database.transaction() as session:
         assert session.scalars(select(Transfer)).all() == []

@@ -283,9 +283,9 @@ def at_commit(work_key: str) -> Callable[[CommitHook], CommitHook]:
     too, and a transaction committed with savepoints still open has its own come first,
     then theirs, innermost first (SQLAlchemy releases them for it): so the innermost
     savepoint seeing ``before_commit`` twice before it closes is being committed through,
-    and the hooks run then, inside it (released right after). A hook that must not run
-    inside a savepoint counts them (``savepoints_open``). Nothing here commits with
-    savepoints open: ``begin_nested`` blocks close theirs. On PostgreSQL the hooks'
+    and the hooks run then, inside it (released right after). With more than one savepoint
+    open that is refused (``SavepointsLeftOpen``). Nothing here commits with savepoints
+    open: ``begin_nested`` blocks close theirs. On PostgreSQL the hooks'
     statements are pipelined (``_pipelined``): they read nothing back. A transaction with
     no such work pays nothing (a pipeline costs a round trip even when empty)."""
 
@@ -308,6 +308,11 @@ def _committing(session: Session) -> None:
     due = [hook for work_key, hook in _commit_hooks if session.info.get(work_key)]
     if not due:  # (the flush wrote the held UPDATEs, and they were all there was)
         return
+    if savepoints_open(session) > 1:
+        raise SavepointsLeftOpen(
+            "a commit with more than one savepoint open and work to do as it commits: "
+            "commit the savepoints first"
+        )
     with session.no_autoflush, _pipelined(session):
         for hook in due:
             hook(session)
@@ -385,17 +390,12 @@ def pending(session: Session, statement: Insert) -> list[dict]:
     return held[1] if held else []
 
 
-@at_commit(_HELD_WRITES)
-def _write_held_updates(session: Session) -> None:
-    _write_held(session)
+at_commit(_HELD_WRITES)(_write_held)
 
 
 @at_commit(_INSERTS_AT_COMMIT)
 def _insert_held_rows(session: Session) -> None:
-    held = session.info.pop(_INSERTS_AT_COMMIT, None)
-    if held and savepoints_open(session) > 1:
-        raise SavepointsLeftOpen("a commit with more than one savepoint open, rows to insert")
-    for statement, rows in (held or {}).values():
+    for statement, rows in session.info.pop(_INSERTS_AT_COMMIT).values():
         session.execute(statement, rows)
 
 

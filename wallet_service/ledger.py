@@ -16,14 +16,7 @@ from sqlalchemy import bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
-from wallet_service.db import (
-    SavepointsLeftOpen,
-    at_commit,
-    insert_at_commit,
-    pending,
-    savepoints_open,
-    transaction_cache,
-)
+from wallet_service.db import at_commit, insert_at_commit, pending, transaction_cache
 from wallet_service.models import Account, Transfer
 
 # Account kinds (the chart of accounts)
@@ -220,19 +213,10 @@ _MOVE_TOTALS = (
 def _move_totals(session: Session) -> None:
     """The totals move as the transaction commits, in it (``db.at_commit``: not as a
     savepoint is released — its transfers go to its parent as it closes,
-    ``_hand_to_parent``). With one savepoint open, only the transaction can commit through
-    it; with more, a savepoint might — and moving everything inside it would let a rollback
-    of that savepoint's parent take totals of transfers posted outside it. So that is
-    refused (nothing here does it: commit savepoints before their transaction)."""
-    if savepoints_open(session) > 1 and _moving_at_commit(session):
-        raise SavepointsLeftOpen(
-            "a commit with more than one savepoint open, transfers to move: commit the "
-            "savepoints first"
-        )
+    ``_hand_to_parent``; and never inside a savepoint whose parent could still roll back
+    the transfers posted outside it: ``db.SavepointsLeftOpen``)."""
     moves = _moving_at_commit(session)
     session.info.pop(_AT_COMMIT, None)
-    if not moves:
-        return
     session.execute(
         _MOVE_TOTALS,
         [

@@ -531,7 +531,8 @@ def work_batch(
         _lock_cards(ctx, [order.card_serial for order in orders])
         known = _first_situations(ctx, orders)
         return [
-            WorkResult(o.id, _step_written(ctx, o, channel, bank, known.get(o.id))) for o in orders
+            WorkResult(o.id, _step_written(ctx, o, _step(ctx, o, channel, bank, known.get(o.id))))
+            for o in orders
         ]
 
 
@@ -552,17 +553,13 @@ def work_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult
 
 def refund_once(ctx: Context, channel: OtaChannel, bank: BankClient) -> WorkResult | None:
     order = ctx.session.scalar(_DUE_TO_REFUND, {"now": ctx.now, "limit": 1})
-    return None if order is None else WorkResult(order.id, _step_written(ctx, order, channel, bank))
+    if order is None:
+        return None
+    return WorkResult(order.id, _step_written(ctx, order, _step(ctx, order, channel, bank)))
 
 
-def _step_written(
-    ctx: Context,
-    order: TopUpOrder,
-    channel: OtaChannel,
-    bank: BankClient,
-    situation: CardSituation | None = None,
-) -> str:
-    outcome = _step(ctx, order, channel, bank, situation)
+def _step_written(ctx: Context, order: TopUpOrder, outcome: str) -> str:
+    """``outcome`` of the order's step, the step written (``write_now``) as it is decided."""
     write_now(ctx.session, order)
     return outcome
 
