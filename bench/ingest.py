@@ -1,5 +1,5 @@
 """ingest_records_per_s: tap records through the HTTP API in batches of 500, on PostgreSQL,
-served by ``app.py serve`` (gunicorn, sync workers) — what a fleet of buses sends."""
+served by ``app.py serve`` (granian, a request at a time a worker): what a bus fleet sends."""
 
 from __future__ import annotations
 
@@ -144,6 +144,6 @@ def _ingest_figures(name: str, url: str) -> dict[str, float]:
 if __name__ == "__main__":
     for figure, value in ingest_figures().items():
         print(
-            f"{figure}: {value:.0f} records/s (PostgreSQL, gunicorn {server_workers} sync "
-            f"workers, {client_threads} client threads, batches of {batch_records})"
+            f"{figure}: {value:.0f} records/s (PostgreSQL, granian {server_workers} "
+            f"one-thread workers, {client_threads} client threads, batches of {batch_records})"
         )

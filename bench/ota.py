@@ -1,6 +1,6 @@
 """ota_topups_per_s and ota_topup_median_ms: over-the-air top-ups end to end on loopback.
 
-Every party is its own process as in production — the wallet service (gunicorn), the SMS
+Every party is its own process as in production — the wallet service (granian), the SMS
 centre (delay 0), the bank, the OTA worker, PostgreSQL — and the phones are simulated in
 this process (``reader_sim.phone``, one thread per phone, each with its own SIM). One
 top-up: the passenger picks "top up" on the SIM menu → request SMS → order → order SMS →
@@ -44,7 +44,7 @@ topups_per_phone = 8  # a loaded phase of some 5 s: steadier figures
 ota_workers = 1
 ota_workers_scaled_out = 2
 server_workers = 2
-server_threads = 4  # gthread: the bank's webhooks keep their connection
+server_threads = 4  # requests at once, each of the service's workers
 confirmation_wait_s = 30
 single_phone_topups = 30
 # The first top-ups after start-up pay once for what a running platform has done long
@@ -65,7 +65,7 @@ def _cpu_by_party(processes: list[subprocess.Popen], database: ScratchDatabase) 
     ticks = _ticks_by_process()
     per_second = os.sysconf("SC_CLK_TCK")
 
-    def tree(pid: int) -> float:  # a process and its live children (gunicorn's workers)
+    def tree(pid: int) -> float:  # a process and its live children (granian's workers)
         own = ticks.get(pid, (0, 0))[0]
         return (own + sum(t for t, parent in ticks.values() if parent == pid)) / per_second
 

@@ -73,7 +73,7 @@ def main() -> None:
 
     for name, value in ingest_figures().items():
         print(
-            f"{name}: {value:.0f} records/s  # PostgreSQL, gunicorn {server_workers} sync "
+            f"{name}: {value:.0f} records/s  # PostgreSQL, granian {server_workers} one-thread "
             f"workers, {client_threads} client threads on the same machine",
             flush=True,
         )

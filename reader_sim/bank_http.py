@@ -1,4 +1,9 @@
-"""``python app.py bank serve``: the simulated bank over HTTP, with its webhook sender."""
+"""``python app.py bank serve``: the simulated bank over HTTP, with its webhook sender,
+served by granian (``wallet_service.http_server``). One worker process holds the bank and
+its sender thread. Against cheroot, which served it before: 0.74–0.80 ms of the bank's CPU
+a payment against 0.87–0.95 (8 kept-alive clients, 3,000 payments a run, three interleaved
+pairs; a throwaway script reading the process tree's CPU from /proc).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ from flask import Flask, Response, jsonify, request
 
 from reader_sim.bank import Bank, BankRefused, deliver_due, request_signed
 from wallet_service.http_client import KeepAliveClient, origin_and_target
+from wallet_service.http_server import serve as serve_wsgi
 
 sender_interval_s = 0.2
+server_threads = 128  # requests at once (every phone's payment)
 delivery_timeout_s = 5.0
 merchant_origins_kept_max = 64  # connections kept alive to this many callback origins
 log = logging.getLogger(__name__)
@@ -158,3 +165,27 @@ class WebhookSender:
             except Exception as error:  # the sender outlives any one pass: due webhooks
                 # stay due, and the next pass (woken, or in sender_interval_s) retries them
                 log.exception("webhook sender: a delivery pass failed: %s", error)
+
+
+def serve_bank(
+    host: str, port: int, db_path: str, secret: str, on_listening: Callable[[str], object]
+) -> None:
+    """Serve the bank in ``db_path`` until SIGTERM, SIGINT or SIGHUP, its sender delivering
+    webhooks signed with ``secret``. CannotListen: the address is taken or not ours."""
+    serve_wsgi(
+        _load_app,
+        {"db_path": db_path, "secret": secret},
+        host=host,
+        port=port,
+        on_listening=lambda url: on_listening(f"bank on {url}"),
+        threads=server_threads,
+    )
+
+
+def _load_app(settings: dict[str, Any]) -> Flask:
+    """(In granian's worker process.) The bank and its sender thread, which ends with the
+    worker: a delivery cut short is retried (the platform dedupes by webhook-id)."""
+    bank = Bank(settings["db_path"])
+    sender = WebhookSender(bank, settings["secret"])
+    sender.thread.start()
+    return create_bank_app(bank, settings["secret"], sender.wake)

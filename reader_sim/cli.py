@@ -381,7 +381,8 @@ def bank() -> None:
 def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple[str, ...]) -> None:
     """Serve the bank over HTTP and send its webhooks."""
     from reader_sim.bank import Bank, webhook_key
-    from reader_sim.bank_http import WebhookSender, create_bank_app
+    from reader_sim.bank_http import serve_bank
+    from wallet_service.http_server import CannotListen
 
     try:
         webhook_key(secret)
@@ -389,20 +390,18 @@ def bank_serve(host: str, port: int, db_path: str, secret: str, merchants: tuple
         raise BadInput(f"--secret: {error}") from None
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     the_bank = Bank(db_path)
-    for item in merchants:
-        merchant, _, url = item.partition("=")
-        if not merchant or not url.startswith("http"):
-            raise BadInput(f"--merchant wants ID=URL, got {item!r}")
-        the_bank.add_merchant(merchant, url)
-    sender = WebhookSender(the_bank, secret)
-    sender.thread.start()
     try:
-        _serve_until_stopped(host, port, create_bank_app(the_bank, secret, sender.wake), "bank")
+        for item in merchants:
+            merchant, _, url = item.partition("=")
+            if not merchant or not url.startswith("http"):
+                raise BadInput(f"--merchant wants ID=URL, got {item!r}")
+            the_bank.add_merchant(merchant, url)
     finally:
-        sender.stop.set()
-        sender.wake()
-        sender.thread.join(timeout=5)
-        the_bank.close()
+        the_bank.close()  # (the server's worker opens its own)
+    try:
+        serve_bank(host, port, db_path, secret, on_listening=click.echo)
+    except CannotListen as error:
+        raise BadInput(str(error)) from None
 
 
 @click.group()
@@ -428,38 +427,6 @@ def smsc_serve(
         smsc_server.serve(host, port, settings, on_listening=click.echo)
     except smsc_server.CannotListen as error:
         raise BadInput(str(error)) from None
-
-
-server_threads = 128  # requests at once (the bank: every phone's payment, its callbacks)
-keep_alive_connections_max = 1024  # idle ones kept open (cheroot's default, 10, would close
-# the connections of most phones between polls — and a client reusing one just as it is
-# closed sees "connection reset")
-
-
-def _serve_until_stopped(host: str, port: int, app, name: str) -> None:  # type: ignore[no-untyped-def]
-    """Serve ``app`` until SIGTERM or Ctrl-C with cheroot: a pool of threads, and HTTP
-    keep-alive (werkzeug's development server closes every connection — a new TCP
-    connection per SMS). Idle keep-alive connections wait in a selector, not in a thread.
-    Served from a thread, because stop() must not run on the serving thread itself."""
-    from cheroot.wsgi import Server
-
-    server = Server((host, port), app, numthreads=server_threads)
-    server.keep_alive_conn_limit = keep_alive_connections_max
-    try:
-        server.prepare()  # binds now: the port is taken before we say we are up
-    except OSError as error:
-        raise BadInput(f"cannot listen on {host}:{port}: {error}") from None
-    click.echo(f"{name} on http://{host}:{port}")
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    threading.Thread(target=server.serve, name="http", daemon=True).start()
-    try:
-        while not stopped.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
 
 
 def _ota_domain(sim: Sim):  # type: ignore[no-untyped-def]

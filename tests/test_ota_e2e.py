@@ -1,5 +1,5 @@
 """The headline flow over real HTTP, every party its own process: the wallet service
-(gunicorn), the SMS centre, the bank, the OTA worker(s), and the phone (``app.py phone``,
+(granian), the SMS centre, the bank, the OTA worker(s), and the phone (``app.py phone``,
 scripted). The passenger picks "top up" on the SIM menu, the bank app pays the link in the
 order SMS, the secured packets load the SIM, the phone shows the new balance."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -11,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import requests
@@ -209,22 +207,6 @@ def test_the_http_gateway_tries_a_broken_connection_once_more_on_a_new_one() -> 
     assert requests_seen == [2, 1]
 
 
-def test_smsc_serve_on_a_taken_port_says_so_in_one_line() -> None:
-
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        app = str(Path(__file__).resolve().parent.parent / "app.py")
-        result = subprocess.run(
-            [sys.executable, app, "smsc", "serve", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"Error: cannot listen on 127.0.0.1:{port}")
-    assert result.stderr.count("\n") == 1 and result.stdout == ""
-
-
 def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
     """The worker's loop waits and tries again on an OSError; phone and worker CLIs print
     one line for it."""
@@ -327,34 +309,6 @@ def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: s
         HttpGateway(base_url, PLATFORM)
 
 
-def test_smsc_serve_killed_outright_leaves_no_server_holding_its_port() -> None:
-    """granian serves from a worker process: it ends with the process that started it,
-    however that ends."""
-    children: list[str] = []
-    try:
-        with _smsc_served() as (process, port):
-            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-            assert children, "served from a worker process"
-            process.kill()
-        deadline = time.monotonic() + 10
-        while any(map(_running, children)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(map(_running, children))
-    finally:
-        for pid in filter(_running, children):  # (the bug this guards: not left behind)
-            os.kill(int(pid), signal.SIGKILL)
-    with socket.create_server(("127.0.0.1", port)):  # the port is free again
-        pass
-
-
-def _running(pid: str) -> bool:
-    """(A process ended but not reaped yet — a zombie, its parent gone — is not running.)"""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 @contextmanager
 def _smsc_served(*options: str) -> Iterator[tuple[subprocess.Popen, int]]:
     port = _free_port()
@@ -371,16 +325,6 @@ def _smsc_served(*options: str) -> Iterator[tuple[subprocess.Popen, int]]:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=10)
-
-
-def test_smsc_serve_by_name_answers_and_ends_on_sighup_with_its_mailboxes() -> None:
-    """(granian reloads on SIGHUP: a second SMS centre with empty mailboxes; here SIGHUP
-    ends it, as SIGTERM does.)"""
-    with _smsc_served("--host", "localhost") as (process, port):
-        process.send_signal(signal.SIGHUP)
-        output, _ = process.communicate(timeout=10)
-        assert process.returncode == 0
-        assert output == f"SMS centre on http://127.0.0.1:{port}\n"
 
 
 def test_a_request_is_answered_while_many_long_polls_wait() -> None:

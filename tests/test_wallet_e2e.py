@@ -1,4 +1,4 @@
-"""End to end over real HTTP: ``python app.py serve`` as its own process (gunicorn), tokens
+"""End to end over real HTTP: ``python app.py serve`` as its own process (granian), tokens
 from ``app.py admin create-token``, the counter terminal and the POS uploader talking to it
 with requests — the way an integrator runs it."""
 

@@ -240,7 +240,7 @@ _free_port = free_port
 @pytest.fixture(params=["sqlite", "postgresql"])
 def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict]]:
     """``python app.py serve`` as its own process, on each database in turn — on
-    PostgreSQL with threaded workers (gthread, kept-alive connections), on SQLite sync."""
+    PostgreSQL with four threads a worker, on SQLite one."""
     yield from _serve(request, tmp_path, request.param)
 
 

@@ -64,7 +64,7 @@ def _bank_webhook_secret(secret: str | None) -> str | None:
 
 def _secret_key(config: dict[str, Any]) -> str:
     """The session cookie's signing key: WALLET_SECRET_KEY, else one made once per instance
-    and kept beside the personalization output (so gunicorn workers agree)."""
+    and kept beside the personalization output (so the server's workers agree)."""
     import secrets
 
     if os.environ.get("WALLET_SECRET_KEY"):

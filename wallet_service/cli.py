@@ -20,32 +20,46 @@ from wallet_service import default_config
     type=click.IntRange(1, 256),
     default=1,
     show_default=True,
-    help="threads per worker; above 1, connections are kept alive (gunicorn gthread)",
+    help="requests served at once by each worker",
 )
 @click.option("--no-migrate", is_flag=True, help="do not apply migrations first")
 def serve(host: str, port: int, workers: int, threads: int, no_migrate: bool) -> None:
-    """Run the wallet service (gunicorn; migrations applied first)."""
+    """Run the wallet service (granian; migrations applied first) until SIGTERM, SIGINT
+    or SIGHUP."""
     default_config()  # a setup mistake stops here, in one line, not in each worker's boot
     if not no_migrate:
         _upgrade()
-    from gunicorn.app.base import BaseApplication
+    from wallet_service.http_server import CannotListen
+    from wallet_service.http_server import serve as serve_wsgi
 
+    def listening(url: str) -> None:
+        click.echo(f"wallet service on {url} (OpenAPI: /openapi.json)")
+
+    try:
+        serve_wsgi(
+            _load_app,
+            {},
+            host=host,
+            port=port,
+            on_listening=listening,
+            workers=workers,
+            threads=threads,
+            access_log=True,
+        )
+    except CannotListen as error:
+        raise _CannotServe(str(error)) from None
+
+
+class _CannotServe(click.ClickException):
+    exit_code = 2  # (as a bad argument: a port taken, a host not this machine's)
+
+
+def _load_app(_settings: dict) -> object:
+    """(In each of granian's worker processes.) The service, configured from the
+    environment as ``serve`` was."""
     from wallet_service import create_app
 
-    class Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{host}:{port}")
-            self.cfg.set("workers", workers)
-            if threads > 1:
-                self.cfg.set("worker_class", "gthread")
-                self.cfg.set("threads", threads)
-            self.cfg.set("accesslog", "-")
-
-        def load(self):  # type: ignore[no-untyped-def]
-            return create_app()
-
-    click.echo(f"wallet service on http://{host}:{port} (OpenAPI: /openapi.json)")
-    Server().run()
+    return create_app()
 
 
 def _upgrade() -> None:
