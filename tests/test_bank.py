@@ -11,10 +11,11 @@ import time
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from standardwebhooks import Webhook
 
 from reader_sim.bank import Bank, BankRefused, deliver_due, new_webhook_secret, signed_headers
@@ -115,6 +116,38 @@ def test_the_platform_stores_each_callback_once(wallet: Wallet, bank: Bank) -> N
     )
     assert again.status_code == 200 and again.get_json()["duplicate"] is True
     assert _events(wallet) == 1
+
+
+def test_a_callback_is_stored_by_one_statement_that_is_its_own_transaction(
+    wallet: Wallet, bank: Bank
+) -> None:
+    """On PostgreSQL the statement runs in autocommit: psycopg sends no BEGIN and no COMMIT
+    (two round trips of three a callback), and the connection goes back to the pool
+    transactional again, or the next unit of work on it would not be all-or-nothing. On
+    SQLite (no round trips) it runs in a transaction, as every unit of work there does."""
+    secret = new_webhook_secret()
+    wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    sent: list[tuple[str, Any, bool | None]] = []
+
+    def seen(connection, _cursor, statement, *_):  # type: ignore[no-untyped-def]
+        dbapi = connection.connection.dbapi_connection
+        if not statement.startswith("SELECT coalesce(sum("):  # (the tests' ledger check)
+            sent.append((statement.split()[0], dbapi, getattr(dbapi, "autocommit", None)))
+
+    engine = wallet.database.engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        bank.pay(MERCHANT, "order-1", 3000, CARD)
+        assert deliver_due(bank, secret, _deliver_to(wallet)) == 1
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert _events(wallet) == 1
+    if wallet.backend == "postgresql":
+        ((statement, connection, autocommit),) = sent  # the INSERT, and NOTIFY the workers
+        assert (statement, autocommit) == ("WITH", True)
+        assert connection.autocommit is False  # back in the pool, transactional
+    else:
+        assert [statement for statement, _, _ in sent] == ["BEGIN", "INSERT"]  # (IMMEDIATE)
 
 
 @pytest.mark.parametrize("tamper", ["signature", "body", "stale", "no_headers", "bad_header"])

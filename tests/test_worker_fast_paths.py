@@ -244,6 +244,17 @@ def test_the_commit_hooks_statements_are_pipelined_on_postgresql(
     assert len(pipelines) == 1 and len(seen) == 1
 
 
+def test_work_run_as_one_statement_may_hold_nothing_for_its_commit(wallet: Wallet) -> None:
+    """On PostgreSQL such work runs in autocommit: what it held for its commit — a ledger
+    transfer here — would not be all-or-nothing with its statement. It is refused."""
+    from wallet_service.db import NotOneStatement
+
+    with pytest.raises(NotOneStatement):
+        wallet.database.run(lambda session: _pay_in(session, 10, "held"), one_statement=True)
+    with wallet.database.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Transfer)) == 0
+
+
 def test_a_new_order_whose_savepoint_rolls_back_leaves_the_session(
     wallet: Wallet, tmp_path: Path
 ) -> None:

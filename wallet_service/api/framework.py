@@ -69,8 +69,10 @@ def endpoint(
     idempotent: bool = False,
     media_type: str = "application/json",
     signed_webhook: bool = False,
+    one_statement: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``view(ctx, body=..., query=..., **path) -> pydantic model or (status, JSON)``."""
+    """``view(ctx, body=..., query=..., **path) -> pydantic model or (status, JSON)``.
+    ``one_statement``: the view's database work is one statement (``Database.run``)."""
 
     def register(view: Callable[..., Any]) -> Callable[..., Any]:
         full_rule = (blueprint.url_prefix or "") + rule
@@ -122,7 +124,7 @@ def endpoint(
                     kwargs["raw_body"], kwargs["headers"] = raw_body, dict(request.headers)
                 return view(ctx, **kwargs)
 
-            answer = database.run(work)
+            answer = database.run(work, one_statement)
             if isinstance(answer, Response):  # streamed (CSV): the view built it
                 return answer
             if isinstance(answer, tuple):

@@ -692,6 +692,7 @@ BLUEPRINTS = (*BLUEPRINTS, bank_bp)
     roles=("bank",),
     response=s.WebhookAck,
     signed_webhook=True,
+    one_statement=True,  # (stored once: bank_webhooks._stored_once)
 )
 def bank_webhook(ctx: Context, raw_body: bytes, headers: dict[str, str]) -> s.WebhookAck:
     from flask import current_app
