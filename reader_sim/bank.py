@@ -20,6 +20,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -50,7 +51,16 @@ CREATE TABLE IF NOT EXISTS refunds (id TEXT PRIMARY KEY, payment_id TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS webhooks (id TEXT PRIMARY KEY, merchant TEXT NOT NULL,
     event_type TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at TEXT NOT NULL, delivered_at TEXT, last_status INTEGER);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (next_attempt_at)
+    WHERE delivered_at IS NULL;
 """
+
+
+_DUE_WEBHOOKS = (  # (by the index webhooks_due: a long-running bank keeps all it sent)
+    "SELECT w.id, m.callback_url, w.payload, w.merchant FROM webhooks w "
+    "JOIN merchants m ON m.id = w.merchant WHERE w.delivered_at IS NULL "
+    "AND w.attempts < ? AND w.next_attempt_at <= ? ORDER BY w.next_attempt_at"
+)
 
 
 class BankRefused(Exception):
@@ -270,30 +280,32 @@ class Bank:
 
     def due_webhooks(self) -> list[tuple[str, str, str, str]]:
         """(webhook id, callback url, payload, merchant) of undelivered webhooks now due."""
-        return self._execute(
-            "SELECT w.id, m.callback_url, w.payload, w.merchant FROM webhooks w "
-            "JOIN merchants m ON m.id = w.merchant WHERE w.delivered_at IS NULL "
-            "AND w.attempts < ? AND w.next_attempt_at <= ? ORDER BY w.next_attempt_at",
-            (webhook_attempts_max, self.clock().isoformat()),
-        )
+        return self._execute(_DUE_WEBHOOKS, (webhook_attempts_max, self.clock().isoformat()))
 
     def record_attempt(self, webhook_id: str, status: int | None) -> None:
+        self.record_attempts([(webhook_id, status)])
+
+    def record_attempts(self, answered: list[tuple[str, int | None]]) -> None:
+        """Each webhook's attempt, with the HTTP status it got (None: unreachable): a 2xx
+        delivers it, anything else makes it due again after its backoff. One transaction."""
         now = self.clock()
         with self._transaction():
-            attempts = self._one("SELECT attempts FROM webhooks WHERE id = ?", (webhook_id,))[0] + 1
-            if status is not None and 200 <= status < 300:
-                self._execute(
-                    "UPDATE webhooks SET attempts = ?, last_status = ?, delivered_at = ? "
-                    "WHERE id = ?",
-                    (attempts, status, now.isoformat(), webhook_id),
-                )
-                return
-            delay = min(webhook_backoff_first_s * 2 ** (attempts - 1), webhook_backoff_max_s)
+            for webhook_id, status in answered:
+                attempts = self._one("SELECT attempts FROM webhooks WHERE id = ?", (webhook_id,))
+                self._record(webhook_id, attempts[0] + 1, status, now)
+
+    def _record(self, webhook_id: str, attempts: int, status: int | None, now: datetime) -> None:
+        if status is not None and 200 <= status < 300:
             self._execute(
-                "UPDATE webhooks SET attempts = ?, last_status = ?, next_attempt_at = ? "
-                "WHERE id = ?",
-                (attempts, status, (now + timedelta(seconds=delay)).isoformat(), webhook_id),
+                "UPDATE webhooks SET attempts = ?, last_status = ?, delivered_at = ? WHERE id = ?",
+                (attempts, status, now.isoformat(), webhook_id),
             )
+            return
+        delay = min(webhook_backoff_first_s * 2 ** (attempts - 1), webhook_backoff_max_s)
+        self._execute(
+            "UPDATE webhooks SET attempts = ?, last_status = ?, next_attempt_at = ? WHERE id = ?",
+            (attempts, status, (now + timedelta(seconds=delay)).isoformat(), webhook_id),
+        )
 
     def webhook_log(self) -> list[dict[str, Any]]:
         rows = self._execute(
@@ -344,16 +356,24 @@ def request_signed(secret: str, payload: bytes, headers: dict[str, str]) -> bool
 
 
 def deliver_due(
-    bank: Bank, secret: str, post: Callable[[str, str, dict[str, str]], int | None]
+    bank: Bank,
+    secret: str,
+    post: Callable[[str, str, dict[str, str]], int | None],
+    pool: Executor | None = None,
 ) -> int:
     """One pass of the sender: POST every due webhook (``post`` returns the HTTP status or
-    None when unreachable); count delivered. The loop and the transport are the caller's."""
-    delivered = 0
-    for webhook_id, url, payload, _ in bank.due_webhooks():
-        status = post(url, payload, signed_headers(secret, webhook_id, payload, bank.clock()))
-        bank.record_attempt(webhook_id, status)
-        delivered += status is not None and 200 <= status < 300
-    return delivered
+    None when unreachable), on ``pool``'s threads at once if given, else one by one; record
+    the attempts together; count delivered. The loop and the transport are the caller's."""
+    due = bank.due_webhooks()
+
+    def attempt(webhook: tuple[str, str, str, str]) -> int | None:
+        webhook_id, url, payload, _ = webhook
+        return post(url, payload, signed_headers(secret, webhook_id, payload, bank.clock()))
+
+    statuses = list(pool.map(attempt, due) if pool else map(attempt, due))
+    ids = [webhook_id for webhook_id, _, _, _ in due]
+    bank.record_attempts(list(zip(ids, statuses, strict=True)))
+    return sum(status is not None and 200 <= status < 300 for status in statuses)
 
 
 def new_webhook_secret() -> str:

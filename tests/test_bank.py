@@ -337,6 +337,51 @@ def test_a_merchant_url_the_sender_cannot_read_holds_up_no_other_callback(bank: 
     assert [json.loads(body)["data"]["order_id"] for body in got] == ["order-2"]
 
 
+def test_the_sender_posts_due_webhooks_at_once(bank: Bank) -> None:
+    """Each answer is held until three requests are in: one at a time, the first would
+    wait out the barrier and fail (a serial sender was busy 96 % of the time under load,
+    mostly waiting for the platform's answers)."""
+    import http.server
+    import threading
+
+    from reader_sim.bank_http import WebhookSender
+
+    all_in = threading.Barrier(3, timeout=5)
+
+    class Platform(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # (http.server names it so)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            try:
+                all_in.wait()
+                self.send_response(204)
+            except threading.BrokenBarrierError:
+                self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with serving(Platform) as platform:
+        bank.add_merchant(MERCHANT, f"{platform}/callbacks")
+        for order in ("order-1", "order-2", "order-3"):
+            bank.pay(MERCHANT, order, 100, CARD)
+        sender = WebhookSender(bank, new_webhook_secret())
+        assert deliver_due(bank, sender.secret, sender._post, sender._posting) == 3
+    assert [row["last_status"] for row in bank.webhook_log()] == [204, 204, 204]
+
+
+def test_due_webhooks_are_found_by_an_index_not_by_reading_them_all(bank: Bank) -> None:
+    """(The sender looks on every payment: a long-running bank holds every webhook it
+    ever sent.)"""
+    from reader_sim.bank import _DUE_WEBHOOKS
+
+    plan = bank._execute(f"EXPLAIN QUERY PLAN {_DUE_WEBHOOKS}", (12, "2026-12-01"))
+    assert any("USING INDEX webhooks_due (" in row[-1] for row in plan), plan
+
+
 def test_refunds_and_statements_are_the_merchants_requests_signed_with_its_secret(
     bank: Bank,
 ) -> None:
