@@ -15,21 +15,24 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from reader_sim.sqlite_tx import immediate
+
+T, R = TypeVar("T"), TypeVar("R")
+log = logging.getLogger(__name__)
 
 webhook_attempts_max = 12
 webhook_backoff_first_s = 1
@@ -355,20 +358,29 @@ def request_signed(secret: str, payload: bytes, headers: dict[str, str]) -> bool
     return True
 
 
+class Posting(Protocol):
+    def map(self, attempt: Callable[[T], R], items: list[T]) -> Iterable[R]: ...
+
+
 def deliver_due(
     bank: Bank,
     secret: str,
     post: Callable[[str, str, dict[str, str]], int | None],
-    pool: Executor | None = None,
+    pool: Posting | None = None,
 ) -> int:
     """One pass of the sender: POST every due webhook (``post`` returns the HTTP status or
     None when unreachable), on ``pool``'s threads at once if given, else one by one; record
-    the attempts together; count delivered. The loop and the transport are the caller's."""
+    the attempts together; count delivered. The loop and the transport are the caller's.
+    A ``post`` that raises counts as unreachable (logged): every attempt is recorded."""
     due = bank.due_webhooks()
 
     def attempt(webhook: tuple[str, str, str, str]) -> int | None:
         webhook_id, url, payload, _ = webhook
-        return post(url, payload, signed_headers(secret, webhook_id, payload, bank.clock()))
+        try:
+            return post(url, payload, signed_headers(secret, webhook_id, payload, bank.clock()))
+        except Exception:
+            log.exception("webhook %s: its delivery failed unexpectedly", webhook_id)
+            return None
 
     statuses = list(pool.map(attempt, due) if pool else map(attempt, due))
     ids = [webhook_id for webhook_id, _, _, _ in due]

@@ -8,9 +8,9 @@ pairs; a throwaway script reading the process tree's CPU from /proc).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Any
 
@@ -123,6 +123,48 @@ class _NotSigned(Exception):
     pass
 
 
+class PostingThreads:
+    """``map`` on ``count`` daemon threads, started at its first use. Not a
+    ThreadPoolExecutor: its threads are joined as the process exits, after every post still
+    queued — a bank stopped in a pass of slow posts outlived granian's kill timeout. These
+    end with the process; a post cut short is retried (the platform dedupes by webhook-id).
+    ``attempt`` must not raise (``deliver_due``'s does not)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def map(self, attempt: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        self._start()
+        results: list[Any] = [None] * len(items)
+        done = threading.Semaphore(0)
+        for index, item in enumerate(items):
+            self._tasks.put((attempt, item, results, index, done))
+        for _ in items:
+            done.acquire()
+        return results
+
+    def _start(self) -> None:
+        with self._started:
+            while len(self._threads) < self.count:
+                name = f"webhook-post-{len(self._threads)}"
+                thread = threading.Thread(target=self._serve, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _serve(self) -> None:
+        while True:
+            attempt, item, results, index, done = self._tasks.get()
+            try:
+                results[index] = attempt(item)
+            except Exception:  # (left None; the thread lives on for the next pass)
+                log.exception("webhook sender: a post failed")
+            finally:
+                done.release()
+
+
 class WebhookSender:
     """The bank's sender thread: it delivers what is due when woken (a new payment) and
     every ``sender_interval_s`` (retries). An unexpected error ends one pass, logged, never
@@ -132,7 +174,7 @@ class WebhookSender:
         self.bank, self.secret = bank, secret
         self.stop, self.woken = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
-        self._posting = ThreadPoolExecutor(deliveries_at_once, thread_name_prefix="webhook-post")
+        self._posting = PostingThreads(deliveries_at_once)
         self._clients: dict[str, KeepAliveClient] = {}  # origin → its kept-alive connections
         self._clients_lock = threading.Lock()
 

@@ -132,6 +132,52 @@ def test_the_service_logs_each_request_it_answers(tmp_path: Path) -> None:
     assert len(logged) == 1 and '"GET /api/v1/nowhere HTTP/1.1" 404' in logged[0]
 
 
+@pytest.mark.parametrize("ending", ["SIGTERM", "killed outright"])
+def test_the_bank_ends_at_once_with_webhooks_stalled_in_flight(ending: str, tmp_path: Path) -> None:
+    """A merchant that never answers: twenty callbacks, eight posted at a time, each
+    waiting out its timeout (5 s). The bank's posting threads end with its worker, not
+    after every queued post (a ThreadPoolExecutor's are joined at exit: the worker stayed
+    up past granian's kill timeout, or, its parent killed, for half a minute)."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as stalled:  # (never answers)
+        merchant = f"STALL=http://127.0.0.1:{stalled.getsockname()[1]}/callbacks"
+        with _served("bank", tmp_path, "--merchant", merchant) as (process, port):
+            bank = f"http://127.0.0.1:{port}/api"
+            card = {"number": "6222020000000009", "holder": "Li", "balance_fen": 10_000}
+            requests.post(f"{bank}/cards", json=card, timeout=5).raise_for_status()
+            for n in range(20):
+                payment = {"merchant": "STALL", "order_id": f"o{n}", "amount_fen": 1}
+                payment["card_number"] = card["number"]
+                requests.post(f"{bank}/payments", json=payment, timeout=5).raise_for_status()
+            time.sleep(0.5)  # (the sender is posting)
+            workers = _children(process.pid)
+            started = time.monotonic()
+            if ending == "SIGTERM":
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=15)
+            else:
+                process.kill()
+            while any(map(_running, workers)) and time.monotonic() - started < 15:
+                time.sleep(0.05)
+            assert time.monotonic() - started < 3  # (granian's kill timeout: 5 s)
+    _assert_free(port)
+
+
+def test_a_worker_takes_its_settings_and_any_http_variable_out_of_its_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """granian copies the environment into every request's WSGI environ: the settings (the
+    bank's secret among them) would ride along, and HTTP_PROXY would read as a Proxy
+    header on a request that sent none."""
+    from wallet_service import http_server
+
+    monkeypatch.setenv(http_server._SETTINGS_VARIABLE, '{"settings": {"secret": "s"}}')
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid")
+    monkeypatch.setenv("HTTPS_PROXY_NOT_A_HEADER", "kept")  # (HTTPS_…: no header)
+    assert http_server._taken_from_the_environment() == {"settings": {"secret": "s"}}
+    assert http_server._SETTINGS_VARIABLE not in os.environ
+    assert "HTTP_PROXY" not in os.environ and "HTTPS_PROXY_NOT_A_HEADER" in os.environ
+
+
 def _children(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -253,6 +253,19 @@ def test_work_run_as_one_statement_may_hold_nothing_for_its_commit(wallet: Walle
         wallet.database.run(lambda session: _pay_in(session, 10, "held"), one_statement=True)
     with wallet.database.transaction() as session:
         assert session.scalar(select(func.count()).select_from(Transfer)) == 0
+
+
+def test_work_run_as_one_statement_cannot_send_a_second(wallet: Wallet) -> None:
+    """Refused before it is sent: in autocommit the first has committed already."""
+    from wallet_service.db import NotOneStatement
+
+    def two(session: Session) -> None:
+        session.execute(select(literal_column("'first'")))
+        session.execute(select(literal_column("'second'")))
+
+    with statements(wallet) as sent, pytest.raises(NotOneStatement):
+        wallet.database.run(two, one_statement=True)
+    assert [s for s in sent if "first" in s or "second" in s] == ["SELECT 'first'"]
 
 
 def test_a_new_order_whose_savepoint_rolls_back_leaves_the_session(

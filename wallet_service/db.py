@@ -459,6 +459,24 @@ class NotOneStatement(RuntimeError):
     autocommit they would not be all-or-nothing with its statement."""
 
 
+@contextmanager
+def _one_statement_only(connection: Connection) -> Iterator[None]:
+    """Meanwhile a second statement on ``connection`` is refused before it is sent (in
+    autocommit the first is committed already; the work fails loudly, not half-done)."""
+    sent: list[str] = []
+
+    def one_only(_connection, _cursor, statement, *_) -> None:  # type: ignore[no-untyped-def]
+        if sent:
+            raise NotOneStatement(f"a second statement in work run as one: {statement[:60]}")
+        sent.append(statement)
+
+    event.listen(connection, "before_cursor_execute", one_only)
+    try:
+        yield
+    finally:
+        event.remove(connection, "before_cursor_execute", one_only)
+
+
 def _holds_writes(session: Session) -> bool:
     held = any(session.info.get(work_key) for work_key, _ in _commit_hooks)
     return held or bool(session.new or session.dirty or session.deleted)
@@ -501,10 +519,13 @@ class Database:
         (autocommit: no BEGIN and no COMMIT sent, two round trips of three saved)."""
         assert self._sessions is not None, "Database not bound"
         with self._sessions() as session, session.begin():
-            if one_statement and self._autocommits_one_statement:
-                session.connection(execution_options=_AUTOCOMMIT)
-            yield session
-            if one_statement and _holds_writes(session):
+            if not one_statement:
+                yield session
+                return
+            autocommit = _AUTOCOMMIT if self._autocommits_one_statement else {}
+            with _one_statement_only(session.connection(execution_options=autocommit)):
+                yield session
+            if _holds_writes(session):
                 raise NotOneStatement("work run as one statement left writes to send at commit")
 
     def run(self, work: Callable[[Session], T], one_statement: bool = False) -> T:

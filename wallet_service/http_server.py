@@ -102,10 +102,20 @@ def _load_app(_target: str) -> Callable:
     directory the server started in."""
     import importlib
 
-    given = json.loads(os.environ[_SETTINGS_VARIABLE])
+    given = _taken_from_the_environment()
     _end_with(given["parent_pid"])
     module, _, name = given["load"].partition(":")
     return getattr(importlib.import_module(module), name)(given["settings"])
+
+
+def _taken_from_the_environment() -> dict[str, Any]:
+    """(In the worker, before granian copies the environment into every request's WSGI
+    environ.) The settings, taken out of it — they may hold a secret (the bank's); and
+    no ``HTTP_*`` variable left, which a request without that header would seem to carry."""
+    given = json.loads(os.environ.pop(_SETTINGS_VARIABLE))
+    for name in [name for name in os.environ if name.startswith("HTTP_")]:
+        del os.environ[name]
+    return given
 
 
 def _end_with(parent_pid: int) -> None:
