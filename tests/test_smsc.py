@@ -5,18 +5,16 @@ from __future__ import annotations
 import random
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import requests
 
 from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
-from tests.helpers import Clock, wait_until_up
-from tests.wallet_fixtures import ROOT, Wallet, _free_port
+from tests.helpers import Clock
+from tests.test_http_server import _served
+from tests.wallet_fixtures import Wallet, _free_port
 from wallet_service.sms_gateway import GatewayError, HttpGateway, InProcessGateway
 
 PHONE, PLATFORM = "13800138000", "10658888"
@@ -118,8 +116,8 @@ def test_the_in_process_gateway_talks_both_ways() -> None:
     assert [sms.user_data for sms in gateway.receive()] == [b"\xbb"]
 
 
-def test_the_http_gateway_against_smsc_serve() -> None:
-    with _smsc_served() as (process, port):
+def test_the_http_gateway_against_smsc_serve(tmp_path: Path) -> None:
+    with _served("smsc", tmp_path) as (process, port):
         base = f"http://127.0.0.1:{port}"
         gateway = HttpGateway(base, PLATFORM)
         gateway.send(PHONE, b"\x01\x02")
@@ -309,32 +307,14 @@ def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: s
         HttpGateway(base_url, PLATFORM)
 
 
-@contextmanager
-def _smsc_served(*options: str) -> Iterator[tuple[subprocess.Popen, int]]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "smsc", "serve", "--port", str(port), *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}/stats", 20, process)
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
-
-
-def test_a_request_is_answered_while_many_long_polls_wait() -> None:
+def test_a_request_is_answered_while_many_long_polls_wait(tmp_path: Path) -> None:
     """Each long poll holds one of the server's threads while it waits: 60 of them (more
     than the phones of bench.ota) leave room for a submit, answered at once."""
     import threading
 
     from wallet_service.http_client import KeepAliveClient
 
-    with _smsc_served() as (_, port):
+    with _served("smsc", tmp_path) as (_, port):
         origin = f"http://127.0.0.1:{port}"
         clients = [KeepAliveClient(origin) for _ in range(61)]
         polls = [
