@@ -32,6 +32,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlalchemy.orm import DeclarativeBase, Session, make_transient_to_detached, sessionmaker
+from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -210,13 +211,13 @@ def _update_all(session: Session, rows: list[Base], values: dict) -> None:
 
 def _changed_columns(state) -> dict:  # type: ignore[no-untyped-def]
     """Column → value of the attributes set since the load (committed_state holds their
-    old values)."""
-    attributes = state.attrs  # (made anew at each access, for all of them: once here)
+    old values). Each one's history as ``AttributeState.history`` reads it, asked of it
+    alone: ``state.attrs`` makes a state for every attribute at each access."""
     columns, row = state.mapper.column_attrs, state.obj()
     return {
         columns[key].columns[0].key: getattr(row, key)
         for key in state.committed_state
-        if attributes[key].history.has_changes()
+        if get_history(row, key, PASSIVE_NO_INITIALIZE).has_changes()
     }
 
 
