@@ -19,13 +19,19 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from sqlalchemy import select
 
 from tests.bank_doubles import FlakyRefunds
 from tests.helpers import purse
 from tests.test_phone import BANK_CARD, PHONE, SHORT_CODE, PhoneWorld
-from tests.wallet_fixtures import _make_wallet
+from tests.wallet_fixtures import _make_wallet, _truncate
 from wallet_service.migrate import upgrade
 from wallet_service.models import OtaRekey, TopUpOrder
 from wallet_service.services import rekeys, topups
@@ -48,12 +54,18 @@ def _sqlite_template() -> Path:
 
 
 class TopUpMachine(RuleBasedStateMachine):
+    postgres_url: str | None = None  # (set: each example on this database, emptied first)
+
     def __init__(self) -> None:
         super().__init__()
         self.directory = Path(tempfile.mkdtemp(prefix="topups-"))
-        database = self.directory / "wallet.sqlite"
-        shutil.copy(_sqlite_template(), database)
-        self.wallet = _make_wallet(f"sqlite:///{database}", "sqlite", self.directory)
+        if self.postgres_url is None:
+            database = self.directory / "wallet.sqlite"
+            shutil.copy(_sqlite_template(), database)
+            self.wallet = _make_wallet(f"sqlite:///{database}", "sqlite", self.directory)
+        else:
+            _truncate(self.postgres_url)
+            self.wallet = _make_wallet(self.postgres_url, "postgresql", self.directory)
         self.world = PhoneWorld(self.wallet, self.directory)
         self.world.phone.pay = None  # the passenger pays by rule, in any order
         self.paid: set[tuple[str, str, int]] = set()
@@ -210,6 +222,30 @@ TopUpMachine.TestCase.settings = settings(
 # 40 runs of 30 steps take 30–55 s, by the machine's speed: past the suite's 60 s timeout
 # on a slow hour, so this test has a bound of its own.
 TestTopUps = pytest.mark.timeout(300)(TopUpMachine.TestCase)
+
+
+@pytest.mark.timeout(300)
+def test_the_machine_on_postgresql(postgres_url: str) -> None:
+    """The same rules on PostgreSQL: its row locks, its SKIP LOCKED, its pipelined commits
+    and autocommitted callbacks, where SQLite serializes every transaction. Fewer runs:
+    each statement is a round trip here."""
+
+    class OnPostgres(TopUpMachine):
+        pass
+
+    OnPostgres.postgres_url = postgres_url
+    run_state_machine_as_test(
+        OnPostgres,
+        settings=settings(
+            max_examples=postgres_examples,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+postgres_examples = 15
 
 
 def test_two_orders_paid_at_once_end_loaded_or_refunded() -> None:
