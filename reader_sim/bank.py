@@ -24,14 +24,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from reader_sim.sqlite_tx import immediate
 
-T, R = TypeVar("T"), TypeVar("R")
 log = logging.getLogger(__name__)
 
 webhook_attempts_max = 12
@@ -285,9 +284,6 @@ class Bank:
         """(webhook id, callback url, payload, merchant) of undelivered webhooks now due."""
         return self._execute(_DUE_WEBHOOKS, (webhook_attempts_max, self.clock().isoformat()))
 
-    def record_attempt(self, webhook_id: str, status: int | None) -> None:
-        self.record_attempts([(webhook_id, status)])
-
     def record_attempts(self, answered: list[tuple[str, int | None]]) -> None:
         """Each webhook's attempt, with the HTTP status it got (None: unreachable): a 2xx
         delivers it, anything else makes it due again after its backoff. One transaction."""
@@ -358,18 +354,14 @@ def request_signed(secret: str, payload: bytes, headers: dict[str, str]) -> bool
     return True
 
 
-class Posting(Protocol):
-    def map(self, attempt: Callable[[T], R], items: list[T]) -> Iterable[R]: ...
-
-
 def deliver_due(
     bank: Bank,
     secret: str,
     post: Callable[[str, str, dict[str, str]], int | None],
-    pool: Posting | None = None,
+    post_all: Callable[[Callable, list], Iterable] = map,
 ) -> int:
     """One pass of the sender: POST every due webhook (``post`` returns the HTTP status or
-    None when unreachable), on ``pool``'s threads at once if given, else one by one; record
+    None when unreachable) by ``post_all`` (a ``map``: one by one, or on threads); record
     the attempts together; count delivered. The loop and the transport are the caller's.
     A ``post`` that raises counts as unreachable (logged): every attempt is recorded."""
     due = bank.due_webhooks()
@@ -382,7 +374,7 @@ def deliver_due(
             log.exception("webhook %s: its delivery failed unexpectedly", webhook_id)
             return None
 
-    statuses = list(pool.map(attempt, due) if pool else map(attempt, due))
+    statuses = list(post_all(attempt, due))
     ids = [webhook_id for webhook_id, _, _, _ in due]
     bank.record_attempts(list(zip(ids, statuses, strict=True)))
     return sum(status is not None and 200 <= status < 300 for status in statuses)

@@ -215,7 +215,7 @@ class WebhookSender:
             if self.stop.is_set():
                 return
             try:
-                deliver_due(self.bank, self.secret, self._post, self._posting)
+                deliver_due(self.bank, self.secret, self._post, self._posting.map)
             except Exception as error:  # the sender outlives any one pass: due webhooks
                 # stay due, and the next pass (woken, or in sender_interval_s) retries them
                 log.exception("webhook sender: a delivery pass failed: %s", error)

@@ -421,11 +421,12 @@ def smsc_serve(
 ) -> None:
     """Serve the SMS centre over HTTP."""
     from reader_sim import smsc_server
+    from wallet_service.http_server import CannotListen
 
     settings = smsc_server.Settings(delay_ms, loss, duplicate, seed)
     try:
         smsc_server.serve(host, port, settings, on_listening=click.echo)
-    except smsc_server.CannotListen as error:
+    except CannotListen as error:
         raise BadInput(str(error)) from None
 
 

@@ -14,10 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
-from wallet_service.http_server import CannotListen
 from wallet_service.http_server import serve as serve_wsgi
-
-__all__ = ["CannotListen", "Settings", "serve"]
 
 blocking_threads = 128  # requests at once: each long-polling phone holds one while it waits
 

@@ -369,7 +369,7 @@ def test_the_sender_posts_due_webhooks_at_once(bank: Bank) -> None:
         for order in ("order-1", "order-2", "order-3"):
             bank.pay(MERCHANT, order, 100, CARD)
         sender = WebhookSender(bank, new_webhook_secret())
-        assert deliver_due(bank, sender.secret, sender._post, sender._posting) == 3
+        assert deliver_due(bank, sender.secret, sender._post, sender._posting.map) == 3
     assert [row["last_status"] for row in bank.webhook_log()] == [204, 204, 204]
 
 

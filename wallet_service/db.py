@@ -297,13 +297,18 @@ def at_commit(work_key: str) -> Callable[[CommitHook], CommitHook]:
     return register
 
 
+def _commit_work_held(session: Session) -> bool:
+    """Whether the transaction holds work for a commit hook (``at_commit``)."""
+    return any(session.info.get(work_key) for work_key, _ in _commit_hooks)
+
+
 @event.listens_for(Session, "before_commit")
 def _committing(session: Session) -> None:
     savepoint = session.get_nested_transaction()
     if savepoint is not None and session.info.get(_COMMITTING_THROUGH) is not savepoint:
         session.info[_COMMITTING_THROUGH] = savepoint  # a release, unless a second comes
         return
-    if not any(session.info.get(work_key) for work_key, _ in _commit_hooks):
+    if not _commit_work_held(session):
         return
     session.flush()  # (what the unit of work holds goes first: it reads its row counts)
     due = [hook for work_key, hook in _commit_hooks if session.info.get(work_key)]
@@ -479,15 +484,13 @@ def _one_statement_only(connection: Connection) -> Iterator[None]:
 
 
 def _holds_writes(session: Session) -> bool:
-    held = any(session.info.get(work_key) for work_key, _ in _commit_hooks)
-    return held or bool(session.new or session.dirty or session.deleted)
+    return _commit_work_held(session) or bool(session.new or session.dirty or session.deleted)
 
 
 class Database:
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
-        self._autocommits_one_statement = False
 
     def init_app(self, app) -> None:  # type: ignore[no-untyped-def]
         self.bind(make_engine(app.config["DATABASE_URL"]))
@@ -511,8 +514,6 @@ class Database:
 
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        # (SQLite: in process, no round trip to save; its transactions begin IMMEDIATE.)
-        self._autocommits_one_statement = engine.url.get_backend_name() == "postgresql"
 
     @contextmanager
     def transaction(self, one_statement: bool = False) -> Iterator[Session]:
@@ -523,7 +524,8 @@ class Database:
             if not one_statement:
                 yield session
                 return
-            autocommit = _AUTOCOMMIT if self._autocommits_one_statement else {}
+            # (SQLite: in process, no round trip to save; its transactions begin IMMEDIATE.)
+            autocommit = _AUTOCOMMIT if session.get_bind().dialect.name == "postgresql" else {}
             with _one_statement_only(session.connection(execution_options=autocommit)):
                 yield session
             if _holds_writes(session):

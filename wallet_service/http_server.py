@@ -56,9 +56,9 @@ def serve(
     from granian.constants import Interfaces
 
     address, url = _check_free(host, port)
+    load_name = f"{load.__module__}:{load.__qualname__}"
     os.environ[_SETTINGS_VARIABLE] = json.dumps(
-        {"load": f"{load.__module__}:{load.__qualname__}", "settings": settings}
-        | {"parent_pid": os.getpid()}
+        {"load": load_name, "settings": settings, "parent_pid": os.getpid()}
     )
     server = Granian(
         "wallet_service.http_server",  # (a name only: ``_load_app`` builds the app)
