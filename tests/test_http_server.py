@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -45,12 +46,14 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 @contextmanager
-def _served(server: str, tmp_path: Path, *options: str) -> Iterator[tuple[subprocess.Popen, int]]:
+def _served(
+    server: str, tmp_path: Path, *options: str, output: Any = subprocess.PIPE
+) -> Iterator[tuple[subprocess.Popen, int]]:
     port = _free_port()
     process = subprocess.Popen(
         _command(server, port, tmp_path, *options),
         env=_env(tmp_path),
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.DEVNULL,
         text=True,
     )
@@ -123,12 +126,25 @@ def test_a_taken_port_is_refused_in_one_line(server: str, tmp_path: Path) -> Non
 
 
 def test_the_service_logs_each_request_it_answers(tmp_path: Path) -> None:
-    with _served("service", tmp_path, "--workers", "2", "--threads", "4") as (process, port):
+    """(granian logs a request after its answer has gone: a stop that comes between the
+    two loses the line — seen once, the signal sent as the answer came. So the test
+    waits for the line, up to 5 s, before it stops the service.)"""
+    log = tmp_path / "stdout.log"
+    with (
+        log.open("w") as output,
+        _served("service", tmp_path, "--workers", "2", "--threads", "4", output=output) as (
+            process,
+            port,
+        ),
+    ):
         assert len(_children(process.pid)) == 2
         assert requests.get(f"http://127.0.0.1:{port}/api/v1/nowhere", timeout=5).status_code == 404
+        deadline = time.monotonic() + 5
+        while "/api/v1/nowhere" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=15)
-    logged = [line for line in output.splitlines() if "/api/v1/nowhere" in line]
+        process.wait(timeout=15)
+    logged = [line for line in log.read_text().splitlines() if "/api/v1/nowhere" in line]
     assert len(logged) == 1 and '"GET /api/v1/nowhere HTTP/1.1" 404' in logged[0]
 
 
