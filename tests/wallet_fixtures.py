@@ -122,7 +122,10 @@ class Wallet:
             return [json.loads(details) for details in rows]
 
 
-def _make_wallet(url: str, backend: str, tmp_path: Path) -> Wallet:
+def _make_wallet(
+    url: str, backend: str, tmp_path: Path, config: dict[str, Any] | None = None
+) -> Wallet:
+    """``config``: settings of the app's beyond (or instead of) the tests' own."""
     clock = Clock(datetime(2026, 11, 25, 9, 0, 0))
     app = create_app(
         {
@@ -131,6 +134,7 @@ def _make_wallet(url: str, backend: str, tmp_path: Path) -> Wallet:
             "CLOCK": clock,
             "KEY_FILE": None,
             "TESTING": True,
+            **(config or {}),
         }
     )
     wallet = Wallet(app, clock, "", backend)

@@ -29,7 +29,28 @@ def default_config() -> dict[str, Any]:
         "BANK_MERCHANT": os.environ.get("WALLET_BANK_MERCHANT", "BUSCARD"),
         # Sum of debits = sum of credits, verified inside every transaction before commit.
         "LEDGER_CHECK_EVERY_COMMIT": os.environ.get("WALLET_LEDGER_CHECK") == "1",
+        # PostgreSQL's limits on each connection (``wallet_service.db.SessionLimits``).
+        "DB_STATEMENT_TIMEOUT_S": _seconds("WALLET_DB_STATEMENT_TIMEOUT_S", "statement_timeout_s"),
+        "DB_IDLE_IN_TRANSACTION_TIMEOUT_S": _seconds(
+            "WALLET_DB_IDLE_IN_TRANSACTION_TIMEOUT_S", "idle_in_transaction_timeout_s"
+        ),
     }
+
+
+def _seconds(variable: str, limit: str) -> float:
+    """A ``SessionLimits`` field from the environment, or its default; a ConfigurationError
+    now for a value that is not one."""
+    from wallet_service.db import SessionLimits
+    from wallet_service.errors import ConfigurationError
+
+    default = getattr(SessionLimits(), limit)
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        return getattr(SessionLimits(**{limit: float(text)}), limit)
+    except ValueError as error:
+        raise ConfigurationError(f"{variable}: {error}") from None
 
 
 def _database_url(url: str) -> str:

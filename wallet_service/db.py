@@ -24,6 +24,7 @@ from sqlalchemy import (
     inspect,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -405,7 +406,40 @@ def _insert_held_rows(session: Session) -> None:
         session.execute(statement, rows)
 
 
-def make_engine(url: str) -> Engine:
+# What PostgreSQL ends rather than wait on for ever: a request or a worker stuck on a lock
+# would otherwise hold its thread, and a worker hung inside a transaction (stopped, its
+# host frozen: not killed, which closes its connection) would hold the orders it claimed,
+# which the others skip (SKIP LOCKED). The API answers a cancelled statement 503; the
+# worker rolls back and does the work again next pass.
+statement_timeout_s_default = 30.0  # one statement, its lock waits included
+# Longer than the longest wait inside a transaction: the bank's answer to a refund asked
+# with the order claimed (``worker.request_timeout_s``, 10 s).
+idle_in_transaction_timeout_s_default = 60.0
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Per-connection limits on PostgreSQL, in seconds; 0: none. (SQLite: in process, a
+    writer waits for the file's lock up to its own 30 s busy timeout.)"""
+
+    statement_timeout_s: float = statement_timeout_s_default
+    idle_in_transaction_timeout_s: float = idle_in_transaction_timeout_s_default
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not 0 <= value <= 86_400:
+                raise ValueError(f"{name} is 0 (none) to 86400 seconds, not {value}")
+
+    def startup_options(self) -> str:
+        """libpq's ``options``: set as each connection starts, no round trip of their own."""
+        return (
+            f"-c statement_timeout={round(self.statement_timeout_s * 1000)} "
+            f"-c idle_in_transaction_session_timeout="
+            f"{round(self.idle_in_transaction_timeout_s * 1000)}"
+        )
+
+
+def make_engine(url: str, limits: SessionLimits | None = None) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -423,7 +457,10 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    engine = create_engine(url, pool_size=10, max_overflow=20)
+    # (Options given in the URL come after, so a DATABASE_URL's own setting wins.)
+    given = make_url(url).query.get("options", "")
+    options = " ".join(filter(None, [(limits or SessionLimits()).startup_options(), given]))
+    engine = create_engine(url, pool_size=10, max_overflow=20, connect_args={"options": options})
     _ping_connections_idle_a_while(engine)
     return engine
 
@@ -493,7 +530,10 @@ class Database:
         self._sessions: sessionmaker[Session] | None = None
 
     def init_app(self, app) -> None:  # type: ignore[no-untyped-def]
-        self.bind(make_engine(app.config["DATABASE_URL"]))
+        limits = SessionLimits(
+            app.config["DB_STATEMENT_TIMEOUT_S"], app.config["DB_IDLE_IN_TRANSACTION_TIMEOUT_S"]
+        )
+        self.bind(make_engine(app.config["DATABASE_URL"], limits))
         app.extensions["database"] = self
 
     def check_before_every_commit(self, check: Callable[[Session], None]) -> None:

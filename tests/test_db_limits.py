@@ -1,0 +1,189 @@
+"""PostgreSQL's limits on each of the platform's connections (``db.SessionLimits``): a
+worker hung inside its transaction lets go of the orders it claimed, and a request stuck
+behind a lock is answered (503, ask again) instead of holding its thread for ever."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from reader_sim.bank import signed_headers
+from tests.test_wallet_topups import MemoryChannel, World
+from tests.wallet_fixtures import Wallet, _make_wallet, _truncate
+from wallet_service import default_config
+from wallet_service.auth import Principal
+from wallet_service.db import SessionLimits
+from wallet_service.errors import ConfigurationError
+from wallet_service.services import topups
+from wallet_service.services.registry import Context
+
+IDLE_LIMIT_S = 1.0  # (short, for the test; the default is a minute)
+STATEMENT_LIMIT_S = 0.5
+
+
+@pytest.fixture
+def limited(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., Wallet]]:
+    """The wallet service on PostgreSQL with the limits given (config keys)."""
+    made: list[Wallet] = []
+
+    def make(**limits: float) -> Wallet:
+        _truncate(postgres_url)
+        made.append(_make_wallet(postgres_url, "postgresql", tmp_path, limits))
+        return made[-1]
+
+    yield make
+    for wallet in made:
+        wallet.database.dispose()
+
+
+def _context(wallet: Wallet, session, tmp_path: Path) -> Context:  # type: ignore[no-untyped-def]
+    keys = wallet.app.config["KEY_STORE"]
+    return Context(session, Principal(0, "admin"), wallet.clock(), keys, tmp_path)
+
+
+def _hung_worker_claims_the_order(world: World, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A worker claims the paid order and sends packet 1 in its transaction, then hangs
+    before its commit (stopped, not killed: its connection stays open). Its packets go to a
+    channel of its own: with its commit failed, the real channel never sends them."""
+    hung = world.wallet.database._sessions()
+    hung.begin()
+    actions = topups.work_batch(
+        _context(world.wallet, hung, tmp_path), MemoryChannel({}), world.bank
+    )
+    assert [result.action for result in actions] == ["packet 1 sent"]
+    return hung
+
+
+def test_an_order_claimed_by_a_worker_hung_in_its_transaction_is_finished_by_another(
+    limited: Callable[..., Wallet], tmp_path: Path
+) -> None:
+    wallet = limited(DB_IDLE_IN_TRANSACTION_TIMEOUT_S=IDLE_LIMIT_S)
+    world = World(wallet, tmp_path)
+    reference = world.order()
+    world.pay(reference)
+    hung = _hung_worker_claims_the_order(world, tmp_path)
+    try:
+        assert world.work() is None  # claimed (SKIP LOCKED): the others pass it by, for now
+        deadline = time.monotonic() + IDLE_LIMIT_S + 10
+        while (action := world.work()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert action == "packet 1 sent"  # the database ended the hung one's session
+        with pytest.raises(OperationalError):
+            hung.commit()  # the hung worker wakes: its transaction is gone, nothing kept
+    finally:
+        hung.close()
+    assert world.deliver() == "packet 2 sent"
+    assert world.deliver() == "loaded"
+    books = world.books()
+    assert books[f"card_float:{world.serial}"] == 3000
+    assert books["topup_pending:platform"] == 0 and books["bank_settlement:bank"] == -3000
+    world.bank.close()
+
+
+def test_without_the_limit_the_hung_worker_keeps_the_order(
+    limited: Callable[..., Wallet], tmp_path: Path
+) -> None:
+    """(What the limit is for: the same story with none.)"""
+    wallet = limited(DB_IDLE_IN_TRANSACTION_TIMEOUT_S=0)
+    world = World(wallet, tmp_path)
+    reference = world.order()
+    world.pay(reference)
+    hung = _hung_worker_claims_the_order(world, tmp_path)
+    try:
+        time.sleep(IDLE_LIMIT_S + 1)
+        assert world.work() is None
+    finally:
+        hung.close()  # (rolled back)
+    assert world.work() == "packet 1 sent"
+    world.bank.close()
+
+
+def _signed_callback(secret: str, webhook_id: str) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(
+        {
+            "type": "payment.succeeded",
+            "data": {"order_id": "NO-SUCH-ORDER", "payment_id": "pay_1", "amount_fen": 100},
+        }
+    )
+    return body.encode(), signed_headers(secret, webhook_id, body, datetime.now())
+
+
+def test_a_callback_stuck_behind_a_twin_s_open_transaction_is_answered_503_then_stored_once(
+    limited: Callable[..., Wallet],
+) -> None:
+    """The bank delivers a callback twice; the first delivery's transaction hangs before
+    its commit. The second waits on the first's row — then its statement is cancelled, the
+    bank is told to ask again, and asking again after the first one ended stores it once."""
+    wallet = limited(DB_STATEMENT_TIMEOUT_S=STATEMENT_LIMIT_S)
+    secret = wallet.app.config["BANK_WEBHOOK_SECRET"] = "whsec_" + "QUJD" * 8
+    body, headers = _signed_callback(secret, "msg_twin")
+    twin = create_engine(wallet.database.engine.url)
+    with twin.connect() as first:
+        first.execute(
+            text(
+                "INSERT INTO bank_webhook_events (id, event_type, payload, received_at) "
+                "VALUES ('msg_twin', 'payment.succeeded', :payload, now())"
+            ),
+            {"payload": body.decode()},
+        )  # not committed: the first delivery, hung
+        answered: list = []
+        thread = threading.Thread(
+            target=lambda: answered.append(
+                wallet.client().post("/api/v1/bank/webhooks", data=body, headers=headers)
+            )
+        )
+        thread.start()
+        thread.join(timeout=STATEMENT_LIMIT_S + 10)
+        assert not thread.is_alive(), "the request should have been answered"
+        first.rollback()
+    twin.dispose()
+    answer = answered[0]
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (503, "unavailable")
+    assert "Retry-After" in answer.headers
+    again = wallet.client().post("/api/v1/bank/webhooks", data=body, headers=headers)
+    assert (again.status_code, again.get_json()["duplicate"]) == (200, False)
+    stored = "SELECT count(*) FROM bank_webhook_events WHERE id = 'msg_twin'"
+    assert wallet.database.run(lambda session: session.scalar(text(stored))) == 1
+
+
+def test_the_limits_are_set_on_every_connection_and_a_url_s_own_options_win(
+    limited: Callable[..., Wallet], postgres_url: str
+) -> None:
+    wallet = limited(DB_STATEMENT_TIMEOUT_S=12.5)
+
+    def shown(wallet: Wallet) -> list[str]:
+        names = ("statement_timeout", "idle_in_transaction_session_timeout")
+        return wallet.database.run(
+            lambda session: [session.scalar(text(f"SHOW {name}")) for name in names]
+        )
+
+    assert shown(wallet) == ["12500ms", "1min"]
+    separator = "&" if "?" in postgres_url else "?"
+    own = limited(DATABASE_URL=f"{postgres_url}{separator}options=-c%20statement_timeout%3D7000")
+    assert shown(own) == ["7s", "1min"]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "86401"])
+def test_a_limit_that_is_not_a_number_of_seconds_is_refused_at_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WALLET_DB_STATEMENT_TIMEOUT_S", value)
+    with pytest.raises(ConfigurationError, match="WALLET_DB_STATEMENT_TIMEOUT_S"):
+        default_config()
+
+
+def test_unset_or_zero_limits() -> None:
+    assert SessionLimits().startup_options() == (
+        "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000"
+    )
+    assert SessionLimits(0, 0).startup_options() == (
+        "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
+    )
