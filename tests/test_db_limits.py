@@ -4,6 +4,8 @@ behind a lock is answered (503, ask again) instead of holding its thread for eve
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import threading
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from reader_sim.bank import signed_headers
 from tests.test_wallet_topups import MemoryChannel, World
@@ -25,8 +27,8 @@ from wallet_service.errors import ConfigurationError
 from wallet_service.services import topups
 from wallet_service.services.registry import Context
 
-IDLE_LIMIT_S = 1.0  # (short, for the test; the default is a minute)
-STATEMENT_LIMIT_S = 0.5
+IDLE_LIMIT_S = 2.0  # (short, for the test; the default is a minute)
+STATEMENT_LIMIT_S = 2.0  # (every statement of the test's: not shorter, on a slow machine)
 
 
 @pytest.fixture
@@ -55,10 +57,14 @@ def _hung_worker_claims_the_order(world: World, tmp_path: Path):  # type: ignore
     channel of its own: with its commit failed, the real channel never sends them."""
     hung = world.wallet.database._sessions()
     hung.begin()
-    actions = topups.work_batch(
-        _context(world.wallet, hung, tmp_path), MemoryChannel({}), world.bank
-    )
-    assert [result.action for result in actions] == ["packet 1 sent"]
+    try:
+        actions = topups.work_batch(
+            _context(world.wallet, hung, tmp_path), MemoryChannel({}), world.bank
+        )
+        assert [result.action for result in actions] == ["packet 1 sent"]
+    except BaseException:
+        hung.close()  # (its locks would hang the next test's set-up)
+        raise
     return hung
 
 
@@ -76,7 +82,7 @@ def test_an_order_claimed_by_a_worker_hung_in_its_transaction_is_finished_by_ano
         while (action := world.work()) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert action == "packet 1 sent"  # the database ended the hung one's session
-        with pytest.raises(OperationalError):
+        with pytest.raises(DBAPIError):  # (how psycopg says so depends on the statement)
             hung.commit()  # the hung worker wakes: its transaction is gone, nothing kept
     finally:
         hung.close()
@@ -154,24 +160,28 @@ def test_a_callback_stuck_behind_a_twin_s_open_transaction_is_answered_503_then_
     assert wallet.database.run(lambda session: session.scalar(text(stored))) == 1
 
 
-def test_the_limits_are_set_on_every_connection_and_a_url_s_own_options_win(
-    limited: Callable[..., Wallet], postgres_url: str
+def _shown(wallet: Wallet) -> list[str]:
+    names = ("statement_timeout", "idle_in_transaction_session_timeout")
+    return wallet.database.run(
+        lambda session: [session.scalar(text(f"SHOW {name}")) for name in names]
+    )
+
+
+def test_the_limits_are_set_on_every_connection_and_those_who_run_it_have_the_last_word(
+    limited: Callable[..., Wallet], postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wallet = limited(DB_STATEMENT_TIMEOUT_S=12.5)
-
-    def shown(wallet: Wallet) -> list[str]:
-        names = ("statement_timeout", "idle_in_transaction_session_timeout")
-        return wallet.database.run(
-            lambda session: [session.scalar(text(f"SHOW {name}")) for name in names]
-        )
-
-    assert shown(wallet) == ["12500ms", "1min"]
+    assert _shown(limited(DB_STATEMENT_TIMEOUT_S=12.5)) == ["12500ms", "1min"]
+    assert _shown(limited(DB_STATEMENT_TIMEOUT_S=0, DB_IDLE_IN_TRANSACTION_TIMEOUT_S=0)) == [
+        "0",
+        "0",
+    ]  # (not set: the server's own)
+    monkeypatch.setenv("PGOPTIONS", "-c idle_in_transaction_session_timeout=5000")
     separator = "&" if "?" in postgres_url else "?"
-    own = limited(DATABASE_URL=f"{postgres_url}{separator}options=-c%20statement_timeout%3D7000")
-    assert shown(own) == ["7s", "1min"]
+    own = f"{postgres_url}{separator}options=-c%20statement_timeout%3D7000"
+    assert _shown(limited(DATABASE_URL=own)) == ["7s", "5s"]
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "86401"])
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "86401", "0.0004"])
 def test_a_limit_that_is_not_a_number_of_seconds_is_refused_at_start(
     value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,10 +190,90 @@ def test_a_limit_that_is_not_a_number_of_seconds_is_refused_at_start(
         default_config()
 
 
-def test_unset_or_zero_limits() -> None:
+def test_the_limits_as_startup_options() -> None:
     assert SessionLimits().startup_options() == (
         "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000"
     )
-    assert SessionLimits(0, 0).startup_options() == (
-        "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
+    assert SessionLimits(0.25, 0).startup_options() == "-c statement_timeout=250"
+    assert SessionLimits(0, 0).startup_options() == ""
+
+
+def test_a_csv_download_read_slowly_is_whole(
+    limited: Callable[..., Wallet], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that pauses longer than the idle limit between two parts of a download
+    still gets every record: no transaction is held while it reads (one held would be
+    ended, and the download cut short with a 200 and nothing to tell)."""
+    from tests.test_wallet_reports import busy_day
+    from wallet_service.services import reports
+
+    monkeypatch.setattr(reports, "csv_batch_records", 2)  # (nine records: five batches)
+    wallet = limited(DB_IDLE_IN_TRANSACTION_TIMEOUT_S=IDLE_LIMIT_S)
+    company = busy_day(wallet, tmp_path)
+    response = wallet.client().get(
+        "/api/v1/operators/BUS1/records.csv",
+        headers={"Authorization": f"Bearer {company.staff_token}"},
+        buffered=False,
     )
+    parts = iter(response.response)
+    first = next(parts)
+    time.sleep(IDLE_LIMIT_S + 1)
+    text_read = b"".join([first, *parts]).decode()
+    response.close()
+    rows = list(csv.DictReader(io.StringIO(text_read)))
+    assert len(rows) == 9 and len({r["id"] for r in rows}) == 9
+
+
+def test_a_driver_error_of_another_class_in_a_transient_state_is_a_503(tmp_path: Path) -> None:
+    """(psycopg raises a transaction ended for idling as an InternalError, not an
+    OperationalError.)"""
+    from sqlalchemy.exc import InternalError
+
+    from wallet_service import create_app
+
+    class Orig(Exception):
+        sqlstate = "25P03"
+
+    app = create_app(
+        {
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'w.sqlite'}",
+            "PERSONALIZATION_DIR": str(tmp_path / "perso"),
+            "KEY_FILE": None,
+        }
+    )
+
+    @app.get("/ended")
+    def ended():  # type: ignore[no-untyped-def]
+        raise InternalError("SELECT 1", {}, Orig("idle-in-transaction timeout"))
+
+    @app.get("/broken")
+    def broken():  # type: ignore[no-untyped-def]
+        raise InternalError("SELECT 1", {}, Exception("an internal error"))
+
+    client = app.test_client()
+    answer = client.get("/ended")
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (503, "unavailable")
+    assert client.get("/broken").status_code == 500
+
+
+def test_a_day_s_clearing_is_not_cut_by_the_statement_limit(
+    limited: Callable[..., Wallet], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(All or nothing over the whole day: a statement cancelled once would be cancelled
+    at every retry.) A statement in the run outlasts the limit, and the day clears."""
+    from tests.test_wallet_reports import busy_day
+    from wallet_service.services import clearing
+
+    wallet = limited(DB_STATEMENT_TIMEOUT_S=STATEMENT_LIMIT_S)
+    busy_day(wallet, tmp_path)
+    verify = clearing._verify
+
+    def slow_verify(session, *args):  # type: ignore[no-untyped-def]
+        session.execute(text("SELECT pg_sleep(:s)"), {"s": STATEMENT_LIMIT_S + 0.5})
+        return verify(session, *args)
+
+    monkeypatch.setattr(clearing, "_verify", slow_verify)
+    report = wallet.ok("POST", "/api/v1/clearing/runs", body={"date": "2026-11-25"}, status=201)
+    assert report["paid_records"] == 9
+    with pytest.raises(DBAPIError, match="statement timeout"):  # (elsewhere, the limit holds)
+        wallet.database.run(lambda session: session.execute(text("SELECT pg_sleep(3)")))

@@ -92,6 +92,7 @@ class _Orig(Exception):
         ("terminating connection due to administrator command", "57P01", True),
         ("could not serialize access", "40001", True),
         ("canceling statement due to statement timeout", "57014", True),
+        ("terminating connection due to idle-in-transaction timeout", "25P03", True),
         ("database is locked", None, True),  # (SQLite)
         ("password authentication failed", "28P01", False),
         ("index row size exceeds maximum", "54000", False),

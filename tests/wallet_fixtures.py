@@ -172,6 +172,8 @@ def _truncate(url: str) -> None:
     engine = create_engine(url)
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as connection:
+        # (a lock an earlier test left behind fails this set-up, instead of hanging the run)
+        connection.execute(text("SET LOCAL lock_timeout = '30s'"))
         connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     engine.dispose()
 

@@ -6,6 +6,7 @@ Created unbound and ``init_app``-ed (nothing at import time). Service functions 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -419,24 +420,35 @@ idle_in_transaction_timeout_s_default = 60.0
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """Per-connection limits on PostgreSQL, in seconds; 0: none. (SQLite: in process, a
-    writer waits for the file's lock up to its own 30 s busy timeout.)"""
+    """Per-connection limits on PostgreSQL, in seconds, to the millisecond; 0: not set
+    here (the server's, the role's or the database's own: none by default). (SQLite: in
+    process, a writer waits for the file's lock up to its own 30 s busy timeout.)"""
 
     statement_timeout_s: float = statement_timeout_s_default
     idle_in_transaction_timeout_s: float = idle_in_transaction_timeout_s_default
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not 0 <= value <= 86_400:
-                raise ValueError(f"{name} is 0 (none) to 86400 seconds, not {value}")
+            if not (value == 0 or 0.001 <= value <= 86_400):
+                raise ValueError(f"{name} is 0 (not set) or 0.001 to 86400 seconds, not {value}")
 
     def startup_options(self) -> str:
         """libpq's ``options``: set as each connection starts, no round trip of their own."""
-        return (
-            f"-c statement_timeout={round(self.statement_timeout_s * 1000)} "
-            f"-c idle_in_transaction_session_timeout="
-            f"{round(self.idle_in_transaction_timeout_s * 1000)}"
+        settings = (
+            ("statement_timeout", self.statement_timeout_s),
+            ("idle_in_transaction_session_timeout", self.idle_in_transaction_timeout_s),
         )
+        return " ".join(f"-c {name}={round(s * 1000)}" for name, s in settings if s)
+
+
+def _startup_options(url: str, limits: SessionLimits) -> str:
+    """Ours, then PGOPTIONS', then the URL's (``options=``, given once or more): the later
+    a setting, the more it wins — so what whoever runs the platform set is kept. (Given
+    to the driver, ``options`` would replace PGOPTIONS, not add to it.)"""
+    given = make_url(url).query.get("options", ())
+    in_url = [given] if isinstance(given, str) else list(given)
+    parts = [limits.startup_options(), os.environ.get("PGOPTIONS", ""), *in_url]
+    return " ".join(part for part in parts if part)
 
 
 def make_engine(url: str, limits: SessionLimits | None = None) -> Engine:
@@ -457,9 +469,7 @@ def make_engine(url: str, limits: SessionLimits | None = None) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    # (Options given in the URL come after, so a DATABASE_URL's own setting wins.)
-    given = make_url(url).query.get("options", "")
-    options = " ".join(filter(None, [(limits or SessionLimits()).startup_options(), given]))
+    options = _startup_options(url, limits or SessionLimits())
     engine = create_engine(url, pool_size=10, max_overflow=20, connect_args={"options": options})
     _ping_connections_idle_a_while(engine)
     return engine

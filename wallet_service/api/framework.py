@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from wallet_service.auth import Principal, authenticate
@@ -174,11 +174,13 @@ database_retry_after_s = 1
 # SQLSTATEs that asking again shortly may cure (PostgreSQL, appendix A): the connection
 # (class 08), the server shutting down or restarting (57P01–57P03), a serialization failure
 # or deadlock that outlived the retries, a statement timeout, too many connections, a lock
-# not available.
-TRANSIENT_SQLSTATES = ("40001", "40P01", "57014", "57P01", "57P02", "57P03", "53300", "55P03")
+# not available, a transaction ended for idling (``db.SessionLimits``).
+TRANSIENT_SQLSTATES = (
+    "40001", "40P01", "57014", "57P01", "57P02", "57P03", "53300", "55P03", "25P03",
+)  # fmt: skip
 
 
-def database_busy_or_gone(error: OperationalError) -> bool:
+def database_busy_or_gone(error: DBAPIError) -> bool:
     """The database unreachable or too busy for now (a 503), not a request it can never
     run. A connection lost during COMMIT may have committed: the Idempotency-Key (and the
     bank's webhook-id) make asking again safe where money moves."""
@@ -199,8 +201,10 @@ def install_error_handlers(app: Flask) -> None:
     def integrity_error(error: IntegrityError) -> Response:
         return _json({"error": {"code": "conflict", "message": "conflicts with stored data"}}, 409)
 
-    @app.errorhandler(OperationalError)
-    def database_unavailable(error: OperationalError) -> Response:
+    # (Any driver error but IntegrityError, handled above: psycopg raises some of the
+    # transient ones as others, an idle transaction ended as an InternalError.)
+    @app.errorhandler(DBAPIError)
+    def database_unavailable(error: DBAPIError) -> Response:
         if not database_busy_or_gone(error):  # a bug, a limit: asking again will not help
             return unexpected(error)
         log.warning("database unavailable: %s", error.orig)

@@ -670,9 +670,8 @@ def operator_records_csv(ctx: Context, operator: str, query: s.RecordQuery):  # 
     database = current_app.extensions["database"]
 
     def generate():  # type: ignore[no-untyped-def]
-        # Its own read transaction: the request's has ended when the body streams.
-        with database.transaction() as session:
-            yield from reports.csv_lines(session, operator_id, record_filter)
+        # Its own read transactions: the request's has ended when the body streams.
+        yield from reports.csv_lines(database.run, operator_id, record_filter)
 
     headers = {"Content-Disposition": f'attachment; filename="{operator}-records.csv"'}
     return Response(stream_with_context(generate()), mimetype="text/csv", headers=headers)

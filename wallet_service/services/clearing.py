@@ -83,9 +83,20 @@ class _Chain:
     last_event_at: datetime | None
 
 
+def _without_statement_limit(session: Session) -> None:
+    """A day is cleared in one transaction whose statements each go over the whole day's
+    records (after an outage, several days'): all or nothing, so one cancelled by the
+    connection's statement limit (``db.SessionLimits``) would be cancelled again at every
+    retry, and the day never cleared. No limit for this transaction (PostgreSQL's SET
+    LOCAL); the idle-in-transaction one stays: between its statements it only computes."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL statement_timeout = 0"))
+
+
 def run(ctx: Context, business_date: date) -> RunReport:
     ctx.principal.require("admin")
     session = ctx.session
+    _without_statement_limit(session)
     end = datetime.combine(business_date + timedelta(days=1), time())
     clearing_run = ClearingRun(business_date=business_date, started_at=ctx.now)
     session.add(clearing_run)

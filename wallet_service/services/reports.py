@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Row, Select, func, select
 from sqlalchemy.orm import Session
 
 from wallet_service.errors import InvalidInput
@@ -18,7 +18,8 @@ from wallet_service.models import TapRecord
 from wallet_service.services.registry import Context, operator_by_code
 
 page_records_max = 1_000
-csv_batch_records = 5_000
+csv_batch_records = 5_000  # read in one transaction
+csv_chunk_records = 500  # handed to the server at once
 period_days_max = 366
 GROUPINGS = ("hour", "day", "route", "vehicle", "driver")
 
@@ -132,22 +133,35 @@ def query_records(
     return page, (page[-1]["id"] if len(rows) > limit else None)
 
 
-def csv_lines(session: Session, operator_id: int, f: RecordFilter) -> Iterator[str]:
-    """The whole selection as CSV, fetched ``csv_batch_records`` at a time: a month of
-    records downloads without being held in memory."""
+def csv_lines(
+    read: Callable[[Callable[[Session], list[Row]]], list[Row]], operator_id: int, f: RecordFilter
+) -> Iterator[str]:
+    """The whole selection as CSV, ``csv_batch_records`` at a time, in id order: a month
+    of records downloads without being held in memory. Each batch is read in a short
+    transaction of its own (``read``: ``Database.run``), after the last id sent, as the
+    pages of ``query_records`` are: a client reading slowly holds no transaction and no
+    connection meanwhile (one held would be ended by the idle-in-transaction limit, and
+    the download cut short with nothing to tell)."""
     columns = [getattr(TapRecord, name) for name in RECORD_COLUMNS]
-    query = (
-        _filtered(select(*columns), operator_id, f)
-        .order_by(TapRecord.id)
-        .execution_options(yield_per=csv_batch_records)
-    )
+    selection = _filtered(select(*columns), operator_id, f).order_by(TapRecord.id)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(RECORD_COLUMNS)
-    for count, record in enumerate(session.execute(query), start=1):
-        writer.writerow(_row(record).values())
-        if count % 500 == 0:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue()
+    after_id = 0
+    while True:
+        batch = read(
+            lambda session, after_id=after_id: session.execute(
+                selection.where(TapRecord.id > after_id).limit(csv_batch_records)
+            ).all()
+        )
+        for count, record in enumerate(batch, start=1):
+            writer.writerow(_row(record).values())
+            if count % csv_chunk_records == 0 or count == len(batch):
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+        if len(batch) < csv_batch_records:
+            break
+        after_id = batch[-1].id
+    if buffer.tell():  # (the header alone: nothing selected)
+        yield buffer.getvalue()

@@ -298,8 +298,7 @@ def records_csv(ctx: Context) -> Response:
     operator_id = operator.id
 
     def generate():  # type: ignore[no-untyped-def]
-        with database.transaction() as db_session:
-            yield from reports.csv_lines(db_session, operator_id, record_filter)
+        yield from reports.csv_lines(database.run, operator_id, record_filter)
 
     from flask import stream_with_context
 
