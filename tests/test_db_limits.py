@@ -170,6 +170,7 @@ def _shown(wallet: Wallet) -> list[str]:
 def test_the_limits_are_set_on_every_connection_and_those_who_run_it_have_the_last_word(
     limited: Callable[..., Wallet], postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("PGOPTIONS", raising=False)
     assert _shown(limited(DB_STATEMENT_TIMEOUT_S=12.5)) == ["12500ms", "1min"]
     assert _shown(limited(DB_STATEMENT_TIMEOUT_S=0, DB_IDLE_IN_TRANSACTION_TIMEOUT_S=0)) == [
         "0",
@@ -217,11 +218,13 @@ def test_a_csv_download_read_slowly_is_whole(
     )
     parts = iter(response.response)
     first = next(parts)
+    assert first.count(b"\n") < 10  # (the pause comes before the last batch is read)
     time.sleep(IDLE_LIMIT_S + 1)
     text_read = b"".join([first, *parts]).decode()
     response.close()
     rows = list(csv.DictReader(io.StringIO(text_read)))
-    assert len(rows) == 9 and len({r["id"] for r in rows}) == 9
+    ids = [int(row["id"]) for row in rows]
+    assert len(ids) == 9 and ids == sorted(set(ids))
 
 
 def test_a_driver_error_of_another_class_in_a_transient_state_is_a_503(tmp_path: Path) -> None:
@@ -266,14 +269,74 @@ def test_a_day_s_clearing_is_not_cut_by_the_statement_limit(
 
     wallet = limited(DB_STATEMENT_TIMEOUT_S=STATEMENT_LIMIT_S)
     busy_day(wallet, tmp_path)
-    verify = clearing._verify
+    verify, backend = clearing._verify, []
 
     def slow_verify(session, *args):  # type: ignore[no-untyped-def]
+        backend.append(session.scalar(text("SELECT pg_backend_pid()")))
+        waits = session.scalar(text("SELECT current_setting('lock_timeout')"))
+        assert waits == "2s"  # (its waits for locks keep the bound)
         session.execute(text("SELECT pg_sleep(:s)"), {"s": STATEMENT_LIMIT_S + 0.5})
         return verify(session, *args)
 
     monkeypatch.setattr(clearing, "_verify", slow_verify)
     report = wallet.ok("POST", "/api/v1/clearing/runs", body={"date": "2026-11-25"}, status=201)
     assert report["paid_records"] == 9
-    with pytest.raises(DBAPIError, match="statement timeout"):  # (elsewhere, the limit holds)
-        wallet.database.run(lambda session: session.execute(text("SELECT pg_sleep(3)")))
+    # The run's connection, back in the pool, has its limit again (SET LOCAL: the run's
+    # transaction only). Sessions held open one after another reach every pooled one.
+    held = []
+    try:
+        for _ in range(30):  # (the pool's size and overflow)
+            session = wallet.database._sessions()
+            held.append(session)
+            pid, limit = session.execute(
+                text("SELECT pg_backend_pid(), current_setting('statement_timeout')")
+            ).one()
+            if pid == backend[0]:
+                break
+    finally:
+        for session in held:
+            session.close()
+    assert (pid, limit) == (backend[0], "2s")
+
+
+def test_an_sms_whose_connection_ended_is_not_written_off_as_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker handles a batch's messages one by one after the batch failed; a message
+    whose transaction's connection was ended under it (an idle transaction, psycopg's
+    InternalError) is not its own fault: it is raised, not acknowledged as "failed", and
+    comes again. One the database refused for itself is set aside, its packets dropped."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import InternalError
+
+    from wallet_service import worker
+
+    class Ended(Exception):
+        sqlstate = "25P03"
+
+    def raising(error: Exception):  # type: ignore[no-untyped-def]
+        def handle(ctx, box, sms, merchant):  # type: ignore[no-untyped-def]
+            box.deliver("13800000000", b"packet")  # (a packet the message made)
+            raise error
+
+        return handle
+
+    box = SimpleNamespace(pending=[], mark=lambda: len(box.pending))
+    box.deliver = lambda phone, packet: box.pending.append(packet)
+    box.discard_since = lambda mark: box.pending.__delitem__(slice(mark, None))
+    ctx = SimpleNamespace(session=SimpleNamespace(begin_nested=nullcontext))
+    sms = SimpleNamespace(sender="13800000000")
+
+    ended = InternalError("SELECT 1", {}, Ended("idle-in-transaction timeout"))
+    ended.connection_invalidated = True
+    monkeypatch.setattr(worker, "handle_incoming_sms", raising(ended))
+    with pytest.raises(InternalError):
+        worker._handle_one(ctx, box, sms, "BUSCARD")
+
+    box.pending.clear()
+    refused = InternalError("SELECT 1", {}, Exception("a value the database refused"))
+    monkeypatch.setattr(worker, "handle_incoming_sms", raising(refused))
+    assert worker._handle_one(ctx, box, sms, "BUSCARD") == "failed"
+    assert box.pending == []

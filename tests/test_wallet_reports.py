@@ -79,6 +79,11 @@ def test_the_csv_download_streams_every_selected_record(wallet: Wallet, tmp_path
     assert response.is_streamed
     rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
     assert len(rows) == 9 and {r["card_serial"] for r in rows} == {f"{i:020X}" for i in range(1, 4)}
+    too_long = wallet.client().get(
+        "/api/v1/operators/BUS1/records.csv?from=2025-01-01&to=2026-11-25",
+        headers={"Authorization": f"Bearer {company.staff_token}"},
+    )  # (refused before the answer begins: not a 200 with an empty file)
+    assert too_long.status_code == 422 and "366 days" in too_long.get_json()["error"]["message"]
     other = wallet.token("staff", operator_code="BUS1")
     assert (
         wallet.client()

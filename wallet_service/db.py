@@ -470,7 +470,13 @@ def make_engine(url: str, limits: SessionLimits | None = None) -> Engine:
 
         return engine
     options = _startup_options(url, limits or SessionLimits())
-    engine = create_engine(url, pool_size=10, max_overflow=20, connect_args={"options": options})
+    engine = create_engine(
+        url,
+        pool_size=10,
+        max_overflow=20,
+        # (none given: libpq's own, a service file's included)
+        connect_args={"options": options} if options else {},
+    )
     _ping_connections_idle_a_while(engine)
     return engine
 

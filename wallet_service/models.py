@@ -207,6 +207,7 @@ class TapRecord(Base):
     __table_args__ = (
         UniqueConstraint("terminal_id", "terminal_seq", name="one_record_per_seq"),
         Index("tap_records_by_card", "card_serial", "ctc"),
+        Index("tap_records_by_operator", "operator_id", "id"),  # (pages and downloads)
     )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     terminal_id: Mapped[str] = mapped_column(String(12))

@@ -669,12 +669,10 @@ def operator_records_csv(ctx: Context, operator: str, query: s.RecordQuery):  # 
     record_filter = _record_filter(query)
     database = current_app.extensions["database"]
 
-    def generate():  # type: ignore[no-untyped-def]
-        # Its own read transactions: the request's has ended when the body streams.
-        yield from reports.csv_lines(database.run, operator_id, record_filter)
-
+    # Its own read transactions: the request's has ended when the body streams.
+    lines = reports.csv_lines(database.run, operator_id, record_filter)
     headers = {"Content-Disposition": f'attachment; filename="{operator}-records.csv"'}
-    return Response(stream_with_context(generate()), mimetype="text/csv", headers=headers)
+    return Response(stream_with_context(lines), mimetype="text/csv", headers=headers)
 
 
 # --- bank callbacks ------------------------------------------------------------------------

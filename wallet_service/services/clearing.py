@@ -87,9 +87,14 @@ def _without_statement_limit(session: Session) -> None:
     """A day is cleared in one transaction whose statements each go over the whole day's
     records (after an outage, several days'): all or nothing, so one cancelled by the
     connection's statement limit (``db.SessionLimits``) would be cancelled again at every
-    retry, and the day never cleared. No limit for this transaction (PostgreSQL's SET
-    LOCAL); the idle-in-transaction one stays: between its statements it only computes."""
+    retry, and the day never cleared. No limit for this transaction (PostgreSQL, as SET
+    LOCAL), but on its waits for locks, which keep the statement limit's bound (another
+    run of the day, a hung one, holds them: asking again later may do); the idle-in-
+    transaction limit stays too: between its statements it only computes."""
     if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT set_config('lock_timeout', current_setting('statement_timeout'), true)")
+        )
         session.execute(text("SET LOCAL statement_timeout = 0"))
 
 

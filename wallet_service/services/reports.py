@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -133,17 +133,29 @@ def query_records(
     return page, (page[-1]["id"] if len(rows) > limit else None)
 
 
+Rows = Sequence[Row[Any]]
+
+
 def csv_lines(
-    read: Callable[[Callable[[Session], list[Row]]], list[Row]], operator_id: int, f: RecordFilter
+    read: Callable[[Callable[[Session], Rows]], Rows], operator_id: int, f: RecordFilter
 ) -> Iterator[str]:
     """The whole selection as CSV, ``csv_batch_records`` at a time, in id order: a month
     of records downloads without being held in memory. Each batch is read in a short
     transaction of its own (``read``: ``Database.run``), after the last id sent, as the
     pages of ``query_records`` are: a client reading slowly holds no transaction and no
     connection meanwhile (one held would be ended by the idle-in-transaction limit, and
-    the download cut short with nothing to tell)."""
+    the download cut short with nothing to tell). So, as with the pages, the file is not
+    one snapshot: a record stored during the download comes in it if its id is after the
+    last batch read. InvalidInput (a filter it cannot take) now, not once the answer's
+    200 has gone."""
     columns = [getattr(TapRecord, name) for name in RECORD_COLUMNS]
     selection = _filtered(select(*columns), operator_id, f).order_by(TapRecord.id)
+    return _csv_batches(read, selection)
+
+
+def _csv_batches(
+    read: Callable[[Callable[[Session], Rows]], Rows], selection: Select
+) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(RECORD_COLUMNS)

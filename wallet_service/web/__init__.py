@@ -294,16 +294,13 @@ def records_csv(ctx: Context) -> Response:
         vehicle=request.args.get("vehicle") or None,
         driver=request.args.get("driver") or None,
     )
-    database = current_app.extensions["database"]
-    operator_id = operator.id
-
-    def generate():  # type: ignore[no-untyped-def]
-        yield from reports.csv_lines(database.run, operator_id, record_filter)
-
     from flask import stream_with_context
 
+    database = current_app.extensions["database"]
+    lines = reports.csv_lines(database.run, operator.id, record_filter)
+
     return Response(
-        stream_with_context(generate()),
+        stream_with_context(lines),
         mimetype="text/csv",
         headers={"Content-Disposition": f'attachment; filename="{operator.code}-records.csv"'},
     )
