@@ -192,9 +192,39 @@ def clearing_schedule(at_time: str, once: bool) -> None:
             next_run += timedelta(days=1)
         click.echo(f"next clearing at {next_run:%Y-%m-%d %H:%M}")
         time_module.sleep((next_run - now).total_seconds())
-        _clear((next_run - timedelta(days=1)).date())
+        cleared = _clear_trying_again((next_run - timedelta(days=1)).date(), time_module.sleep)
         if once:
+            if not cleared:
+                sys.exit(1)
             return
+
+
+clearing_attempts_max = 12  # a day's run, tried again ...
+clearing_retry_wait_s = 300  # ... this long after a failure: an hour in all
+
+
+def _clear_trying_again(day, sleep) -> bool:  # type: ignore[no-untyped-def]
+    """Clear ``day``; the database away or too busy (a restart at night), ask again a while
+    later, and keep the schedule either way: one failure ended the job, and no day after
+    it was cleared. A day given up is cleared by the next day's run, which takes every
+    record not yet cleared (``clearing.run``). Anything else (a bug, the configuration)
+    ends the job, loudly."""
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(1, clearing_attempts_max + 1):
+        try:
+            _clear(day)
+            return True
+        except DBAPIError as error:
+            click.echo(
+                f"clearing {day} failed (attempt {attempt} of {clearing_attempts_max}): "
+                f"{str(error.orig).strip() or type(error.orig).__name__}",
+                err=True,
+            )
+        if attempt < clearing_attempts_max:
+            sleep(clearing_retry_wait_s)
+    click.echo(f"clearing {day} given up: the next day's run clears its records", err=True)
+    return False
 
 
 @click.command()
