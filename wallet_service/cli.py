@@ -178,37 +178,58 @@ def _as_admin(work):  # type: ignore[no-untyped-def]
 def clearing_schedule(at_time: str, once: bool) -> None:
     """The scheduled job: every day at --at, clear the previous business day."""
     import time as time_module
-    from datetime import datetime, timedelta
+    from datetime import datetime
 
     try:
         hour, minute = (int(part) for part in at_time.split(":"))
         datetime.now().replace(hour=hour, minute=minute)
     except ValueError:
         raise click.BadParameter("use HH:MM", param_hint="--at") from None
-    while True:
-        now = datetime.now()
-        next_run = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if next_run <= now:
-            next_run += timedelta(days=1)
-        click.echo(f"next clearing at {next_run:%Y-%m-%d %H:%M}")
-        time_module.sleep((next_run - now).total_seconds())
-        cleared = _clear_trying_again((next_run - timedelta(days=1)).date(), time_module.sleep)
-        if once:
-            if not cleared:
-                sys.exit(1)
-            return
+    _upgrade()  # (the database's address or credentials wrong: said now, not at the hour)
+    if not run_schedule(hour, minute, once, datetime.now, time_module.sleep):
+        sys.exit(1)
 
 
 clearing_attempts_max = 12  # a day's run, tried again ...
 clearing_retry_wait_s = 300  # ... this long after a failure: an hour in all
 
 
+def run_schedule(hour: int, minute: int, once: bool, clock, sleep) -> bool:  # type: ignore[no-untyped-def]
+    """Every day at hour:minute (``clock`` and ``sleep``: the time), clear the day before.
+    A day the database was away for (a restart at night: ``_clear_trying_again``) waits
+    and is cleared at the next run before the day after it — each record under its own
+    day, in order: cleared later, the next day's run would take its records as its own.
+    Returns (``once``: after one run) whether every day so far was cleared. (The days a
+    job left uncleared are not known to the next job started: ``clearing run --date``.)"""
+    from datetime import timedelta
+
+    waiting: list = []  # days given up, oldest first
+    while True:
+        now = clock()
+        next_run = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if next_run <= now:
+            next_run += timedelta(days=1)
+        click.echo(f"next clearing at {next_run:%Y-%m-%d %H:%M}")
+        sleep((next_run - now).total_seconds())
+        days = [*waiting, (next_run - timedelta(days=1)).date()]
+        cleared = 0
+        while cleared < len(days) and _clear_trying_again(days[cleared], sleep):
+            cleared += 1
+        waiting = days[cleared:]
+        if waiting:
+            click.echo(
+                f"not cleared: {', '.join(map(str, waiting))}: tried again at the next run "
+                "(or: app.py clearing run --date DAY, oldest first)",
+                err=True,
+            )
+        if once:
+            return not waiting
+
+
 def _clear_trying_again(day, sleep) -> bool:  # type: ignore[no-untyped-def]
-    """Clear ``day``; the database away or too busy (a restart at night), ask again a while
-    later, and keep the schedule either way: one failure ended the job, and no day after
-    it was cleared. A day given up is cleared by the next day's run, which takes every
-    record not yet cleared (``clearing.run``). Anything else (a bug, the configuration)
-    ends the job, loudly."""
+    """Clear ``day``; the database away or too busy, ask again a while later — one failure
+    used to end the job, and no day after it was cleared. Whatever else fails (a bug, the
+    configuration) ends the job, loudly."""
     from sqlalchemy.exc import DBAPIError
 
     for attempt in range(1, clearing_attempts_max + 1):
@@ -216,6 +237,8 @@ def _clear_trying_again(day, sleep) -> bool:  # type: ignore[no-untyped-def]
             _clear(day)
             return True
         except DBAPIError as error:
+            if not database_away(error):
+                raise
             click.echo(
                 f"clearing {day} failed (attempt {attempt} of {clearing_attempts_max}): "
                 f"{str(error.orig).strip() or type(error.orig).__name__}",
@@ -223,8 +246,22 @@ def _clear_trying_again(day, sleep) -> bool:  # type: ignore[no-untyped-def]
             )
         if attempt < clearing_attempts_max:
             sleep(clearing_retry_wait_s)
-    click.echo(f"clearing {day} given up: the next day's run clears its records", err=True)
     return False
+
+
+# SQLSTATEs of a wrong configuration: the credentials (class 28), no such database.
+_CONFIGURATION_SQLSTATES = ("28", "3D000")
+
+
+def database_away(error) -> bool:  # type: ignore[no-untyped-def]
+    """The database could not be reached or was too busy (worth asking again later), not
+    a wrong configuration nor a statement it will never run."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    state = getattr(error.orig, "sqlstate", None) or ""
+    if state.startswith(_CONFIGURATION_SQLSTATES):
+        return False
+    return isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated
 
 
 @click.command()
