@@ -214,13 +214,12 @@ class TopUpMachine(RuleBasedStateMachine):
     def each_sim_holds_what_was_loaded_and_at_most_what_may_have_been(self) -> None:
         """(And a card loads one order at a time: never two sending packets.)"""
         orders = self._orders()
+        assert {o.card_serial for o in orders} <= {h.serial for h in self.handsets}
         books = self.world.books()  # asserts they balance
         for handset in self.handsets:
             own = [o for o in orders if o.card_serial == handset.serial]
             loaded = sum(o.amount_fen for o in own if o.state == "loaded")
-            may_have_loaded = sum(
-                o.amount_fen for o in own if o.state in ("credit_sent", "proving")
-            )
+            may_have_loaded = sum(o.amount_fen for o in own if o.state in MAY_HAVE_LOADED)
             sending = [o.reference for o in own if o.state in topups.SENDING_PACKETS]
             assert len(sending) <= 1, f"one load of a card at a time, not {sending}"
             assert books.get(f"card_float:{handset.serial}", 0) == loaded
