@@ -159,4 +159,7 @@ def test_what_counts_as_the_database_away(sqlstate: str | None, away: bool) -> N
     orig = Orig("the server said so")
     orig.sqlstate = sqlstate  # type: ignore[attr-defined]
     assert cli.database_away(OperationalError("SELECT 1", {}, orig)) is away
+
+
+def test_a_refused_connection_is_the_database_away() -> None:
     assert cli.database_away(_refused_connection())

@@ -21,11 +21,9 @@ from reader_sim.bank import signed_headers
 from tests.test_wallet_topups import MemoryChannel, World
 from tests.wallet_fixtures import Wallet, _make_wallet, _truncate
 from wallet_service import default_config
-from wallet_service.auth import Principal
 from wallet_service.db import SessionLimits
 from wallet_service.errors import ConfigurationError
 from wallet_service.services import topups
-from wallet_service.services.registry import Context
 
 IDLE_LIMIT_S = 2.0  # (short, for the test; the default is a minute)
 STATEMENT_LIMIT_S = 2.0  # (every statement of the test's: not shorter, on a slow machine)
@@ -46,21 +44,14 @@ def limited(postgres_url: str, tmp_path: Path) -> Iterator[Callable[..., Wallet]
         wallet.database.dispose()
 
 
-def _context(wallet: Wallet, session, tmp_path: Path) -> Context:  # type: ignore[no-untyped-def]
-    keys = wallet.app.config["KEY_STORE"]
-    return Context(session, Principal(0, "admin"), wallet.clock(), keys, tmp_path)
-
-
-def _hung_worker_claims_the_order(world: World, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _hung_worker_claims_the_order(world: World):  # type: ignore[no-untyped-def]
     """A worker claims the paid order and sends packet 1 in its transaction, then hangs
     before its commit (stopped, not killed: its connection stays open). Its packets go to a
     channel of its own: with its commit failed, the real channel never sends them."""
     hung = world.wallet.database._sessions()
     hung.begin()
     try:
-        actions = topups.work_batch(
-            _context(world.wallet, hung, tmp_path), MemoryChannel({}), world.bank
-        )
+        actions = topups.work_batch(world.context(hung), MemoryChannel({}), world.bank)
         assert [result.action for result in actions] == ["packet 1 sent"]
     except BaseException:
         hung.close()  # (its locks would hang the next test's set-up)
@@ -75,7 +66,7 @@ def test_an_order_claimed_by_a_worker_hung_in_its_transaction_is_finished_by_ano
     world = World(wallet, tmp_path)
     reference = world.order()
     world.pay(reference)
-    hung = _hung_worker_claims_the_order(world, tmp_path)
+    hung = _hung_worker_claims_the_order(world)
     try:
         assert world.work() is None  # claimed (SKIP LOCKED): the others pass it by, for now
         deadline = time.monotonic() + IDLE_LIMIT_S + 10
@@ -102,7 +93,7 @@ def test_without_the_limit_the_hung_worker_keeps_the_order(
     world = World(wallet, tmp_path)
     reference = world.order()
     world.pay(reference)
-    hung = _hung_worker_claims_the_order(world, tmp_path)
+    hung = _hung_worker_claims_the_order(world)
     try:
         time.sleep(IDLE_LIMIT_S + 1)
         assert world.work() is None

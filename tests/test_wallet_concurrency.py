@@ -197,17 +197,12 @@ def test_two_workers_holding_two_orders_of_one_card_decide_one_after_the_other(
     import threading
 
     from tests.test_wallet_topups import World
-    from wallet_service.auth import Principal
     from wallet_service.services import topups
-    from wallet_service.services.registry import Context
 
     world = World(pg_wallet, tmp_path)
     first, second = world.order(1000), world.order(2000)
     world.pay(second, 2000)
-
-    def context(session):  # type: ignore[no-untyped-def]
-        keys = pg_wallet.app.config["KEY_STORE"]
-        return Context(session, Principal(0, "admin"), pg_wallet.clock(), keys, tmp_path)
+    context = world.context
 
     worker_2 = pg_wallet.database._sessions()
     worker_2.begin()

@@ -66,18 +66,15 @@ class World:
         self.bank.open_card(BANK_CARD, "Li Lei", 100_000)
         self.bank.add_merchant("BUSCARD", "http://platform/api/v1/bank/webhooks")
 
-    def run(self, work):  # type: ignore[no-untyped-def]
-        def in_context(session):  # type: ignore[no-untyped-def]
-            ctx = Context(
-                session,
-                Principal(0, "admin"),
-                self.wallet.clock(),
-                self.wallet.app.config["KEY_STORE"],
-                Path("/nonexistent"),
-            )
-            return work(ctx)
+    def context(self, session) -> Context:  # type: ignore[no-untyped-def]
+        """The platform's, in ``session`` (a worker's, say)."""
+        keys = self.wallet.app.config["KEY_STORE"]
+        return Context(
+            session, Principal(0, "admin"), self.wallet.clock(), keys, Path("/nonexistent")
+        )
 
-        return self.wallet.database.run(in_context)
+    def run(self, work):  # type: ignore[no-untyped-def]
+        return self.wallet.database.run(lambda session: work(self.context(session)))
 
     def order(self, amount: int = 3000) -> str:
         request_id = secrets.token_bytes(4)

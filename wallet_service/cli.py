@@ -256,12 +256,14 @@ _CONFIGURATION_SQLSTATES = ("28", "3D000")
 def database_away(error) -> bool:  # type: ignore[no-untyped-def]
     """The database could not be reached or was too busy (worth asking again later), not
     a wrong configuration nor a statement it will never run."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
+    from sqlalchemy.exc import InterfaceError
+
+    from wallet_service.db import the_database_failed
 
     state = getattr(error.orig, "sqlstate", None) or ""
     if state.startswith(_CONFIGURATION_SQLSTATES):
         return False
-    return isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated
+    return the_database_failed(error) or isinstance(error, InterfaceError)
 
 
 @click.command()

@@ -513,6 +513,15 @@ def _ping_connections_idle_a_while(engine: Engine) -> None:
 _AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 
 
+def the_database_failed(error: BaseException) -> bool:
+    """A deadlock, an outage, the connection ended — not the work's own fault, and worth
+    doing again. (psycopg raises a transaction ended for idling as an InternalError, the
+    connection gone with it.)"""
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
+
+
 class NotOneStatement(RuntimeError):
     """Work run as one statement (``Database.run``) held writes for its commit: in
     autocommit they would not be all-or-nothing with its statement."""

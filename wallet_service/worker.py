@@ -18,11 +18,12 @@ from urllib.parse import quote
 import requests
 from flask import Flask
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from reader_sim.bank import signed_request_headers
 from reader_sim.smsc import Sms
 from wallet_service import ota_channel
+from wallet_service.db import the_database_failed
 from wallet_service.models import TopUpOrder
 from wallet_service.ota_channel import Outbox, SmsOtaChannel, handle_incoming_sms, keyset_lookup
 from wallet_service.services import rekeys, topups
@@ -286,21 +287,13 @@ class _BatchFailed(Exception):
     """A message of an SMS batch failed inside the transaction (rolled back)."""
 
 
-def _the_database_failed(error: Exception) -> bool:
-    """Not this message's fault: a deadlock, an outage, the connection ended (psycopg raises
-    a transaction ended for idling as an InternalError, the connection gone with it)."""
-    return isinstance(error, OperationalError) or (
-        isinstance(error, DBAPIError) and error.connection_invalidated
-    )
-
-
 def _handle_one(ctx: Context, box: Outbox, sms: Sms, merchant: str) -> str:
     mark = box.mark()
     try:
         with ctx.session.begin_nested():
             return handle_incoming_sms(ctx, box, sms, merchant)
     except Exception as error:
-        if _the_database_failed(error):
+        if the_database_failed(error):
             raise  # a deadlock: the whole batch again (Database.run); else not acknowledged
         # A bug, data the database refused, a conflict (a twin handled it elsewhere, or it
         # never can be): this message only — else, never acknowledged, it would come back

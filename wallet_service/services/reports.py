@@ -134,11 +134,10 @@ def query_records(
 
 
 Rows = Sequence[Row[Any]]
+Read = Callable[[Callable[[Session], Rows]], Rows]  # work in a transaction of its own
 
 
-def csv_lines(
-    read: Callable[[Callable[[Session], Rows]], Rows], operator_id: int, f: RecordFilter
-) -> Iterator[str]:
+def csv_lines(read: Read, operator_id: int, f: RecordFilter) -> Iterator[str]:
     """The whole selection as CSV, ``csv_batch_records`` at a time, in id order: a month
     of records downloads without being held in memory. Each batch is read in a short
     transaction of its own (``read``: ``Database.run``), after the last id sent, as the
@@ -153,9 +152,7 @@ def csv_lines(
     return _csv_batches(read, selection)
 
 
-def _csv_batches(
-    read: Callable[[Callable[[Session], Rows]], Rows], selection: Select
-) -> Iterator[str]:
+def _csv_batches(read: Read, selection: Select) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(RECORD_COLUMNS)
