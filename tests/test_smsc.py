@@ -308,33 +308,45 @@ def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: s
 
 
 def test_a_request_is_answered_while_many_long_polls_wait(tmp_path: Path) -> None:
-    """Each long poll holds one of the server's threads while it waits: 60 of them (more
-    than the phones of bench.ota) leave room for a submit, answered at once."""
+    """Each long poll holds one of the server's threads while it waits: 600 of them (more
+    than the phones of bench.ota, and than the 128 threads the server once had) leave room
+    for a submit, answered at once, and for the poll it wakes."""
     import threading
 
     from wallet_service.http_client import KeepAliveClient
 
+    waiting = 600
     with _served("smsc", tmp_path) as (_, port):
         origin = f"http://127.0.0.1:{port}"
-        clients = [KeepAliveClient(origin) for _ in range(61)]
-        polls = [
-            threading.Thread(
-                target=client.request,
-                args=("POST", f"/inbox/1390000{n:04d}/next"),
-                kwargs={"json": {"wait_ms": 5000}, "timeout_s": 20},
+        clients = [KeepAliveClient(origin) for _ in range(waiting + 1)]
+        answers: dict[int, object] = {}
+
+        def poll(n: int) -> None:
+            answers[n] = (
+                clients[n]
+                .request("POST", f"/inbox/1390{n:07d}/next", json={"wait_ms": 15_000}, timeout_s=40)
+                .json()
             )
-            for n, client in enumerate(clients[:60])
-        ]
-        for poll in polls:
-            poll.start()
+
+        polls = [threading.Thread(target=poll, args=(n,)) for n in range(waiting)]
+        for thread in polls:
+            thread.start()
         try:
-            time.sleep(0.5)
+            time.sleep(2)  # (all of them connected and waiting: a stall waits for a poll)
             started = time.monotonic()
-            sms = {"from": PLATFORM, "to": "13900000059", "user_data": "01"}
-            assert clients[60].request("POST", "/submit", json=sms, timeout_s=20).status == 202
-            assert time.monotonic() - started < 2.5  # (a stall waits for a poll: 4.5 s)
-        finally:  # (the polls end before the server: none outlives the test)
-            for poll in polls:
-                poll.join(timeout=20)
+            sms = {"from": PLATFORM, "to": f"1390{waiting - 1:07d}", "user_data": "01"}
+            assert clients[waiting].request("POST", "/submit", json=sms, timeout_s=40).status == 202
+            polls[-1].join(timeout=40)
+            assert time.monotonic() - started < 7  # (stalled behind the polls: 13 s and more)
+            assert [m["user_data"] for m in answers[waiting - 1]["messages"]] == ["01"]
+        finally:  # (the polls end before the server: none outlives the test — a text wakes each)
+            wake = [
+                {"from": PLATFORM, "to": f"1390{n:07d}", "user_data": "02"} for n in range(waiting)
+            ]
+            for first in range(0, waiting, submit_batch_max):
+                batch = {"messages": wake[first : first + submit_batch_max]}
+                clients[waiting].request("POST", "/submit", json=batch, timeout_s=40)
+            for thread in polls:
+                thread.join(timeout=40)
             for client in clients:
                 client.close()
