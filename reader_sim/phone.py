@@ -14,6 +14,7 @@ screen recorded) and the terminal one in the CLI.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,13 +65,19 @@ class Screen(Protocol):
     def choose(self, title: str, items: list[tuple[int, str]]) -> int | None: ...
 
 
+Outgoing = tuple[str, bytes, bytes]  # (to, user_data, udh)
+
+
 class SmsLine(Protocol):
     """The phone's radio: send to a number, receive what is waiting (a gateway adapter
     with the phone's own number as its address)."""
 
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None: ...
 
-    def receive(self, wait_ms: int = 0) -> list[Sms]: ...
+    def receive(self, wait_ms: int = 0, *, submit: list[Outgoing] | None = None) -> list[Sms]:
+        """``submit`` sent first (all or none), then what is waiting, up to ``wait_ms``
+        for the first."""
+        ...
 
 
 @dataclass
@@ -216,16 +223,28 @@ class Phone:
     # --- SMS ------------------------------------------------------------------------------
 
     def receive(self, wait_ms: int = 0) -> int:
-        """Take what the SMS centre holds for this phone; return how many."""
-        messages = self.line.receive(wait_ms)
-        for sms in messages:
-            self._deliver(sms)
-        return len(messages)
+        """Take what the SMS centre holds for this phone, waiting up to ``wait_ms`` for
+        the first; return how many. The SIM's proofs of receipt are sent before this
+        returns, each with the phone's next poll: one request, not two (a phone's submit
+        and poll cost the SMS centre and the phone as much as each other). While
+        ``wait_ms`` lasts, that poll waits on for what the proof answers — the next
+        packet of the exchange — and so on while the SIM has proofs to send."""
+        deadline = time.monotonic() + wait_ms / 1000
+        messages, taken = self.line.receive(wait_ms), 0
+        while messages:
+            taken += len(messages)
+            replies = [reply for sms in messages if (reply := self._deliver(sms))]
+            if not replies:
+                break
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            messages = self.line.receive(left_ms, submit=replies)
+        return taken
 
-    def _deliver(self, sms: Sms) -> None:
+    def _deliver(self, sms: Sms) -> Outgoing | None:
+        """Show a text, or hand a command packet to the SIM: its proof of receipt, if the
+        SIM gave one, is what to send back."""
         if sms.udh[1:2] == COMMAND_UDH[1:2]:  # IEI 70: a command packet
-            self._download(sms)
-            return
+            return self._download(sms)
         text = sms.user_data.decode("utf-16-be", errors="replace")
         self.inbox.append(text)
         self.screen.show(f"SMS {sms.sender}: {text}")
@@ -235,11 +254,13 @@ class Phone:
             self.payment_links.append((merchant, order_id, amount))
             if self.pay is not None:
                 self.pay(merchant, order_id, amount)
+        return None
 
-    def _download(self, sms: Sms) -> None:
-        """SMS-PP data download: the SIM gets the packet, the sender gets the PoR."""
+    def _download(self, sms: Sms) -> Outgoing | None:
+        """SMS-PP data download: the SIM gets the packet; the PoR, for the sender."""
         tpdu = encode_sms_deliver(sms.sender, sms.user_data)
         answer = self.sim.transmit(encode_envelope(tpdu))
         por = answer[:-2]
         if len(answer) >= 2 and por[:3] == RESPONSE_UDH:
-            self.line.send(sms.sender, por[3:], RESPONSE_UDH)
+            return (sms.sender, por[3:], RESPONSE_UDH)
+        return None

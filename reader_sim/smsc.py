@@ -12,9 +12,11 @@ arguments; ``create_smsc_app`` puts HTTP around it for ``app.py smsc serve``:
                    until acknowledged, then delivered again (SMPP: an SMSC retries a
                    deliver_sm until the receiver's deliver_sm_resp)
     POST /inbox/<msisdn>/ack {"ids": [...]} → {"acknowledged": n}
-    POST /inbox/<msisdn>/next {"ack": [ids], "wait_ms": N, "lease_ms": M} → those
-                   acknowledged, then the same as GET /inbox (a receiver's loop: one
-                   request a batch, not two; Kafka's consumers commit in their poll too)
+    POST /inbox/<msisdn>/next {"submit": [messages], "ack": [ids], "wait_ms": N,
+                   "lease_ms": M} → those submitted (all or none, as POST /submit) and
+                   those acknowledged, then the same as GET /inbox (a receiver's loop:
+                   one request a batch, not three — Kafka's consumers commit in their
+                   poll too; a phone's proof of receipt rides its next poll)
     GET  /stats    → {"lost": n, "duplicated": n}
 """
 
@@ -243,10 +245,13 @@ def _route(centre: SmsCentre, environ: dict) -> tuple[str, dict[str, Any]]:
         _allow(method, "POST")
         data = _json_body(environ)
         ids = _ids(data, "ack", absent=[])
+        outgoing = [_message(m) for m in _list(data, "submit")]
         wait_ms, lease_ms = (_int(data, name) for name in ("wait_ms", "lease_ms"))
-        acknowledged = centre.acknowledge(parts[1], ids)  # (all checked: refused, nothing)
+        # (all checked above, and a refused submit stores nothing: refused, nothing done)
+        submitted = centre.submit_many(outgoing) if outgoing else []
+        acknowledged = centre.acknowledge(parts[1], ids)
         answer = _delivered(centre.collect(parts[1], wait_ms, lease_ms))
-        return "200 OK", {"acknowledged": acknowledged, **answer}
+        return "200 OK", {"submitted": submitted, "acknowledged": acknowledged, **answer}
     if parts == ["stats"]:
         _allow(method, "GET")
         return "200 OK", {"lost": centre.lost, "duplicated": centre.duplicated}
@@ -290,6 +295,14 @@ def _ids(data: Any, key: str = "ids", absent: list[int] | None = None) -> list[i
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
         raise SmsRefused(f'send {{"{key}": [integers]}}')
     return ids
+
+
+def _list(data: dict, key: str) -> list[Any]:
+    """``data[key]``, a list (empty when the key is absent)."""
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise SmsRefused(f"{key} is a list")
+    return value
 
 
 def _int(data: dict, key: str) -> int:

@@ -93,7 +93,8 @@ class Radio:
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
         self.sent.append((to, user_data, udh))
 
-    def receive(self, wait_ms: int = 0) -> list:  # type: ignore[type-arg]
+    def receive(self, wait_ms: int = 0, *, submit: list | None = None) -> list:  # type: ignore[type-arg]
+        self.sent.extend(submit or [])
         return []
 
 
@@ -241,6 +242,44 @@ def test_top_up_from_the_phone_menu_end_to_end(wallet: Wallet, tmp_path: Path) -
     assert world.screen.screens[-1] == "余额：30.00元"
     assert world.books()[f"card_float:{world.serial}"] == 3000
     assert world.bank.card_balance(BANK_CARD) == 100_000 - 3000
+    world.bank.close()
+
+
+class CountingLine(InProcessGateway):
+    """A phone's line that counts its sends and what its polls carried."""
+
+    def __init__(self, centre: SmsCentre, number: str) -> None:
+        super().__init__(centre, number)
+        self.sends, self.sent_with_polls = 0, 0
+
+    def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None:
+        self.sends += 1
+        super().send(to, user_data, udh)
+
+    def receive(self, wait_ms=0, lease_ms=0, acknowledge=None, submit=None):  # type: ignore[no-untyped-def]
+        self.sent_with_polls += len(submit or [])
+        return super().receive(wait_ms, lease_ms, acknowledge, submit)
+
+
+def test_the_sims_proofs_of_receipt_ride_the_phones_next_poll(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """Each proof of receipt leaves with the phone's next poll, not in a request of its
+    own — and before ``receive`` returns: the platform has it at once."""
+    world = PhoneWorld(wallet, tmp_path)
+    world.phone.line = line = CountingLine(world.smsc, PHONE)
+    world.screen.answers[:] = ["30", "123456"]
+    world.phone.select(4)
+    packets_seen = 0
+    for _ in range(8):
+        run_once(world.wallet.app, world.gateway, world.bank)
+        waiting = [sms for _, sms in world.smsc._boxes.get(PHONE, []) if sms.udh[1:2] == b"\x70"]
+        world.phone.receive()
+        proofs = [sms.udh for _, sms in world.smsc._boxes.get(SHORT_CODE, [])]
+        assert proofs == [b"\x02\x71\x00"] * len(waiting)
+        packets_seen += len(waiting)
+    assert purse(world.sim).balance == 3000
+    assert (packets_seen, line.sent_with_polls, line.sends) == (2, 2, 1)  # (1: the request)
     world.bank.close()
 
 

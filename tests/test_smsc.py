@@ -128,6 +128,10 @@ def test_the_http_gateway_against_smsc_serve(tmp_path: Path) -> None:
         assert [m["user_data"] for m in phone_box] == [
             f"{n:02x}" for n in range(submit_batch_max + 5)
         ]
+        many = [(PHONE, bytes([n]), b"") for n in range(submit_batch_max + 5)]
+        assert gateway.receive(submit=many) == []  # (more than one request takes: the rest first)
+        phone_box = requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"]
+        assert [m["user_data"] for m in phone_box] == [f"{n:02x}" for n in range(len(many))]
         half_bad = {"messages": [{"from": PLATFORM, "to": PHONE, "user_data": "01"}, {"to": 1}]}
         assert requests.post(f"{base}/submit", json=half_bad, timeout=5).status_code == 422
         assert requests.get(f"{base}/inbox/{PHONE}", timeout=5).json()["messages"] == []
@@ -250,7 +254,40 @@ def test_the_sms_centres_http_edge_reads_bodies_as_a_server_hands_them_over() ->
     status, _, body = _wsgi(
         app, "POST", f"/inbox/{PLATFORM}/next", json.dumps({"ack": [leased.id]}).encode()
     )
-    assert json.loads(body) == {"acknowledged": 1, "messages": []}
+    assert json.loads(body) == {"submitted": [], "acknowledged": 1, "messages": []}
+
+
+def test_a_receivers_next_poll_carries_what_it_sends_all_or_nothing() -> None:
+    """``POST /inbox/…/next`` with ``submit``: sent (as ``POST /submit`` would), then
+    acknowledged and collected; a submit refused refuses the whole request — nothing
+    stored, nothing acknowledged, nothing delivered."""
+    import json
+
+    from reader_sim.smsc import create_smsc_app
+
+    smsc = SmsCentre()
+    app = create_smsc_app(smsc)
+    smsc.submit(PLATFORM, PHONE, b"\x01")
+    [leased] = smsc.collect(PHONE, lease_ms=60_000)
+    smsc.submit(PLATFORM, PHONE, b"\x02")  # (waiting)
+    por = {"from": PHONE, "to": PLATFORM, "user_data": "beef", "udh": "027100"}
+    for bad_submit in ([por, {"to": PLATFORM}], "not a list", [por] * 101):
+        request = {"submit": bad_submit, "ack": [leased.id]}
+        status, _, _ = _wsgi(app, "POST", f"/inbox/{PHONE}/next", json.dumps(request).encode())
+        assert status.startswith("422"), bad_submit
+        assert smsc.collect(PLATFORM) == [] and list(smsc._leased[PHONE]) == [leased.id]
+        assert [sms.user_data for _, sms in smsc._boxes[PHONE]] == [b"\x02"]
+    request = {"submit": [por], "ack": [leased.id]}
+    status, _, body = _wsgi(app, "POST", f"/inbox/{PHONE}/next", json.dumps(request).encode())
+    answer = json.loads(body)
+    assert (status, answer["acknowledged"]) == ("200 OK", 1)
+    assert [m["user_data"] for m in answer["messages"]] == ["02"]
+    [sent] = smsc.collect(PLATFORM)
+    assert (answer["submitted"], sent.user_data, sent.udh) == (
+        [sent.id],
+        b"\xbe\xef",
+        b"\x02\x71\x00",
+    )
 
 
 def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wallet) -> None:
