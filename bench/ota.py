@@ -17,6 +17,7 @@ more worker CPU, less throughput. The throughput with two is printed too
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -162,7 +163,18 @@ class BenchPhone:
         return any("Top-up OK" in text for text in self.phone.inbox[read:])
 
 
+def _open_files_as_many_as_allowed() -> None:
+    """Each phone keeps two connections (SMS centre, bank): 512 phones want more than the
+    usual soft limit of 1,024 open files. Raised to the hard limit, which is allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * phones + 256:
+        raise RuntimeError(f"{phones} phones need {2 * phones + 256} open files: ulimit -Hn")
+
+
 def ota_figures(workers: int = ota_workers) -> dict[str, float]:
+    _open_files_as_many_as_allowed()
     with scratch_database("wallet_bench") as database:
         return _ota_figures(database, workers)
 

@@ -13,6 +13,7 @@ screen recorded) and the terminal one in the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -75,8 +76,8 @@ class SmsLine(Protocol):
     def send(self, to: str, user_data: bytes, udh: bytes = b"") -> None: ...
 
     def receive(self, wait_ms: int = 0, *, submit: list[Outgoing] | None = None) -> list[Sms]:
-        """``submit`` sent first (all or none), then what is waiting, up to ``wait_ms``
-        for the first."""
+        """``submit`` sent first (all or none, up to the SMS centre's batch), then what
+        is waiting, up to ``wait_ms`` for the first."""
         ...
 
 
@@ -228,17 +229,39 @@ class Phone:
         returns, each with the phone's next poll: one request, not two (a phone's submit
         and poll cost the SMS centre and the phone as much as each other). While
         ``wait_ms`` lasts, that poll waits on for what the proof answers — the next
-        packet of the exchange — and so on while the SIM has proofs to send."""
+        packet of the exchange — and so on while the SIM has proofs to send: a last proof
+        that nothing answers keeps this waiting to the end of ``wait_ms``.
+
+        A poll that fails (the SMS centre away: OSError) raises here, its proofs perhaps
+        sent, perhaps not — as a send that failed did (the platform asks the SIM again).
+        A message whose delivery fails (the bank app's payment, say) raises after the
+        proofs of the packets before it are sent: the SIM has run those."""
         deadline = time.monotonic() + wait_ms / 1000
         messages, taken = self.line.receive(wait_ms), 0
         while messages:
             taken += len(messages)
-            replies = [reply for sms in messages if (reply := self._deliver(sms))]
+            replies = self._deliver_all(messages)
             if not replies:
                 break
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
             messages = self.line.receive(left_ms, submit=replies)
         return taken
+
+    def _deliver_all(self, messages: list[Sms]) -> list[Outgoing]:
+        """Deliver each; the proofs of receipt to send back. One failing: those of the
+        messages before it sent at once (each on its own), and the failure raised."""
+        replies: list[Outgoing] = []
+        try:
+            for sms in messages:
+                reply = self._deliver(sms)
+                if reply is not None:
+                    replies.append(reply)
+        except Exception:
+            for reply in replies:
+                with contextlib.suppress(OSError, ValueError):  # (the first failure tells)
+                    self.line.send(*reply)
+            raise
+        return replies
 
     def _deliver(self, sms: Sms) -> Outgoing | None:
         """Show a text, or hand a command packet to the SIM: its proof of receipt, if the

@@ -17,10 +17,12 @@ from reader_sim.smsc import Faults, SmsCentre, create_smsc_app
 from wallet_service.http_server import serve as serve_wsgi
 
 # Requests at once. A long poll holds one of granian's blocking threads while it waits, so
-# this is how many phones can wait at once with room left for submits: with 128, the 192nd
-# phone's poll queued behind the others, and so did every submit (bench.ota at 192 phones:
+# this is how many phones can wait at once with room left for submits: with 128, once 128
+# polls waited, every other poll and submit queued behind them (bench.ota at 192 phones:
 # 29 top-ups/s, 79 % of the machine idle). granian starts a thread when a request needs
-# one and ends it after 30 s idle: the bound costs nothing while it is not reached.
+# one and ends it after 30 s idle: the bound costs nothing while it is not reached. (Past
+# 1024, granian's own bound on requests at once, its backpressure — backlog ÷ workers —
+# would have to rise too.)
 blocking_threads = 1024
 
 

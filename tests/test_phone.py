@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -154,6 +154,40 @@ def test_a_top_up_request_needs_the_pin_and_carries_the_cards_mac() -> None:
     [(to, user_data, udh)] = radio.sent
     assert (to, udh, user_data[:4], len(user_data)) == (SHORT_CODE, b"", b"BUSR", 30)
     assert purse(sim).pin_tries_left == 3  # the right PIN gives the try back
+
+
+def test_a_delivery_that_fails_still_sends_the_proofs_of_the_packets_before_it() -> None:
+    """A packet, then a payment link the bank app fails to pay, in one poll: the SIM ran
+    the packet, so its proof of receipt leaves (on its own), and the failure is raised."""
+    from otar.packets import Spi, encode_command
+    from otar.remote_apdu import encode_script
+    from otar.sim_side import TRANSIT_TAR
+    from reader_sim.smsc import Sms
+
+    sim = personalize(SERIAL, ota_masters=(bytes(range(16)), bytes(range(16, 32))))
+    [(index, keys)] = sim.ota.keysets.items()  # type: ignore[union-attr]
+    select = CommandApdu(0x00, 0xA4, 0x04, 0x00, bytes.fromhex("A000000632010105")).encode()
+    packet = encode_command(keys, Spi(), TRANSIT_TAR, 1, encode_script([select]))
+    link = "pay buspay://BUSCARD/order-1/100".encode("utf-16-be")
+    delivered = [
+        Sms(1, SHORT_CODE, PHONE, b"\x02\x70\x00", packet, datetime.now()),
+        Sms(2, SHORT_CODE, PHONE, b"", link, datetime.now()),
+    ]
+
+    class OneBatch(Radio):
+        def receive(self, wait_ms: int = 0, *, submit: list | None = None) -> list:  # type: ignore[type-arg]
+            super().receive(wait_ms, submit=submit)
+            return delivered if not self.sent and not submit else []
+
+    def bank_app_down(merchant: str, order_id: str, amount_fen: int) -> None:
+        raise ConnectionError("the bank app cannot reach the bank")
+
+    radio = OneBatch()
+    phone = Phone(sim, PHONE, radio, ScriptedScreen(), bank_app_down)
+    with pytest.raises(ConnectionError):
+        phone.receive()
+    [(to, _, udh)] = radio.sent
+    assert (to, udh, sim.ota.last_counters[index]) == (SHORT_CODE, b"\x02\x71\x00", 1)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("amount", ["0", "1001", ""])

@@ -32,8 +32,8 @@ class SmsGateway(Protocol):
         submit: list[Outgoing] | None = None,
     ) -> list[Sms]:
         """What came (waiting up to ``wait_ms`` for the first), each leased for
-        ``lease_ms``; ``submit`` sent (all or none) and those of ``acknowledge`` (leased
-        before) acknowledged first."""
+        ``lease_ms``; ``submit`` sent (all or none, up to ``submit_batch_max``) and those
+        of ``acknowledge`` (leased before) acknowledged first."""
         ...
 
     def acknowledge(self, ids: list[int]) -> None: ...
