@@ -527,22 +527,30 @@ class NotOneStatement(RuntimeError):
     autocommit they would not be all-or-nothing with its statement."""
 
 
+_STATEMENTS_SENT = "wallet.one_statement_sent"  # (connection.info: while work runs as one)
+
+
 @contextmanager
 def _one_statement_only(connection: Connection) -> Iterator[None]:
     """Meanwhile a second statement on ``connection`` is refused before it is sent (in
-    autocommit the first is committed already; the work fails loudly, not half-done)."""
-    sent: list[str] = []
-
-    def one_only(_connection, _cursor, statement, *_) -> None:  # type: ignore[no-untyped-def]
-        if sent:
-            raise NotOneStatement(f"a second statement in work run as one: {statement[:60]}")
-        sent.append(statement)
-
-    event.listen(connection, "before_cursor_execute", one_only)
+    autocommit the first is committed already; the work fails loudly, not half-done) — by
+    ``_refuse_a_second_statement``, on every engine ``Database`` binds, once: a listener
+    added and removed around each piece of work cost some 7 % of a bank callback's CPU
+    (in process, 1.75–1.95 → 1.64–1.80 ms)."""
+    connection.info[_STATEMENTS_SENT] = 0
     try:
         yield
     finally:
-        event.remove(connection, "before_cursor_execute", one_only)
+        connection.info.pop(_STATEMENTS_SENT, None)
+
+
+def _refuse_a_second_statement(connection, _cursor, statement, *_) -> None:  # type: ignore[no-untyped-def]
+    sent = connection.info.get(_STATEMENTS_SENT)
+    if sent is None:
+        return
+    if sent:
+        raise NotOneStatement(f"a second statement in work run as one: {statement[:60]}")
+    connection.info[_STATEMENTS_SENT] = 1
 
 
 def _holds_writes(session: Session) -> bool:
@@ -577,6 +585,8 @@ class Database:
             def _no_pysqlite_begin(connection, _record):  # type: ignore[no-untyped-def]
                 connection.isolation_level = None
 
+        # (once an engine: SQLAlchemy adds a listener only once, however often bound)
+        event.listen(engine, "before_cursor_execute", _refuse_a_second_statement)
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
