@@ -79,6 +79,23 @@ def test_the_service_answers_503_with_retry_after_when_the_database_is_gone(
     assert pg_wallet.call("GET", "/api/v1/ledger")[0] == 200  # the pool renewed
 
 
+def test_a_bank_callback_on_a_dropped_connection_is_answered_503_then_stored(
+    pg_wallet: Wallet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The callback is stored by work run as one statement, its guard on the connection's
+    info: the connection lost, reading that info raised, and the bank was told 500."""
+    from tests.test_db_limits import _signed_callback
+
+    monkeypatch.setattr(db, "pool_ping_after_idle_s", 3600.0)
+    secret = pg_wallet.app.config["BANK_WEBHOOK_SECRET"] = "whsec_" + "QUJD" * 8
+    body, headers = _signed_callback(secret, "msg_dropped")
+    _dropped_by_the_database(pg_wallet, _backend(pg_wallet))
+    answer = pg_wallet.client().post("/api/v1/bank/webhooks", data=body, headers=headers)
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (503, "unavailable")
+    again = pg_wallet.client().post("/api/v1/bank/webhooks", data=body, headers=headers)
+    assert again.status_code < 300  # the pool renewed; stored now
+
+
 class _Orig(Exception):
     def __init__(self, message: str, sqlstate: str | None) -> None:
         super().__init__(message)

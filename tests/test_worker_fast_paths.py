@@ -267,7 +267,7 @@ def test_work_run_as_one_statement_cannot_send_a_second(wallet: Wallet) -> None:
         wallet.database.run(two, one_statement=True)
     assert [s for s in sent if "first" in s or "second" in s] == ["SELECT 'first'"]
     wallet.database.run(lambda session: session.execute(select(1)), one_statement=True)
-    for _ in range(12):  # (every pooled connection in turn: none still refuses a second)
+    for _ in range(12):  # (the pooled connections again: none still refuses a second)
         wallet.database.run(two)
 
 
