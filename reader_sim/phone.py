@@ -27,7 +27,7 @@ from otar.sms import (
     encode_envelope,
     encode_sms_deliver,
 )
-from reader_sim.smsc import Sms
+from reader_sim.smsc import Outgoing, Sms
 from sim_applet.apdu import CommandApdu
 from sim_applet.sim import Sim
 from sim_applet.stk import (
@@ -64,9 +64,6 @@ class Screen(Protocol):
         ...
 
     def choose(self, title: str, items: list[tuple[int, str]]) -> int | None: ...
-
-
-Outgoing = tuple[str, bytes, bytes]  # (to, user_data, udh)
 
 
 class SmsLine(Protocol):

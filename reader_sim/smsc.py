@@ -59,6 +59,9 @@ def _check(sender: str, recipient: str, user_data: bytes, udh: bytes) -> None:
         raise SmsRefused(f"more than {user_data_bytes_max} bytes of user data")
 
 
+Outgoing = tuple[str, bytes, bytes]  # (to, user_data, udh): an SMS to send, its sender known
+
+
 @dataclass(frozen=True)
 class Sms:
     id: int

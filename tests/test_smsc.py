@@ -381,13 +381,9 @@ def test_a_request_is_answered_while_many_long_polls_wait(tmp_path: Path) -> Non
             assert isinstance(answers[waiting - 1], dict), answers[waiting - 1]
             assert [m["user_data"] for m in answers[waiting - 1]["messages"]] == ["01"]
         finally:  # (the polls end before the server: none outlives the test — a text wakes each)
-            wake = [
-                {"from": PLATFORM, "to": f"1390{n:07d}", "user_data": "02"} for n in range(waiting)
-            ]
-            for first in range(0, waiting, submit_batch_max):
-                batch = {"messages": wake[first : first + submit_batch_max]}
-                with contextlib.suppress(OSError):  # (the polls end at 15 s anyway)
-                    clients[waiting].request("POST", "/submit", json=batch, timeout_s=40)
+            wake = [(f"1390{n:07d}", b"\x02", b"") for n in range(waiting)]
+            with contextlib.suppress(OSError):  # (the polls end at 15 s anyway)
+                HttpGateway(origin, PLATFORM).send_many(wake)
             for thread in polls:
                 thread.join(timeout=40)
             for client in clients:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from reader_sim.smsc import Sms, SmsCentre, is_msisdn, submit_batch_max
+from reader_sim.smsc import Outgoing, Sms, SmsCentre, is_msisdn, submit_batch_max
 from wallet_service.http_client import KeepAliveClient, check_target, origin_and_target
 
 request_timeout_s = 10.0
-Outgoing = tuple[str, bytes, bytes]  # (to, user_data, udh)
 
 
 class SmsGateway(Protocol):
@@ -142,9 +141,9 @@ class HttpGateway:
         to submit than the SMS centre takes in one: the rest first, on their own.)"""
         body: dict = {"ack": acknowledge or [], "wait_ms": wait_ms, "lease_ms": lease_ms}
         if submit:
-            *before, last = _chunks(submit)
-            self.send_many([message for chunk in before for message in chunk])
-            body["submit"] = [self._json(*message) for message in last]
+            riding = max(0, len(submit) - submit_batch_max)  # (the last batch rides the poll)
+            self.send_many(submit[:riding])
+            body["submit"] = [self._json(*message) for message in submit[riding:]]
         answer = self._request(
             "POST", f"/inbox/{self.short_code}/next", request_timeout_s + wait_ms / 1000, body
         )
