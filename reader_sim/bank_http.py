@@ -3,15 +3,22 @@ served by granian (``wallet_service.http_server``). One worker process holds the
 its sender thread. Against cheroot, which served it before: 0.74–0.80 ms of the bank's CPU
 a payment against 0.87–0.95 (8 kept-alive clients, 3,000 payments a run, three interleaved
 pairs; a throwaway script reading the process tree's CPU from /proc).
+
+A payment — every top-up's, the one hot request — is answered in plain WSGI, ahead of
+Flask (``_PaymentsFirst``): Flask's request and response objects, its URL matching and
+``jsonify`` cost more than the payment itself (in process, 2,000 payments a round: 0.53
+against 0.25 ms of CPU). The other routes, rare, stay Flask's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from datetime import date
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -57,17 +64,13 @@ def create_bank_app(
         return response
 
     @app.errorhandler(BankRefused)
-    def refused(error: BankRefused) -> Response:
-        response = jsonify({"error": {"code": error.code, "message": str(error)}})
-        response.status_code = 409 if error.code == "order_conflict" else 422
-        return response
-
     @app.errorhandler(KeyError)
     @app.errorhandler(TypeError)
     @app.errorhandler(ValueError)
-    def malformed(error: Exception) -> Response:
-        response = jsonify({"error": {"code": "invalid_body", "message": f"bad field: {error}"}})
-        response.status_code = 422
+    def refused(error: Exception) -> Response:
+        status, answer = _refusal(error)
+        response = jsonify(answer)
+        response.status_code = status
         return response
 
     @app.post("/api/cards")
@@ -81,18 +84,6 @@ def create_bank_app(
         data = body()
         bank.add_merchant(str(data["id"]), str(data["callback_url"]))
         return jsonify({"id": data["id"]}), 201
-
-    @app.post("/api/payments")
-    def pay():  # type: ignore[no-untyped-def]
-        data = body()
-        payment = bank.pay(
-            str(data["merchant"]),
-            str(data["order_id"]),
-            int(data["amount_fen"]),
-            str(data["card_number"]),
-        )
-        webhooks_waiting()
-        return jsonify({**payment.__dict__, "paid_at": payment.paid_at.isoformat()}), 201
 
     @app.post("/api/refunds")
     def refund():  # type: ignore[no-untyped-def]
@@ -116,7 +107,78 @@ def create_bank_app(
     def webhooks():  # type: ignore[no-untyped-def]
         return jsonify(bank.webhook_log())
 
+    app.wsgi_app = _PaymentsFirst(app.wsgi_app, bank, webhooks_waiting)  # type: ignore[method-assign]
     return app
+
+
+PAYMENTS_PATH = "/api/payments"
+payment_body_bytes_max = 4096  # four short fields
+_PAYMENT_FIELDS = {"merchant": str, "order_id": str, "amount_fen": int, "card_number": str}
+
+
+def _refusal(error: Exception) -> tuple[int, dict[str, Any]]:
+    """The status and body of a refused request: the bank's no, or a malformed field."""
+    if isinstance(error, BankRefused):
+        status = 409 if error.code == "order_conflict" else 422
+        return status, _error(error.code, str(error))
+    return 422, _error("invalid_body", f"bad field: {error}")
+
+
+class _PaymentsFirst:
+    """``POST /api/payments`` in plain WSGI; any other request, Flask's app (``inner``)."""
+
+    def __init__(self, inner: Callable, bank: Bank, webhooks_waiting: Callable[[], None]) -> None:
+        self.inner, self.bank, self.webhooks_waiting = inner, bank, webhooks_waiting
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        if environ.get("PATH_INFO") != PAYMENTS_PATH:
+            return self.inner(environ, start_response)
+        headers = [("Content-Type", "application/json")]
+        if environ["REQUEST_METHOD"] != "POST":
+            status, answer = 405, _error("method_not_allowed", "POST only")
+            headers.append(("Allow", "POST"))
+        else:
+            try:
+                status, answer = 201, self._pay(environ)
+            except (BankRefused, KeyError, TypeError, ValueError) as error:
+                status, answer = _refusal(error)
+        body = json.dumps(answer).encode()
+        headers.append(("Content-Length", str(len(body))))
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [body]
+
+    def _pay(self, environ: dict) -> dict[str, Any]:
+        data = _payment_fields(environ)
+        payment = self.bank.pay(
+            data["merchant"], data["order_id"], data["amount_fen"], data["card_number"]
+        )
+        self.webhooks_waiting()
+        return {**payment.__dict__, "paid_at": payment.paid_at.isoformat()}
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _payment_fields(environ: dict) -> dict[str, Any]:
+    """The payment's four fields, each of its type (BankRefused or ValueError if not)."""
+    declared = environ.get("CONTENT_LENGTH") or "0"
+    if not declared.isascii() or not declared.isdigit():
+        raise BankRefused("invalid_body", "Content-Length is a whole number")
+    if int(declared) > payment_body_bytes_max:
+        raise BankRefused("invalid_body", f"a payment is at most {payment_body_bytes_max} bytes")
+    mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+    try:
+        data = json.loads(environ["wsgi.input"].read(int(declared)))
+    except ValueError:  # (UnicodeDecodeError too)
+        data = None
+    if mimetype != "application/json" or not isinstance(data, dict):
+        raise BankRefused("invalid_body", "send a JSON object")
+    for name, kind in _PAYMENT_FIELDS.items():
+        value = data.get(name)
+        if type(value) is not kind:  # (not a bool for an int; nothing converted)
+            raise ValueError(f"{name} is a {'whole number' if kind is int else 'string'}")
+    return data
 
 
 class _NotSigned(Exception):

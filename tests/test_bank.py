@@ -421,6 +421,59 @@ def test_refunds_and_statements_are_the_merchants_requests_signed_with_its_secre
     assert statement.status_code == 200 and "order-1" in statement.get_data(as_text=True)
 
 
+def test_a_payment_over_http_pays_once_and_bad_ones_change_nothing(bank: Bank) -> None:
+    """``POST /api/payments`` (answered ahead of Flask): a good payment is paid once — the
+    same order again answers the same payment — and every malformed one is refused with the
+    bank's error shape, nothing paid."""
+    from reader_sim.bank_http import create_bank_app
+
+    told = []
+    client = create_bank_app(bank, new_webhook_secret(), lambda: told.append(1)).test_client()
+    good = {"merchant": MERCHANT, "order_id": "o-1", "amount_fen": 1200, "card_number": CARD}
+    malformed: list[tuple[Any, dict[str, str]]] = [
+        ({**good, "amount_fen": "1200"}, {}),  # a string: not converted
+        ({**good, "amount_fen": 12.5}, {}),  # not a whole number of fen
+        ({**good, "amount_fen": True}, {}),
+        ({**good, "order_id": 7}, {}),
+        ({k: v for k, v in good.items() if k != "card_number"}, {}),
+        ([good], {}),  # not an object
+        (json.dumps(good), {"Content-Type": "text/plain"}),  # not said to be JSON
+        ('{"merchant": ', {"Content-Type": "application/json"}),  # not JSON
+        ({**good, "order_id": "x" * 5000}, {}),  # larger than a payment is
+    ]
+    for body, headers in malformed:
+        if isinstance(body, str):
+            refused = client.post("/api/payments", data=body, headers=headers)
+        else:
+            refused = client.post("/api/payments", json=body)
+        assert refused.status_code == 422, body
+        assert refused.json["error"]["code"] == "invalid_body", body
+    for refusal, code in (
+        ({**good, "amount_fen": 0}, "invalid_amount"),
+        ({**good, "card_number": "6222020000000999"}, "unknown_card"),
+        ({**good, "merchant": "NOBODY"}, "unknown_merchant"),
+        ({**good, "amount_fen": 10_001}, "insufficient_funds"),
+    ):
+        refused = client.post("/api/payments", json=refusal)
+        assert (refused.status_code, refused.json["error"]["code"]) == (422, code)
+    assert bank.card_balance(CARD) == 10_000 and not told  # nothing paid, nothing to call back
+
+    paid = client.post("/api/payments", json=good)
+    assert paid.status_code == 201 and paid.headers["Content-Type"] == "application/json"
+    again = client.post("/api/payments", json=good)
+    assert again.status_code == 201 and again.json == paid.json
+    assert paid.json["amount_fen"] == 1200 and paid.json["order_id"] == "o-1"
+    assert datetime.fromisoformat(paid.json["paid_at"]) == bank.clock()
+    conflict = client.post("/api/payments", json={**good, "amount_fen": 1300})
+    assert (conflict.status_code, conflict.json["error"]["code"]) == (409, "order_conflict")
+    assert bank.card_balance(CARD) == 10_000 - 1200 and bank.merchant_balance(MERCHANT) == 1200
+    assert told  # the sender was woken for the payment's callback
+
+    looked = client.get("/api/payments")
+    assert looked.status_code == 405 and looked.headers["Allow"] == "POST"
+    assert client.get("/api/webhooks").status_code == 200  # the rest is Flask's still
+
+
 @pytest.fixture
 def eight_hours_east_of_utc() -> Iterator[None]:
     """The process's local time zone UTC+8, as China's (POSIX form: no tzdata needed)."""
