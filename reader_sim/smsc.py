@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from wallet_service.http_server import BodyRefused, request_body
+
 user_data_bytes_max = 140  # one SMS (3GPP TS 23.040 §9.2.3.24): UDH included
 mailbox_messages_max = 10_000
 submit_batch_max = 100  # messages in one POST /submit
@@ -268,28 +270,17 @@ def _allow(method: str, allowed: str) -> None:
 
 
 def _json_body(environ: dict) -> Any:
-    body = _body(environ)
-    if len(body) > request_bytes_max:
-        raise _HttpError("413 Content Too Large", f"at most {request_bytes_max} bytes")
+    try:
+        body = request_body(environ, request_bytes_max)
+    except BodyRefused as refused:
+        raise _HttpError(_STATUS_LINES[refused.status], str(refused)) from None  # (400, 413)
     try:
         return json.loads(body or b"null")
     except ValueError:  # (UnicodeDecodeError too)
         raise SmsRefused("send JSON") from None
 
 
-def _body(environ: dict) -> bytes:
-    """At most one byte more than ``request_bytes_max``: by its Content-Length, or to its
-    end when the server knows where that is (a chunked body: the server's
-    ``wsgi.input_terminated``, which granian sets)."""
-    declared = environ.get("CONTENT_LENGTH") or ""
-    if not declared:
-        chunked = environ.get("wsgi.input_terminated")
-        return environ["wsgi.input"].read(request_bytes_max + 1) if chunked else b""
-    if not declared.isascii() or not declared.isdigit():
-        raise _HttpError("400 Bad Request", "Content-Length is a whole number")
-    if int(declared) > request_bytes_max:
-        raise _HttpError("413 Content Too Large", f"at most {request_bytes_max} bytes")
-    return environ["wsgi.input"].read(int(declared))
+_STATUS_LINES = {400: "400 Bad Request", 413: "413 Content Too Large"}  # (RFC 9110's names)
 
 
 def _ids(data: Any, key: str = "ids", absent: list[int] | None = None) -> list[int]:

@@ -174,6 +174,63 @@ def test_forged_replayed_or_malformed_callbacks_change_nothing(
     assert _events(wallet) == 0
 
 
+def test_a_callback_is_answered_ahead_of_flask_as_flask_answers_it(
+    wallet: Wallet, bank: Bank
+) -> None:
+    """The bank's callback — one every top-up — is answered in plain WSGI
+    (``SignedWebhooksFirst``), no Flask request run for it, and each answer is the one
+    Flask's route gives, byte for byte: stored, a duplicate, forged, not JSON, not an event
+    we know, larger than a callback is. Larger than any request body may be: refused unread,
+    as every endpoint refuses one (422)."""
+    from flask import request_started
+    from werkzeug.test import Client
+
+    from wallet_service.api.framework import request_body_bytes_max
+
+    secret = new_webhook_secret()
+    wallet.app.config["BANK_WEBHOOK_SECRET"] = secret
+    fast, by_flask = wallet.client(), Client(wallet.app.wsgi_app.inner)
+    flask_requests: list[str] = []
+
+    def started(_app, **_extra) -> None:  # type: ignore[no-untyped-def]
+        from flask import request
+
+        flask_requests.append(request.method)
+
+    def post(client: Any, webhook_id: str, payload: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        signed = signed_headers(secret, webhook_id, payload, datetime.now())
+        answer = client.post("/api/v1/bank/webhooks", data=payload, headers=headers or signed)
+        return answer.status_code, answer.headers["Content-Type"], answer.get_data()
+
+    event_body = json.dumps(
+        {"type": "payment.succeeded", "data": {"order_id": "o", "payment_id": "p", "amount_fen": 1}}
+    )
+    request_started.connect(started, wallet.app)
+    try:
+        stored = post(fast, "msg_fast", event_body)
+        stored_by_flask = post(by_flask, "msg_flask", event_body)
+        assert stored == (200, "application/json", b'{"duplicate":false,"webhook_id":"msg_fast"}\n')
+        assert stored_by_flask == (stored[0], stored[1], stored[2].replace(b"fast", b"flask"))
+        forged = signed_headers(new_webhook_secret(), "msg_x", event_body, datetime.now())
+        for webhook_id, payload, headers, status in (
+            ("msg_fast", event_body, None, 200),  # a duplicate
+            ("msg_x", event_body, forged, 401),
+            ("msg_y", "{not json", None, 422),
+            ("msg_z", json.dumps({"type": "payment.failed", "data": {}}), None, 422),
+            ("msg_big", json.dumps({"pad": "x" * 100_000}), None, 422),
+        ):
+            answer = post(fast, webhook_id, payload, headers)
+            assert answer[0] == status, answer
+            assert answer == post(by_flask, webhook_id, payload, headers), webhook_id
+        too_large = post(fast, "msg_huge", "x" * (request_body_bytes_max + 1))
+        assert too_large[0] == 422 and json.loads(too_large[2])["error"]["code"] == "invalid_input"
+        assert fast.get("/api/v1/bank/webhooks").status_code == 405  # (Flask's)
+    finally:
+        request_started.disconnect(started, wallet.app)
+    assert flask_requests == ["POST"] * 6 + ["GET"]  # those sent to Flask on purpose only
+    assert _events(wallet) == 2
+
+
 @pytest.fixture
 def webhook_secret(monkeypatch: pytest.MonkeyPatch) -> str:
     """Set before the platform process starts (it reads WALLET_BANK_WEBHOOK_SECRET)."""

@@ -83,6 +83,34 @@ def serve(
         raise CannotListen(f"cannot listen on {host}:{port}: {error}") from None
 
 
+class BodyRefused(ValueError):
+    """A request body not read: ``status`` is the HTTP status to answer (400, 413)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def request_body(environ: dict, bytes_max: int) -> bytes:
+    """A WSGI request's body, for the routes answered in plain WSGI: at most ``bytes_max``
+    bytes — by its Content-Length, or to its end when the server knows where that is (a
+    chunked body: the server's ``wsgi.input_terminated``, which granian sets). BodyRefused:
+    larger, or a Content-Length that is not a whole number."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared and (not declared.isascii() or not declared.isdigit()):
+        raise BodyRefused(400, "Content-Length is a whole number")
+    if declared and int(declared) > bytes_max:  # (refused unread)
+        raise BodyRefused(413, f"a request body is at most {bytes_max} bytes here")
+    if declared:
+        return environ["wsgi.input"].read(int(declared))
+    if not environ.get("wsgi.input_terminated"):
+        return b""
+    body = environ["wsgi.input"].read(bytes_max + 1)
+    if len(body) > bytes_max:
+        raise BodyRefused(413, f"a request body is at most {bytes_max} bytes here")
+    return body
+
+
 def _check_free(host: str, port: int) -> tuple[str, str]:
     """The address granian is to bind (it takes IP addresses only) and the URL it will
     answer on. Taken, granian would fail with a traceback; this says so in one line."""
