@@ -212,15 +212,23 @@ def test_a_callback_is_answered_ahead_of_flask_as_flask_answers_it(
         assert stored == (200, "application/json", b'{"duplicate":false,"webhook_id":"msg_fast"}\n')
         assert stored_by_flask == (stored[0], stored[1], stored[2].replace(b"fast", b"flask"))
         forged = signed_headers(new_webhook_secret(), "msg_x", event_body, datetime.now())
-        for webhook_id, payload, headers, status in (
-            ("msg_fast", event_body, None, 200),  # a duplicate
-            ("msg_x", event_body, forged, 401),
-            ("msg_y", "{not json", None, 422),
-            ("msg_z", json.dumps({"type": "payment.failed", "data": {}}), None, 422),
-            ("msg_big", json.dumps({"pad": "x" * 100_000}), None, 422),
+        for webhook_id, payload, headers, status, expected in (
+            ("msg_fast", event_body, None, 200, {"duplicate": True, "webhook_id": "msg_fast"}),
+            ("msg_x", event_body, forged, 401, "unauthorized"),
+            ("msg_y", "{not json", None, 422, "invalid_input"),
+            (
+                "msg_z",
+                json.dumps({"type": "payment.failed", "data": {}}),
+                None,
+                422,
+                "invalid_input",
+            ),
+            ("msg_big", json.dumps({"pad": "x" * 100_000}), None, 422, "invalid_input"),
         ):
             answer = post(fast, webhook_id, payload, headers)
+            body = json.loads(answer[2])
             assert answer[0] == status, answer
+            assert body == expected if status == 200 else body["error"]["code"] == expected
             assert answer == post(by_flask, webhook_id, payload, headers), webhook_id
         too_large = post(fast, "msg_huge", "x" * (request_body_bytes_max + 1))
         assert too_large[0] == 422 and json.loads(too_large[2])["error"]["code"] == "invalid_input"
