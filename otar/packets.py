@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import cmac
@@ -169,29 +170,39 @@ class OtaKeyset:
     def block_bytes(self) -> int:
         return 8 if self.algo_crypt == "triple_des_cbc2" else 16
 
-    def _cipher(self) -> Cipher:
+    # The keyset's ciphers, made once (a Cipher makes a fresh context for each message; the
+    # IV is always zero): making one checks its algorithm and mode in Python, which cost
+    # more than ciphering a packet. A keyset lives as long as its SIM or its cache entry.
+    @cached_property
+    def _ciphering(self) -> Cipher:
         if self.algo_crypt == "triple_des_cbc2":
             return Cipher(TripleDES(self.kic + self.kic[:8]), modes.CBC(bytes(8)))
         return Cipher(algorithms.AES(self.kic), modes.CBC(bytes(16)))
 
+    @cached_property
+    def _checksum(self) -> Cipher | algorithms.AES:
+        if self.algo_auth == "triple_des_cbc2":
+            return Cipher(TripleDES(self.kid + self.kid[:8]), modes.CBC(bytes(8)))
+        return algorithms.AES(self.kid)
+
     def encrypt(self, data: bytes) -> bytes:
         assert len(data) % self.block_bytes == 0
-        encryptor = self._cipher().encryptor()
+        encryptor = self._ciphering.encryptor()
         return encryptor.update(data) + encryptor.finalize()
 
     def decrypt(self, data: bytes) -> bytes:
         if len(data) % self.block_bytes:
             raise OtaError(PorStatus.CIPHERING_ERROR, "ciphered part is not whole blocks")
-        decryptor = self._cipher().decryptor()
+        decryptor = self._ciphering.decryptor()
         return decryptor.update(data) + decryptor.finalize()
 
     def cc(self, data: bytes) -> bytes:
         """3DES: CBC-MAC over data zero-padded to 8, last block. AES: CMAC, first 8 bytes."""
-        if self.algo_auth == "triple_des_cbc2":
-            padded = data + bytes(-len(data) % 8)
-            encryptor = Cipher(TripleDES(self.kid + self.kid[:8]), modes.CBC(bytes(8))).encryptor()
-            return (encryptor.update(padded) + encryptor.finalize())[-8:]
-        mac = cmac.CMAC(algorithms.AES(self.kid))
+        checksum = self._checksum
+        if isinstance(checksum, Cipher):
+            encryptor = checksum.encryptor()
+            return (encryptor.update(data + bytes(-len(data) % 8)) + encryptor.finalize())[-8:]
+        mac = cmac.CMAC(checksum)
         mac.update(data)
         return mac.finalize()[:cc_bytes]
 
