@@ -180,9 +180,11 @@ class OtaKeyset:
         return Cipher(algorithms.AES(self.kic), modes.CBC(bytes(16)))
 
     @cached_property
-    def _checksum(self) -> Cipher | algorithms.AES:
-        if self.algo_auth == "triple_des_cbc2":
-            return Cipher(TripleDES(self.kid + self.kid[:8]), modes.CBC(bytes(8)))
+    def _cbc_checksum(self) -> Cipher:  # (3DES)
+        return Cipher(TripleDES(self.kid + self.kid[:8]), modes.CBC(bytes(8)))
+
+    @cached_property
+    def _cmac_key(self) -> algorithms.AES:  # (AES)
         return algorithms.AES(self.kid)
 
     def encrypt(self, data: bytes) -> bytes:
@@ -198,11 +200,10 @@ class OtaKeyset:
 
     def cc(self, data: bytes) -> bytes:
         """3DES: CBC-MAC over data zero-padded to 8, last block. AES: CMAC, first 8 bytes."""
-        checksum = self._checksum
-        if isinstance(checksum, Cipher):
-            encryptor = checksum.encryptor()
+        if self.algo_auth == "triple_des_cbc2":
+            encryptor = self._cbc_checksum.encryptor()
             return (encryptor.update(data + bytes(-len(data) % 8)) + encryptor.finalize())[-8:]
-        mac = cmac.CMAC(checksum)
+        mac = cmac.CMAC(self._cmac_key)
         mac.update(data)
         return mac.finalize()[:cc_bytes]
 

@@ -18,14 +18,13 @@ import queue
 import threading
 from collections.abc import Callable
 from datetime import date
-from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
 from reader_sim.bank import Bank, BankRefused, deliver_due, request_signed
 from wallet_service.http_client import KeepAliveClient, origin_and_target
-from wallet_service.http_server import BodyRefused, request_body
+from wallet_service.http_server import BodyRefused, json_answer, request_body
 from wallet_service.http_server import serve as serve_wsgi
 
 sender_interval_s = 0.2
@@ -134,19 +133,14 @@ class _PaymentsFirst:
     def __call__(self, environ: dict, start_response: Callable) -> Any:
         if environ.get("PATH_INFO") != PAYMENTS_PATH:
             return self.inner(environ, start_response)
-        headers = [("Content-Type", "application/json")]
         if environ["REQUEST_METHOD"] != "POST":
-            status, answer = 405, _error("method_not_allowed", "POST only")
-            headers.append(("Allow", "POST"))
-        else:
-            try:
-                status, answer = 201, self._pay(environ)
-            except (BankRefused, KeyError, TypeError, ValueError) as error:
-                status, answer = _refusal(error)
-        body = json.dumps(answer).encode()
-        headers.append(("Content-Length", str(len(body))))
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
-        return [body]
+            answer = json.dumps(_error("method_not_allowed", "POST only")).encode()
+            return json_answer(start_response, 405, answer, {"Allow": "POST"})
+        try:
+            status, answer = 201, self._pay(environ)
+        except (BankRefused, KeyError, TypeError, ValueError) as error:
+            status, answer = _refusal(error)
+        return json_answer(start_response, status, json.dumps(answer).encode())
 
     def _pay(self, environ: dict) -> dict[str, Any]:
         data = _payment_fields(environ)
@@ -163,17 +157,17 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 def _payment_fields(environ: dict) -> dict[str, Any]:
     """The payment's four fields, each of its type (BankRefused or ValueError if not)."""
-    try:
-        data = json.loads(request_body(environ, payment_body_bytes_max))
-    except BodyRefused as refused:
-        raise BankRefused("invalid_body", str(refused)) from None
-    except ValueError:  # (UnicodeDecodeError too)
-        data = None
     mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
     said_json = mimetype == "application/json" or (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     )
-    if not said_json or not isinstance(data, dict):
+    try:
+        data = json.loads(request_body(environ, payment_body_bytes_max)) if said_json else None
+    except BodyRefused as refused:
+        raise BankRefused("invalid_body", str(refused)) from None
+    except ValueError:  # (UnicodeDecodeError too)
+        data = None
+    if not isinstance(data, dict):
         raise BankRefused("invalid_body", "send a JSON object")
     for name, kind in _PAYMENT_FIELDS.items():
         value = data.get(name)

@@ -100,6 +100,7 @@ def _secret_key(config: dict[str, Any]) -> str:
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     from wallet_service.api.framework import (
+        SignedWebhooksFirst,
         install_error_handlers,
         openapi_document,
         utc_now,
@@ -126,6 +127,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
         database.check_before_every_commit(check_balanced)
     install_error_handlers(app)
+    app.wsgi_app = SignedWebhooksFirst(app, app.wsgi_app)  # type: ignore[method-assign]
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     from wallet_service.web import web

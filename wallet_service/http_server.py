@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 stop_wait_s = 5  # a worker not ended this long after SIGTERM is killed
@@ -109,6 +110,21 @@ def request_body(environ: dict, bytes_max: int) -> bytes:
     if len(body) > bytes_max:
         raise BodyRefused(413, f"a request body is at most {bytes_max} bytes here")
     return body
+
+
+def json_answer(
+    start_response: Callable, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> list[bytes]:
+    """A plain-WSGI route's answer: ``body`` (JSON) with its status, length and ``headers``."""
+    start_response(
+        f"{status} {HTTPStatus(status).phrase}",
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *(headers or {}).items(),
+        ],
+    )
+    return [body]
 
 
 def _check_free(host: str, port: int) -> tuple[str, str]:

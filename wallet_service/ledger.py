@@ -43,11 +43,10 @@ def open_account(session: Session, kind: str, owner: str) -> Account:
 
 # Built once: every top-up posts twice (built per call, a statement's expression tree and
 # cache key cost more CPU than running it).
-_ACCOUNTS_BY_CODE = select(Account).where(Account.code.in_(bindparam("codes", expanding=True)))
+_CODE_IN = Account.code.in_(bindparam("codes", expanding=True))
+_ACCOUNTS_BY_CODE = select(Account).where(_CODE_IN)
 # Their ids only, as plain rows: an account object costs the ORM more than its row.
-_ACCOUNT_IDS_BY_CODE = select(Account.code, Account.id).where(
-    Account.code.in_(bindparam("codes", expanding=True))
-)
+_ACCOUNT_IDS_BY_CODE = select(Account.code, Account.id).where(_CODE_IN)
 _INSERT_TRANSFER = insert(Transfer.__table__).inline()  # (no id returned: see insert_at_commit)
 
 

@@ -10,7 +10,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from wallet_service.auth import Principal, authenticate
 from wallet_service.errors import DomainError, InvalidInput, NotFound
-from wallet_service.http_server import BodyRefused, request_body
+from wallet_service.http_server import BodyRefused, json_answer, request_body
 from wallet_service.services.registry import Context
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def endpoint(
             def work(session):  # type: ignore[no-untyped-def]
                 principal = authenticate(session, request.headers.get("Authorization"))
                 principal.require(*roles)
-                ctx = _context(current_app, session, principal)
+                ctx = context_for(current_app, session, principal)
                 kwargs: dict[str, Any] = dict(path)
                 if body:
                     kwargs["body"] = parsed_body
@@ -155,7 +154,9 @@ def _json(payload: Any, status: int) -> Response:
     return response
 
 
-def _context(app: Flask, session: Any, principal: Principal) -> Context:
+def context_for(app: Flask, session: Any, principal: Principal) -> Context:
+    """A service call's context: the unit of work's session, who asks, the app's clock,
+    keys and output directory (the API's endpoints and the web pages alike)."""
     return Context(
         session=session,
         principal=principal,
@@ -171,7 +172,7 @@ def run_signed_webhook(
     """The webhook's answer, as JSON: its view run in one transaction (or statement)."""
 
     def work(session):  # type: ignore[no-untyped-def]
-        ctx = _context(app, session, Principal(0, "bank"))
+        ctx = context_for(app, session, Principal(0, "bank"))
         return webhook.view(ctx, raw_body=raw_body, headers=headers)
 
     return app.extensions["database"].run(work, webhook.one_statement).model_dump(mode="json")
@@ -208,15 +209,7 @@ class SignedWebhooksFirst:
             except Exception as error:
                 status, payload, extra = error_answer(error)
             body = self._json(payload)
-        start_response(
-            f"{status} {HTTPStatus(status).phrase}",
-            [
-                ("Content-Type", self.app.json.mimetype),  # type: ignore[attr-defined]
-                ("Content-Length", str(len(body))),
-                *extra.items(),
-            ],
-        )
-        return [body]
+        return json_answer(start_response, status, body, extra)
 
     def _json(self, payload: Any) -> bytes:
         """As ``jsonify`` writes it (compact, unless the app is in debug mode)."""
@@ -302,8 +295,6 @@ def install_error_handlers(app: Flask) -> None:
         response = _json(payload, status)
         response.headers.update(headers)
         return response
-
-    app.wsgi_app = SignedWebhooksFirst(app, app.wsgi_app)  # type: ignore[method-assign]
 
 
 path_integer_max = 2**62  # ids live in 64-bit signed columns

@@ -8,7 +8,6 @@ import secrets
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
 from flask import (
@@ -25,6 +24,7 @@ from flask import (
 from sqlalchemy import case, func, select
 
 from wallet_service import ledger
+from wallet_service.api.framework import context_for
 from wallet_service.auth import Principal, authenticate
 from wallet_service.errors import DomainError, Forbidden, InvalidInput, Unauthorized
 from wallet_service.models import BusinessHall, CounterLoad, Operator, TopUpOrder
@@ -75,13 +75,7 @@ def _context(db_session) -> Context:  # type: ignore[no-untyped-def]
     token = session.get("token")
     principal = authenticate(db_session, f"Bearer {token}" if token else None)
     principal.require("admin", "staff")
-    return Context(
-        session=db_session,
-        principal=principal,
-        now=current_app.config["CLOCK"](),
-        keys=current_app.config["KEY_STORE"],
-        output_dir=Path(current_app.config["PERSONALIZATION_DIR"]),
-    )
+    return context_for(current_app, db_session, principal)
 
 
 def page(view: Callable[..., Any]) -> Callable[..., Any]:
