@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import random
+import re
 import signal
 import socket
 import time
+import types
 from pathlib import Path
 
 import pytest
 import requests
 
-from reader_sim.smsc import Faults, SmsCentre, SmsRefused, submit_batch_max
+from reader_sim.smsc import Faults, SmsCentre, SmsCentreApp, SmsRefused, submit_batch_max
 from tests.helpers import Clock
 from tests.test_http_server import _served
 from tests.wallet_fixtures import Wallet, _free_port
@@ -221,74 +225,150 @@ def test_the_http_gateway_to_a_dead_sms_centre_raises_an_os_error() -> None:
         gateway.receive()
 
 
-def _wsgi(app, method: str, path: str, body: bytes = b"", **environ: object):  # type: ignore[no-untyped-def]
-    """(status, headers, body) of one request straight to the WSGI app (werkzeug's test
-    client; ``environ`` as a server would set it, over what the client sets)."""
-    from werkzeug.test import Client
-
-    answer = Client(app).open(path, method=method, data=body, environ_overrides=environ)
-    return answer.status, answer.headers, answer.get_data()
-
-
-def test_the_sms_centres_http_edge_reads_bodies_as_a_server_hands_them_over() -> None:
-    import json
-
-    from reader_sim.smsc import create_smsc_app, request_bytes_max
-
-    smsc = SmsCentre()
-    app = create_smsc_app(smsc)
-    message = json.dumps({"from": PHONE, "to": PLATFORM, "user_data": "01"}).encode()
-    chunked = {"CONTENT_LENGTH": "", "wsgi.input_terminated": True}
-    assert _wsgi(app, "POST", "/submit", message, **chunked)[0] == "202 Accepted"
-    status, _, body = _wsgi(app, "POST", "/submit", b" " * (request_bytes_max + 1), **chunked)
-    assert status.startswith("413") and json.loads(body)["error"]["code"] == "content too large"
-    declared = {"CONTENT_LENGTH": str(request_bytes_max + 1)}  # (refused before reading)
-    assert _wsgi(app, "POST", "/submit", b"", **declared)[0].startswith("413")
-    for bad in ("-1", "1e3", "٣"):
-        assert _wsgi(app, "POST", "/submit", message, CONTENT_LENGTH=bad)[0].startswith("400")
-    status, headers, body = _wsgi(app, "HEAD", f"/inbox/{PLATFORM}")
-    assert (status[:3], headers["Allow"], body) == ("405", "GET", b"")  # (a GET delivers)
-    [leased] = smsc.collect(PLATFORM, lease_ms=60_000)
-    refused = json.dumps({"ack": [leased.id], "wait_ms": "0"}).encode()
-    assert _wsgi(app, "POST", f"/inbox/{PLATFORM}/next", refused)[0].startswith("422")
-    assert list(smsc._leased[PLATFORM]) == [leased.id]  # refused: nothing acknowledged
-    status, _, body = _wsgi(
-        app, "POST", f"/inbox/{PLATFORM}/next", json.dumps({"ack": [leased.id]}).encode()
-    )
-    assert json.loads(body) == {"submitted": [], "acknowledged": 1, "messages": []}
+def _raw(port: int, request: bytes) -> tuple[int, bytes]:
+    """(status, body) of one request sent as these bytes, on a connection of its own."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            if length and len(body) >= int(length.group(1)):
+                break
+    return int(answer.split(b" ", 2)[1]), body
 
 
-def test_a_receivers_next_poll_carries_what_it_sends_all_or_nothing() -> None:
+def test_the_sms_centres_http_edge_reads_bodies_as_a_server_hands_them_over(
+    tmp_path: Path,
+) -> None:
+    """Chunked or with a length; larger than a request may be, refused (by its declared
+    length, unread); a length that is not one, refused; HEAD refused (a GET delivers); a
+    request refused acknowledges nothing."""
+
+    from reader_sim.smsc import request_bytes_max
+
+    with _served("smsc", tmp_path) as (_, port):
+        origin = f"http://127.0.0.1:{port}"
+        message = json.dumps({"from": PHONE, "to": PLATFORM, "user_data": "01"}).encode()
+        chunked = requests.post(f"{origin}/submit", data=iter([message[:9], message[9:]]))
+        assert (chunked.request.headers["Transfer-Encoding"], chunked.status_code) == (
+            "chunked",
+            202,
+        )
+        too_large = requests.post(f"{origin}/submit", data=iter([b" " * (request_bytes_max + 1)]))
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["code"] == "content too large"
+        declared = f"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Length: {request_bytes_max + 1}"
+        assert _raw(port, declared.encode() + b"\r\n\r\n")[0] == 413  # (no body sent)
+        for bad in ("-1", "1e3", "٣"):
+            head = f"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Length: {bad}\r\n\r\n"
+            assert _raw(port, head.encode() + message)[0] == 400, bad
+        head = requests.head(f"{origin}/inbox/{PLATFORM}")
+        assert (head.status_code, head.headers["Allow"], head.content) == (405, "GET", b"")
+        [leased] = requests.get(f"{origin}/inbox/{PLATFORM}?lease_ms=60000").json()["messages"]
+        refused = {"ack": [leased["id"]], "wait_ms": "0"}
+        assert requests.post(f"{origin}/inbox/{PLATFORM}/next", json=refused).status_code == 422
+        # (refused, nothing acknowledged: still leased, so acknowledged now)
+        answer = requests.post(f"{origin}/inbox/{PLATFORM}/next", json={"ack": [leased["id"]]})
+        assert answer.json() == {"submitted": [], "acknowledged": 1, "messages": []}
+
+
+class _Request:
+    """One request to an RSGI app in this process: granian's scope and protocol, as far as
+    the SMS centre's edge uses them."""
+
+    def __init__(self, method: str, path: str, body: bytes = b"", query: str = "") -> None:
+        length = {"content-length": str(len(body))} if body else {}
+        self.scope = types.SimpleNamespace(
+            method=method, path=path, query_string=query, headers=length
+        )
+        self.body = body
+        self.status = 0
+        self.answer: dict = {}
+
+    async def __call__(self) -> bytes:
+        return self.body
+
+    def response_bytes(self, status: int, headers: list, body: bytes) -> None:
+        self.status, self.answer = status, json.loads(body)
+
+    async def to(self, app: SmsCentreApp) -> dict:
+        await app.__rsgi__(self.scope, self)
+        return self.answer
+
+
+def _poll(box: str, wait_ms: int, lease_ms: int = 0) -> _Request:
+    return _Request("GET", f"/inbox/{box}", query=f"wait_ms={wait_ms}&lease_ms={lease_ms}")
+
+
+def _user_data(answer: dict) -> list[str]:
+    return [message["user_data"] for message in answer["messages"]]
+
+
+def test_a_waiting_poll_wakes_at_an_arrival_and_leaves_no_waiter_behind() -> None:
+    async def scenario() -> None:
+        app = SmsCentreApp(SmsCentre())
+        waiting = asyncio.create_task(_poll(PHONE, 10_000).to(app))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        sms = json.dumps({"from": PLATFORM, "to": PHONE, "user_data": "01"}).encode()
+        assert (await _Request("POST", "/submit", sms).to(app))["id"] == 1
+        assert _user_data(await asyncio.wait_for(waiting, 5)) == ["01"]
+        assert (await _poll(PHONE, 0).to(app))["messages"] == []  # (delivered once)
+        gone = asyncio.create_task(_poll(PHONE, 10_000).to(app))  # its client leaves
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        assert app._waiting == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_poll_wakes_when_a_delayed_message_falls_due_or_a_lease_ends() -> None:
+    """Nothing arrives to wake these: the poll wakes at the time it was told (the delay's
+    end, then the lease's), not at the end of its wait."""
+
+    async def scenario() -> None:
+        app = SmsCentreApp(SmsCentre(Faults(delay_ms=300)))
+        app.centre.submit(PLATFORM, PHONE, b"\x01")
+        started = time.monotonic()
+        assert _user_data(await _poll(PHONE, 20_000, lease_ms=300).to(app)) == ["01"]
+        assert _user_data(await _poll(PHONE, 20_000).to(app)) == ["01"]  # (its lease ended)
+        assert 0.6 <= time.monotonic() - started < 10
+
+    asyncio.run(scenario())
+
+
+def test_a_receivers_next_poll_carries_what_it_sends_all_or_nothing(tmp_path: Path) -> None:
     """``POST /inbox/…/next`` with ``submit``: sent (as ``POST /submit`` would), then
     acknowledged and collected; a submit refused refuses the whole request — nothing
     stored, nothing acknowledged, nothing delivered."""
-    import json
-
-    from reader_sim.smsc import create_smsc_app
-
-    smsc = SmsCentre()
-    app = create_smsc_app(smsc)
-    smsc.submit(PLATFORM, PHONE, b"\x01")
-    [leased] = smsc.collect(PHONE, lease_ms=60_000)
-    smsc.submit(PLATFORM, PHONE, b"\x02")  # (waiting)
-    por = {"from": PHONE, "to": PLATFORM, "user_data": "beef", "udh": "027100"}
-    for bad_submit in ([por, {"to": PLATFORM}], "not a list", [por] * 101):
-        request = {"submit": bad_submit, "ack": [leased.id]}
-        status, _, _ = _wsgi(app, "POST", f"/inbox/{PHONE}/next", json.dumps(request).encode())
-        assert status.startswith("422"), bad_submit
-        assert smsc.collect(PLATFORM) == [] and list(smsc._leased[PHONE]) == [leased.id]
-        assert [sms.user_data for _, sms in smsc._boxes[PHONE]] == [b"\x02"]
-    request = {"submit": [por], "ack": [leased.id]}
-    status, _, body = _wsgi(app, "POST", f"/inbox/{PHONE}/next", json.dumps(request).encode())
-    answer = json.loads(body)
-    assert (status, answer["acknowledged"]) == ("200 OK", 1)
-    assert [m["user_data"] for m in answer["messages"]] == ["02"]
-    [sent] = smsc.collect(PLATFORM)
-    assert (answer["submitted"], sent.user_data, sent.udh) == (
-        [sent.id],
-        b"\xbe\xef",
-        b"\x02\x71\x00",
-    )
+    with _served("smsc", tmp_path) as (_, port):
+        origin = f"http://127.0.0.1:{port}"
+        platform = HttpGateway(origin, PLATFORM)
+        platform.send(PHONE, b"\x01")
+        [leased] = HttpGateway(origin, PHONE).receive(lease_ms=60_000)
+        platform.send(PHONE, b"\x02")  # (waiting)
+        por = {"from": PHONE, "to": PLATFORM, "user_data": "beef", "udh": "027100"}
+        for bad_submit in ([por, {"to": PLATFORM}], "not a list", [por] * 101):
+            request = {"submit": bad_submit, "ack": [leased.id]}
+            refused = requests.post(f"{origin}/inbox/{PHONE}/next", json=request)
+            assert refused.status_code == 422, bad_submit
+            assert platform.receive() == []  # (nothing stored)
+        request = {"submit": [por], "ack": [leased.id]}
+        answer = requests.post(f"{origin}/inbox/{PHONE}/next", json=request)
+        body = answer.json()
+        # still leased (acknowledged now), still waiting (delivered now)
+        assert (answer.status_code, body["acknowledged"]) == (200, 1)
+        assert [m["user_data"] for m in body["messages"]] == ["02"]
+        [sent] = platform.receive()
+        assert (body["submitted"], sent.user_data, sent.udh) == (
+            [sent.id],
+            b"\xbe\xef",
+            b"\x02\x71\x00",
+        )
 
 
 def test_a_worker_acknowledges_what_it_handled_with_its_next_receive(wallet: Wallet) -> None:
@@ -346,11 +426,11 @@ def test_an_sms_centre_url_no_request_could_carry_is_refused_at_once(base_url: s
 
 
 def test_a_request_is_answered_while_many_long_polls_wait(tmp_path: Path) -> None:
-    """Each long poll holds one of the server's threads while it waits: 600 of them (more
-    than the phones of bench.ota, and than the 128 threads the server once had) leave room
-    for a submit, answered at once, and for the poll it wakes. Twice on one server, the
-    second asserted: on a server just started, granian (2.8.9) now and then leaves one
-    request of such a burst without a thread until a poll ends (3 of some 70 starts)."""
+    """600 long polls waiting (more than the phones of bench.ota; over WSGI each held one
+    of the server's threads, which once were 128) leave room for a submit, answered at
+    once, and for the poll it wakes. Twice on one server, the second asserted (over WSGI,
+    on a server just started, granian 2.8.9 now and then left one request of such a burst
+    without a thread until a poll ended: 3 of some 70 starts)."""
     with _served("smsc", tmp_path) as (_, port):
         _polls_then_a_submit(f"http://127.0.0.1:{port}", "1390", waiting=600, timed=False)
         _polls_then_a_submit(f"http://127.0.0.1:{port}", "1391", waiting=600, timed=True)

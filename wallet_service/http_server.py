@@ -1,11 +1,14 @@
-"""Serving a WSGI app with granian: the wallet service (``app.py serve``), the SMS centre and
-the bank (``app.py smsc serve``, ``app.py bank serve``).
+"""Serving an app with granian: the wallet service and the bank (``app.py serve``, ``app.py
+bank serve``: WSGI) and the SMS centre (``app.py smsc serve``: RSGI, granian's own asyncio
+interface, for its long polls).
 
-granian's HTTP/1.1 server is Rust; a request's Python runs on one of a worker's blocking
-threads. Measured against what each party had before, per request, its whole process tree's
-CPU read from /proc by throwaway scripts on these two cores:
+granian's HTTP/1.1 server is Rust; a WSGI request's Python runs on one of a worker's
+blocking threads, an RSGI request's on the worker's event loop. Measured against what each
+party had before, per request, its whole process tree's CPU read from /proc by throwaway
+scripts on these two cores:
 - the SMS centre, ``POST /inbox/…/next`` with nothing waiting, one kept-alive client:
-  80–100 µs of server CPU against cheroot's 210–310;
+  80–100 µs of server CPU against cheroot's 210–310 (WSGI then; its long polls have since
+  moved to RSGI, ``reader_sim.smsc``);
 - the wallet service, a signed bank callback stored (8 kept-alive clients, 3,000 each run,
   access log on for both, three interleaved pairs): 1.24–1.40 ms against gunicorn
   gthread's 1.60–1.82 (2 workers × 4 threads either way).
@@ -31,7 +34,7 @@ stop_wait_s = 5  # a worker not ended this long after SIGTERM is killed
 _SETTINGS_VARIABLE = "WALLET_HTTP_SERVER_SETTINGS"  # (JSON) what the workers build by
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
-Loader = Callable[[dict[str, Any]], Callable]  # settings → the WSGI app
+Loader = Callable[[dict[str, Any]], Any]  # settings → the app (WSGI, or RSGI)
 
 
 class CannotListen(Exception):
@@ -48,11 +51,12 @@ def serve(
     workers: int = 1,
     threads: int = 1,
     access_log: bool = False,
+    rsgi: bool = False,
 ) -> None:
     """Serve ``load(settings)`` (built in each worker) until SIGTERM, SIGINT or SIGHUP.
-    ``threads``: requests at once, each worker. ``on_listening`` is told the URL before
-    the server starts. CannotListen: the address is taken or not ours, or the host is not
-    an address of this machine."""
+    ``threads``: requests at once, each worker (WSGI; an RSGI app's all run on its loop).
+    ``on_listening`` is told the URL before the server starts. CannotListen: the address
+    is taken or not ours, or the host is not an address of this machine."""
     from granian import Granian
     from granian.constants import Interfaces
 
@@ -65,10 +69,10 @@ def serve(
         "wallet_service.http_server",  # (a name only: ``_load_app`` builds the app)
         address=address,
         port=port,
-        interface=Interfaces.WSGI,
-        websockets=False,  # (WSGI has none: said once at start, otherwise)
+        interface=Interfaces.RSGI if rsgi else Interfaces.WSGI,
+        websockets=False,  # (none here: WSGI has none, and granian says so once at start)
         workers=workers,
-        blocking_threads=threads,
+        blocking_threads=1 if rsgi else threads,  # (granian's rule: 1 but for WSGI)
         workers_kill_timeout=stop_wait_s,
         log_enabled=access_log,
         log_access=access_log,
