@@ -2,7 +2,8 @@
 
 Every party is its own process as in production — the wallet service (granian), the SMS
 centre (delay 0), the bank, the OTA worker, PostgreSQL — and the phones are simulated in
-this process (``reader_sim.phone``, one thread per phone, each with its own SIM). One
+one more (``bench.ota_phones``: ``reader_sim.phone``, a greenlet a phone, each with its own
+SIM and its own connections). One
 top-up: the passenger picks "top up" on the SIM menu → request SMS → order → order SMS →
 the bank app pays the link → signed callback → packet 1 → PoR → packet 2 → PoR → loaded →
 the phone receives the confirmation. Latency is measured over exactly that span.
@@ -16,29 +17,24 @@ more worker CPU, less throughput. The throughput with two is printed too
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
 import statistics
 import subprocess
 import sys
-import threading
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 from sqlalchemy import text
 
 from bench.ingest import ROOT, _start_service, _token
+from bench.ota_phones import MERCHANT
 from bench.scratch import ScratchDatabase, free_port, scratch_database
 from reader_sim.bank import new_webhook_secret
-from reader_sim.phone import Phone, ScriptedScreen
-from sim_applet.sim import Sim
 from tests.helpers import wait_until_up
-from wallet_service.http_client import KeepAliveClient
-from wallet_service.sms_gateway import HttpGateway
 
 # Phones at once: the top-ups in flight. At 200 top-ups/s a top-up that takes the passenger
 # a few seconds means hundreds in flight, and the platform's cost per top-up falls as they
@@ -46,24 +42,19 @@ from wallet_service.sms_gateway import HttpGateway
 # machine (one run each, 8 top-ups a phone): 48 phones 125 top-ups/s at 13.4 ms of CPU a
 # top-up, 96 → 143/s at 12.3 ms, 192 → 178/s at 10.1 ms, 384 → 196/s at 9.4 ms, 512 →
 # 200/s at 9.4 ms, 768 → 164/s at 11.3 ms (the phones' 768 threads and the SMS centre's
-# waiting polls cost more than the batches save).
+# waiting polls cost more than the batches save; both were threads then).
 phones = 512
 topups_per_phone = 8
 ota_workers = 1
 ota_workers_scaled_out = 2
 server_workers = 2
 server_threads = 4  # requests at once, each of the service's workers
-confirmation_wait_s = 30
-# A phone's long poll. Long, as a waiting phone's is: a proof of receipt rides the poll that
-# waits for the next packet, and a poll that ends first costs one more (with 1 s, under
-# load: 5.1 polls a top-up against 4.1).
-poll_wait_ms = 10_000
 single_phone_topups = 30
 # The first top-ups after start-up pay once for what a running platform has done long
 # before: connections opened, caches filled, statements prepared (psycopg prepares one on
 # its fifth run on a connection). Measured apart, and printed as such.
 warm_up_topups = 10
-BANK_CARD, MERCHANT = "6222020000000777", "BUSCARD"
+BANK_CARD = "6222020000000777"
 
 
 SERVERS = ("service", "smsc", "bank")  # started in this order, then the workers
@@ -71,9 +62,11 @@ PLATFORM = ("service", "workers", "postgres")  # what an integrator runs
 SIMULATORS = ("smsc", "bank", "phones")  # what stands in for the outside world
 
 
-def _cpu_by_party(processes: list[subprocess.Popen], database: ScratchDatabase) -> dict[str, float]:
+def _cpu_by_party(
+    processes: list[subprocess.Popen], phones_party: subprocess.Popen, database: ScratchDatabase
+) -> dict[str, float]:
     """CPU seconds (user + system) so far: each party, the workers together, the
-    PostgreSQL backends serving ``database``, and the phones (threads of this process)."""
+    PostgreSQL backends serving ``database``, and the phones (``bench.ota_phones``)."""
     ticks = _ticks_by_process()
     per_second = os.sysconf("SC_CLK_TCK")
 
@@ -88,7 +81,7 @@ def _cpu_by_party(processes: list[subprocess.Popen], database: ScratchDatabase) 
             text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": database.name}
         ).all()
     cpu["postgres"] = sum(ticks.get(pid, (0, 0))[0] for pid in backends) / per_second
-    cpu["phones"] = sum(os.times()[:2])
+    cpu["phones"] = tree(phones_party.pid)
     return cpu
 
 
@@ -122,47 +115,6 @@ def _wait_up(url: str) -> None:
         raise RuntimeError(f"{url} did not come up")
 
 
-class BenchPhone:
-    def __init__(self, sim: Sim, number: str, smsc: str, bank: str) -> None:
-        self.screen = ScriptedScreen()
-        bank_app = KeepAliveClient(bank)  # cheaper per request than requests or urllib3
-
-        def pay(merchant: str, order_id: str, amount_fen: int) -> None:
-            payment = {
-                "merchant": merchant,
-                "order_id": order_id,
-                "amount_fen": amount_fen,
-                "card_number": BANK_CARD,
-            }
-            # (a kept-alive connection closed as reused is tried again: the bank pays an
-            # order once, so asking twice is safe)
-            answer = bank_app.request("POST", "/api/payments", json=payment, timeout_s=10)
-            if answer.status >= 300:
-                raise RuntimeError(f"the bank refused the payment: HTTP {answer.status}")
-
-        self.phone = Phone(sim, number, HttpGateway(smsc, number), self.screen, pay)
-        self.phone.power_on()
-
-    def top_up(self) -> float:
-        """One top-up of 1 yuan; its latency in ms."""
-        read = len(self.phone.inbox)  # (the texts before this top-up's: not looked at again)
-        started = time.perf_counter()
-        self.screen.answers[:] = ["1", "123456"]
-        self.phone.select(4)
-        deadline = time.monotonic() + confirmation_wait_s
-        while not self._confirmed(read):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no confirmation for {self.phone.number}")
-            read = len(self.phone.inbox)
-            self.phone.receive(wait_ms=poll_wait_ms)
-        return (time.perf_counter() - started) * 1000
-
-    def _confirmed(self, read: int) -> bool:
-        """Whether a text after the first ``read`` confirms a top-up. (The harness's own
-        CPU counts as the phones': rereading the whole inbox at every poll grew with it.)"""
-        return any("Top-up OK" in text for text in self.phone.inbox[read:])
-
-
 def _open_files_as_many_as_allowed() -> None:
     """Each phone keeps two connections (SMS centre, bank): 512 phones want more than the
     usual soft limit of 1,024 open files. Raised to the hard limit, which is allowed."""
@@ -193,6 +145,7 @@ def _ota_figures(database: ScratchDatabase, workers: int) -> dict[str, float]:
     base = f"http://127.0.0.1:{service_port}"
     smsc, bank = f"http://127.0.0.1:{smsc_port}", f"http://127.0.0.1:{bank_port}"
     processes = [_start_service(env, service_port, "--threads", str(server_threads))]
+    phones_process: list[subprocess.Popen] = []  # (ended with the rest)
     try:
         processes.append(_start(["smsc", "serve", "--port", str(smsc_port)], env))
         processes.append(
@@ -214,28 +167,19 @@ def _ota_figures(database: ScratchDatabase, workers: int) -> dict[str, float]:
             json={"number": BANK_CARD, "holder": "Bench", "balance_fen": 10**12},
             timeout=10,
         ).raise_for_status()
-        handsets = _issue_phones(env, base, smsc, bank)
+        phones_party = _start_phones(_issue_phones(env, base), smsc, bank, phones_process)
         # One phone alone: the flow's own latency (no queue in front of it).
-        first = [handsets[0].top_up() for _ in range(warm_up_topups)]
-        alone = [handsets[0].top_up() for _ in range(single_phone_topups)]
+        solo = phones_party.ask({"alone": [warm_up_topups, single_phone_topups]})
         commits_before = _commits(database)
-        cpu_before = _cpu_by_party(processes, database)
-        started = time.perf_counter()
-        with ThreadPoolExecutor(len(handsets)) as pool:
-            latencies = [
-                ms
-                for per_phone in pool.map(
-                    lambda p: [p.top_up() for _ in range(topups_per_phone)], handsets
-                )
-                for ms in per_phone
-            ]
-        elapsed = time.perf_counter() - started
+        cpu_before = _cpu_by_party(processes, phones_party.process, database)
+        loaded = phones_party.ask({"loaded": topups_per_phone})
+        latencies, elapsed = loaded["latencies"], loaded["elapsed_s"]
         commits = _commits(database) - commits_before
-        cpu_after = _cpu_by_party(processes, database)
+        cpu_after = _cpu_by_party(processes, phones_party.process, database)
         figures = {
             "ota_topups_per_s": len(latencies) / elapsed,
-            "ota_topup_median_ms": statistics.median(alone),
-            "ota_topup_median_ms_first": statistics.median(first),
+            "ota_topup_median_ms": statistics.median(solo["alone"]),
+            "ota_topup_median_ms_first": statistics.median(solo["first"]),
             "ota_topup_median_ms_loaded": statistics.median(latencies),
             "pg_commits_per_topup": commits / len(latencies),
         }
@@ -244,13 +188,16 @@ def _ota_figures(database: ScratchDatabase, workers: int) -> dict[str, float]:
             figures[f"cpu_ms_per_topup_{party}"] = used_ms / len(latencies)
         return figures
     finally:
-        for process in processes:
+        for process in [*processes, *phones_process]:
             process.send_signal(signal.SIGTERM)
-        for process in processes:
+        for process in [*processes, *phones_process]:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        for process in phones_process:  # (its pipes)
+            process.stdin.close()  # type: ignore[union-attr]
+            process.stdout.close()  # type: ignore[union-attr]
 
 
 def _commits(database: ScratchDatabase) -> int:
@@ -263,11 +210,11 @@ def _commits(database: ScratchDatabase) -> int:
         )
 
 
-def _issue_phones(env: dict, base: str, smsc: str, bank: str) -> list[BenchPhone]:
+def _issue_phones(env: dict, base: str) -> list[tuple[str, str]]:
+    """``phones`` cards issued and activated through the API: (phone number, SIM image)."""
     admin = {"Authorization": f"Bearer {_token(env, '--role', 'admin')}"}
     perso = Path(env["WALLET_INSTANCE_DIR"]) / "personalization"
-    handsets = []
-    lock = threading.Lock()
+    issued = []
     for index in range(phones):
         number = f"1390000{index:04d}"
         card = requests.post(
@@ -279,10 +226,43 @@ def _issue_phones(env: dict, base: str, smsc: str, bank: str) -> list[BenchPhone
         requests.post(
             f"{base}/api/v1/cards/{card['serial']}/activate", headers=admin, timeout=10
         ).raise_for_status()
-        with lock:
-            sim = Sim.load(perso / card["image_file"])
-        handsets.append(BenchPhone(sim, number, smsc, bank))
-    return handsets
+        issued.append((number, str(perso / card["image_file"])))
+    return issued
+
+
+class PhonesParty:
+    """``bench.ota_phones`` in its process: one question at a time, one answer a line."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+
+    def ask(self, question: dict) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if question:
+            self.process.stdin.write(json.dumps(question) + "\n")
+            self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the phones' process ended (exit status {self.process.wait()})")
+        return json.loads(answer)
+
+
+def _start_phones(
+    issued: list[tuple[str, str]], smsc: str, bank: str, started: list[subprocess.Popen]
+) -> PhonesParty:
+    """The phones' process, set up (``started``: it, once started)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.ota_phones"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started.append(process)
+    party = PhonesParty(process)
+    setup = {"phones": issued, "smsc": smsc, "bank": bank, "bank_card": BANK_CARD}
+    party.ask(setup)  # → {"ready": n}
+    return party
 
 
 def median_alone_line(figures: dict[str, float]) -> str:
