@@ -82,6 +82,7 @@ class Sim:
         self._toolkit: Any = None
         self._dialog: Any = None  # the menu dialog in progress (volatile)
         self._proactive: bytes | None = None  # the proactive command waiting for FETCH
+        self._proactive_number = 0  # its command number, which its terminal response names
         self._power_cut_plan: tuple[int, int | None] | None = None
 
     # --- power ---------------------------------------------------------------------------
@@ -224,7 +225,7 @@ class Sim:
     def _terminal_profile(self, apdu: CommandApdu) -> Response:
         """The phone says what it can do; the SIM answers with its menu to fetch."""
         self._dialog = None
-        return self._pending(self._toolkit_app().set_up_menu().encode())
+        return self._pending(self._toolkit_app().set_up_menu())
 
     def _fetch(self, apdu: CommandApdu) -> Response:
         if self._proactive is None:
@@ -232,7 +233,7 @@ class Sim:
         return self._proactive, SW.OK
 
     def _terminal_response(self, apdu: CommandApdu) -> Response:
-        from sim_applet.stk import ProactiveCommand, StkError, TerminalResponse
+        from sim_applet.stk import StkError, TerminalResponse
 
         if self._proactive is None:
             raise ApduError(SW.CONDITIONS_NOT_SATISFIED, "no proactive command to answer")
@@ -240,7 +241,7 @@ class Sim:
             answer = TerminalResponse.decode(apdu.data)
         except StkError:
             raise ApduError(SW.WRONG_DATA, "not a terminal response") from None
-        if answer.number != ProactiveCommand.decode(self._proactive).number:
+        if answer.number != self._proactive_number:
             raise ApduError(SW.WRONG_DATA, "answers another command")
         self._proactive = None
         if self._dialog is None:
@@ -268,12 +269,14 @@ class Sim:
         except StopIteration:
             self._dialog = None
             return b"", SW.OK
-        return self._pending(command.encode())
+        return self._pending(command)
 
-    def _pending(self, command: bytes) -> Response:
-        """`91 xx`: a proactive command of xx bytes waits for FETCH (TS 102 221 §10.2)."""
-        self._proactive = command
-        return b"", 0x9100 | len(command)
+    def _pending(self, command: Any) -> Response:
+        """`91 xx`: a proactive command (``sim_applet.stk.ProactiveCommand``) of xx bytes
+        waits for FETCH (TS 102 221 §10.2). Its number is kept as it is, not decoded again
+        from its bytes when its terminal response comes."""
+        self._proactive, self._proactive_number = command.encode(), command.number
+        return b"", 0x9100 | len(self._proactive)
 
     def _run_on(self, application: Application, command: CommandApdu) -> tuple[bytes, int]:
         """The toolkit's own APDUs to an application on the same chip, not through the

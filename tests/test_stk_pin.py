@@ -81,3 +81,23 @@ def test_the_sim_checks_the_length_itself_whatever_the_terminal_sent() -> None:
         with pytest.raises(StopIteration):
             dialog.send(TerminalResponse.for_command(command, result=Result.OK))
     assert sent == []
+
+
+def test_a_terminal_response_must_name_the_command_it_answers() -> None:
+    """The SIM keeps the pending command's number: a response naming another is refused
+    (6A80) and the command stays pending; the right one is taken."""
+    from sim_applet.stk import ProactiveCommand
+
+    sim = english_sim()
+    sim.power_on()
+    sw = sim.transmit(CommandApdu(0x80, 0x10, 0x00, 0x00, bytes.fromhex("FFFFFFFF1F")).encode())
+    assert sw[0] == 0x91
+    fetch = CommandApdu(0x80, 0x12, 0x00, 0x00, b"", sw[1]).encode()
+    menu = ProactiveCommand.decode(sim.transmit(fetch)[:-2])
+    assert menu.type is CommandType.SET_UP_MENU
+    for number, expected in [(menu.number ^ 0x01, SW.WRONG_DATA), (menu.number, SW.OK)]:
+        answer = TerminalResponse(number, menu.type, menu.qualifier, Result.OK).encode()
+        status = sim.transmit(CommandApdu(0x80, 0x14, 0x00, 0x00, answer).encode())
+        assert int.from_bytes(status[-2:], "big") == expected
+        if expected == SW.WRONG_DATA:  # (still pending: fetched again, the same)
+            assert ProactiveCommand.decode(sim.transmit(fetch)[:-2]) == menu
