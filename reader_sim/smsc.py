@@ -108,9 +108,9 @@ class SmsCentre:
     _leased: dict[str, dict[int, tuple[datetime, Sms]]] = field(default_factory=dict)
     lost: int = 0
     duplicated: int = 0
-    # Told the recipient each time a message is stored (with the lock held: it must not
-    # take it): a waiter outside this object's threads — the HTTP edge's long polls, on its
-    # event loop — learns of an arrival here.
+    # Told the recipient each time a message is stored, on the thread that stores it and
+    # with the lock held (it must not take it): the HTTP edge's long polls, futures on its
+    # event loop, learn of an arrival here — its stores are all made on that loop.
     on_arrival: Callable[[str], None] | None = None
 
     def submit(self, sender: str, recipient: str, user_data: bytes, udh: bytes = b"") -> int:
@@ -216,11 +216,12 @@ class SmsCentre:
 # future on the loop, not as a thread parked on a condition. Every top-up crosses the SMS
 # centre some five times for a phone's polls and submits, and in the end-to-end benchmark
 # it runs on the platform's two cores: over WSGI (a blocking thread a request, 512 phones
-# polling) it took 1.3–1.5 ms of CPU a top-up, here 0.9–1.2 (bench.ota, interleaved).
-# Waiting phones no longer need a thread each, either: their number is not bounded by
-# the server's threads.
+# polling) it took 1.2–1.7 ms of CPU a top-up, here 0.9–1.1 (bench.ota, interleaved).
 request_bytes_max = 256 * 1024  # a full batch of submit_batch_max messages is some 40 KiB
 JSON_TYPE = ("content-type", "application/json")
+# A poll woken for a delayed message or a lease's end wakes this much after it: uvloop's
+# timers round to the millisecond, and one that fired early would poll again at once.
+timer_margin_s = 0.001
 
 
 class _HttpError(Exception):
@@ -250,7 +251,8 @@ class _Poll:
 
 class SmsCentreApp:
     """The RSGI application around ``centre`` (routes in the module's docstring). Its
-    requests run on one event loop, and ``centre`` is touched from that loop only."""
+    requests run on one event loop, and ``centre`` is touched from that loop only: its
+    arrivals (``on_arrival``) wake the waiting polls from there."""
 
     def __init__(self, centre: SmsCentre) -> None:
         self.centre = centre
@@ -260,10 +262,11 @@ class SmsCentreApp:
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         headers = [JSON_TYPE]
         try:
-            body = await _body(scope, protocol)
-            routed = _route(self.centre, scope.method, scope.path, scope.query_string, body)
+            endpoint, box = _endpoint(scope.method, scope.path)  # (404, 405: body unread)
+            body = await _body(scope, protocol) if scope.method == "POST" else b""
+            routed = _route(self.centre, endpoint, box, scope.query_string, body)
             if isinstance(routed, _Poll):
-                status, answer = 200, await self._poll(routed)
+                status, answer = 200, await self._poll(routed, protocol)
             else:
                 status, answer = routed
         except (SmsRefused, ValueError, KeyError, TypeError) as error:
@@ -271,32 +274,50 @@ class SmsCentreApp:
         except _HttpError as error:
             status, answer = error.status, _error(_STATUS_CODES[error.status], str(error))
             headers += [("allow", error.allow)] if error.allow else []
+        except _ClientGone:
+            return  # (nothing taken for it: what came waits for its next poll)
         payload = b"" if scope.method == "HEAD" else json.dumps(answer).encode()
         protocol.response_bytes(status, [*headers, ("content-length", str(len(payload)))], payload)
 
-    async def _poll(self, poll: _Poll) -> dict[str, Any]:
+    async def _poll(self, poll: _Poll, protocol: Any) -> dict[str, Any]:
         """Wait on the loop (not on the centre's lock) until something is due, an arrival
-        woke this recipient, or ``wait_ms`` is over."""
+        woke this recipient, or ``wait_ms`` is over. _ClientGone: the client left while it
+        waited — what came meanwhile is left for its next poll, not taken and dropped."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(poll.wait_ms, 0), long_poll_ms_max) / 1000
-        while True:
-            due, next_change = self.centre.collect_now(poll.recipient, poll.lease_ms)
-            left_s = deadline - loop.time()
-            if due or left_s <= 0:
-                return {**poll.fields, **_delivered(due)}
-            if next_change is not None:
-                left_s = min(left_s, (next_change - self.centre.clock()).total_seconds())
-            await self._arrival_or_timeout(poll.recipient, max(left_s, 0.0))
+        gone: asyncio.Future[None] | None = None  # the client leaving, watched once it waits
+        try:
+            while True:
+                if gone is not None and gone.done():
+                    raise _ClientGone
+                due, next_change = self.centre.collect_now(poll.recipient, poll.lease_ms)
+                left_s = deadline - loop.time()
+                if due or left_s <= 0:
+                    return {**poll.fields, **_delivered(due)}
+                if next_change is not None:
+                    until_change_s = (next_change - self.centre.clock()).total_seconds()
+                    left_s = min(left_s, until_change_s + timer_margin_s)
+                if gone is None:
+                    gone = asyncio.ensure_future(protocol.client_disconnect())
+                await self._arrival_or_timeout(poll.recipient, max(left_s, 0.0), gone)
+        finally:
+            if gone is not None:
+                gone.cancel()
 
-    async def _arrival_or_timeout(self, recipient: str, seconds: float) -> None:
+    async def _arrival_or_timeout(
+        self, recipient: str, seconds: float, gone: asyncio.Future[None]
+    ) -> None:
         loop = asyncio.get_running_loop()
         arrived = loop.create_future()
         self._waiting.setdefault(recipient, []).append(arrived)
         timer = loop.call_later(seconds, _resolve, arrived)
+        wake = lambda _: _resolve(arrived)  # noqa: E731  (the client left: stop waiting)
+        gone.add_done_callback(wake)
         try:
             await arrived
-        finally:  # (a poll whose client left is cancelled here)
+        finally:
             timer.cancel()
+            gone.remove_done_callback(wake)
             waiting = self._waiting.get(recipient, [])
             if arrived in waiting:
                 waiting.remove(arrived)
@@ -308,6 +329,10 @@ class SmsCentreApp:
             _resolve(arrived)
 
 
+class _ClientGone(Exception):
+    """The client of a waiting poll closed its connection."""
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -315,7 +340,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 async def _body(scope: Any, protocol: Any) -> bytes:
     """The request's body: at most ``request_bytes_max`` bytes, by its Content-Length (a
-    larger one refused unread) or, chunked, to its end."""
+    larger one refused unread) or else to its end (chunked; HTTP/2's frames)."""
     declared = scope.headers.get("content-length") or ""
     if declared and (not declared.isascii() or not declared.isdigit()):
         raise _HttpError(400, "Content-Length is a whole number")
@@ -323,8 +348,8 @@ async def _body(scope: Any, protocol: Any) -> bytes:
         raise _HttpError(413, f"a request body is at most {request_bytes_max} bytes here")
     if declared:
         return await protocol()
-    if "transfer-encoding" not in scope.headers:  # (neither: no body, RFC 9112 §6.3)
-        return b""
+    if scope.http_version.startswith("1") and "transfer-encoding" not in scope.headers:
+        return b""  # (HTTP/1.x with neither: no body, RFC 9112 §6.3)
     body = bytearray()
     async for chunk in protocol:
         body += chunk
@@ -337,46 +362,52 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def _route(
-    centre: SmsCentre, method: str, path: str, query_string: str, body: bytes
-) -> tuple[int, dict[str, Any]] | _Poll:
+def _endpoint(method: str, path: str) -> tuple[str, str]:
+    """(The route, the mailbox it names or ""), its method checked: 404, 405 otherwise."""
     parts = path.strip("/").split("/")
     if parts == ["submit"]:
-        _allow(method, "POST")
+        return _allow(method, "POST", "submit"), ""
+    if parts[0] == "inbox" and len(parts) == 2:
+        return _allow(method, "GET", "collect"), parts[1]
+    if parts[0] == "inbox" and len(parts) == 3 and parts[2] in ("ack", "next"):
+        return _allow(method, "POST", parts[2]), parts[1]
+    if parts == ["stats"]:
+        return _allow(method, "GET", "stats"), ""
+    raise _HttpError(404, f"no {path}")
+
+
+def _route(
+    centre: SmsCentre, endpoint: str, box: str, query_string: str, body: bytes
+) -> tuple[int, dict[str, Any]] | _Poll:
+    if endpoint == "submit":
         data = _json(body)
         if isinstance(data, dict) and isinstance(data.get("messages"), list):
             return 202, {"ids": centre.submit_many([_message(m) for m in data["messages"]])}
         return 202, {"id": centre.submit_many([_message(data)])[0]}
-    if parts[0] == "inbox" and len(parts) == 2:
-        _allow(method, "GET")
+    if endpoint == "collect":
         query = urllib.parse.parse_qs(query_string, keep_blank_values=True)
         wait_ms, lease_ms = (int(query.get(name, ["0"])[0]) for name in ("wait_ms", "lease_ms"))
-        return _Poll(parts[1], wait_ms, lease_ms, {})
-    if parts[0] == "inbox" and len(parts) == 3 and parts[2] == "ack":
-        _allow(method, "POST")
-        ids = _ids(_json(body))
-        return 200, {"acknowledged": centre.acknowledge(parts[1], ids)}
-    if parts[0] == "inbox" and len(parts) == 3 and parts[2] == "next":
-        _allow(method, "POST")
+        return _Poll(box, wait_ms, lease_ms, {})
+    if endpoint == "ack":
+        return 200, {"acknowledged": centre.acknowledge(box, _ids(_json(body)))}
+    if endpoint == "next":
         data = _json(body)
         ids = _ids(data, "ack", absent=[])
         outgoing = [_message(m) for m in _list(data, "submit")]
         wait_ms, lease_ms = (_int(data, name) for name in ("wait_ms", "lease_ms"))
         # (all checked above, and a refused submit stores nothing: refused, nothing done)
         submitted = centre.submit_many(outgoing) if outgoing else []
-        acknowledged = centre.acknowledge(parts[1], ids)
-        fields = {"submitted": submitted, "acknowledged": acknowledged}
-        return _Poll(parts[1], wait_ms, lease_ms, fields)
-    if parts == ["stats"]:
-        _allow(method, "GET")
-        return 200, {"lost": centre.lost, "duplicated": centre.duplicated}
-    raise _HttpError(404, f"no {path}")
+        acknowledged = centre.acknowledge(box, ids)
+        return _Poll(box, wait_ms, lease_ms, {"submitted": submitted, "acknowledged": acknowledged})
+    return 200, {"lost": centre.lost, "duplicated": centre.duplicated}  # (stats)
 
 
-def _allow(method: str, allowed: str) -> None:
-    """(HEAD too is refused: a GET here delivers, it does not only look.)"""
+def _allow(method: str, allowed: str, endpoint: str) -> str:
+    """``endpoint``, if asked with its method. (HEAD too is refused: a GET here delivers,
+    it does not only look.)"""
     if method != allowed:
         raise _HttpError(405, f"{allowed} only", allowed)
+    return endpoint
 
 
 def _json(body: bytes) -> Any:

@@ -3,8 +3,9 @@
 
 Every top-up crosses the SMS centre some five times, and in ``bench.ota`` it runs on the
 platform's two cores. A long poll waits on the worker's event loop, not on a thread: the
-phones waiting at once are bounded by memory and open files, not by threads. One worker:
-the mailboxes are in its memory.
+phones waiting at once are not bounded by threads but by granian's backpressure, 1,024
+connections (its backlog ÷ workers; each phone keeps one alive), and by open files. One
+worker: the mailboxes are in its memory.
 """
 
 from __future__ import annotations

@@ -281,17 +281,21 @@ class _Request:
     def __init__(self, method: str, path: str, body: bytes = b"", query: str = "") -> None:
         length = {"content-length": str(len(body))} if body else {}
         self.scope = types.SimpleNamespace(
-            method=method, path=path, query_string=query, headers=length
+            method=method, path=path, query_string=query, headers=length, http_version="1.1"
         )
         self.body = body
         self.status = 0
         self.answer: dict = {}
+        self.left = asyncio.Event()  # set: the client closes its connection
 
     async def __call__(self) -> bytes:
         return self.body
 
+    async def client_disconnect(self) -> None:
+        await self.left.wait()
+
     def response_bytes(self, status: int, headers: list, body: bytes) -> None:
-        self.status, self.answer = status, json.loads(body)
+        self.status, self.answer = status, json.loads(body) if body else {}  # (HEAD: none)
 
     async def to(self, app: SmsCentreApp) -> dict:
         await app.__rsgi__(self.scope, self)
@@ -312,18 +316,62 @@ def test_a_waiting_poll_wakes_at_an_arrival_and_leaves_no_waiter_behind() -> Non
         waiting = asyncio.create_task(_poll(PHONE, 10_000).to(app))
         await asyncio.sleep(0.05)
         assert not waiting.done()
-        sms = json.dumps({"from": PLATFORM, "to": PHONE, "user_data": "01"}).encode()
-        assert (await _Request("POST", "/submit", sms).to(app))["id"] == 1
+        assert (await _text(PHONE, "01").to(app))["id"] == 1
         assert _user_data(await asyncio.wait_for(waiting, 5)) == ["01"]
         assert (await _poll(PHONE, 0).to(app))["messages"] == []  # (delivered once)
-        gone = asyncio.create_task(_poll(PHONE, 10_000).to(app))  # its client leaves
-        await asyncio.sleep(0.05)
-        gone.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gone
         assert app._waiting == {}
 
     asyncio.run(scenario())
+
+
+def test_a_poll_whose_client_left_takes_nothing() -> None:
+    """Its client closed the connection while it waited: what comes next is not taken
+    for it (and dropped with its answer) but left for the phone's next poll."""
+
+    async def scenario() -> None:
+        app = SmsCentreApp(SmsCentre())
+        request = _poll(PHONE, 10_000)
+        waiting = asyncio.create_task(request.to(app))
+        await asyncio.sleep(0.05)
+        request.left.set()
+        await asyncio.wait_for(waiting, 5)  # (it stops waiting: no answer to send)
+        assert request.status == 0 and app._waiting == {}
+        await _text(PHONE, "02").to(app)
+        assert _user_data(await _poll(PHONE, 0).to(app)) == ["02"]
+
+    asyncio.run(scenario())
+
+
+def test_a_route_and_its_method_are_checked_before_the_body_is_read() -> None:
+    async def scenario() -> None:
+        app = SmsCentreApp(SmsCentre())
+        for method, path, status in [("HEAD", f"/inbox/{PHONE}", 405), ("POST", "/nowhere", 404)]:
+            request = _Request(method, path)
+            request.scope.headers = {"content-length": "not a number"}
+            await request.to(app)
+            assert request.status == status, (method, path)
+
+    asyncio.run(scenario())
+
+
+def test_over_http_a_poll_whose_client_hung_up_takes_nothing(tmp_path: Path) -> None:
+    """granian tells the app when a waiting poll's connection closes: the text that comes
+    after is the phone's next poll's, not lost with an answer no one reads."""
+    with _served("smsc", tmp_path) as (_, port):
+        origin = f"http://127.0.0.1:{port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            poll = f"GET /inbox/{PHONE}?wait_ms=20000 HTTP/1.1\r\nHost: x\r\n\r\n"
+            connection.sendall(poll.encode())
+            time.sleep(0.3)  # (waiting)
+        time.sleep(0.3)  # (closed: the server has seen it)
+        HttpGateway(origin, PLATFORM).send(PHONE, b"\x03")
+        time.sleep(0.1)
+        assert [sms.user_data for sms in HttpGateway(origin, PHONE).receive()] == [b"\x03"]
+
+
+def _text(recipient: str, user_data_hex: str) -> _Request:
+    sms = {"from": PLATFORM, "to": recipient, "user_data": user_data_hex}
+    return _Request("POST", "/submit", json.dumps(sms).encode())
 
 
 def test_a_waiting_poll_wakes_when_a_delayed_message_falls_due_or_a_lease_ends() -> None:
