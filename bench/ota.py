@@ -17,6 +17,7 @@ more worker CPU, less throughput. The throughput with two is printed too
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -63,7 +64,7 @@ SIMULATORS = ("smsc", "bank", "phones")  # what stands in for the outside world
 
 
 def _cpu_by_party(
-    processes: list[subprocess.Popen], phones_party: subprocess.Popen, database: ScratchDatabase
+    processes: list[subprocess.Popen], phones: subprocess.Popen, database: ScratchDatabase
 ) -> dict[str, float]:
     """CPU seconds (user + system) so far: each party, the workers together, the
     PostgreSQL backends serving ``database``, and the phones (``bench.ota_phones``)."""
@@ -81,7 +82,7 @@ def _cpu_by_party(
             text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": database.name}
         ).all()
     cpu["postgres"] = sum(ticks.get(pid, (0, 0))[0] for pid in backends) / per_second
-    cpu["phones"] = tree(phones_party.pid)
+    cpu["phones"] = tree(phones.pid)
     return cpu
 
 
@@ -98,16 +99,22 @@ def _ticks_by_process() -> dict[int, tuple[int, int]]:
 
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:
-    profile = os.environ.get("BENCH_PROFILE_DIR")  # cProfile each party into this directory
-    runner = ["-m", "cProfile", "-o", f"{profile}/{args[0]}-{uuid.uuid4().hex[:4]}.prof"]
+    command = _command([str(ROOT / "app.py"), *args], args[0])
     logs = os.environ.get("BENCH_LOG_DIR")  # each party's output into this directory
-    command = [sys.executable, *(runner if profile else []), str(ROOT / "app.py"), *args]
     if not logs:
         return subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
     with open(f"{logs}/{args[0]}-{uuid.uuid4().hex[:4]}.log", "wb") as output:
         return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def _command(target: list[str], party: str) -> list[str]:
+    """A party's command line: under cProfile into BENCH_PROFILE_DIR, if set (its profile
+    is written as it exits of itself — the phones do, at the end of their input)."""
+    profile = os.environ.get("BENCH_PROFILE_DIR")
+    runner = ["-m", "cProfile", "-o", f"{profile}/{party}-{uuid.uuid4().hex[:4]}.prof"]
+    return [sys.executable, *(runner if profile else []), *target]
 
 
 def _wait_up(url: str) -> None:
@@ -188,15 +195,16 @@ def _ota_figures(database: ScratchDatabase, workers: int) -> dict[str, float]:
             figures[f"cpu_ms_per_topup_{party}"] = used_ms / len(latencies)
         return figures
     finally:
-        for process in [*processes, *phones_process]:
+        for process in phones_process:  # (the end of its input: it exits of itself)
+            process.stdin.close()  # type: ignore[union-attr]
+        for process in processes:
             process.send_signal(signal.SIGTERM)
         for process in [*processes, *phones_process]:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        for process in phones_process:  # (its pipes)
-            process.stdin.close()  # type: ignore[union-attr]
+        for process in phones_process:
             process.stdout.close()  # type: ignore[union-attr]
 
 
@@ -250,14 +258,16 @@ class PhonesParty:
 def _start_phones(
     issued: list[tuple[str, str]], smsc: str, bank: str, started: list[subprocess.Popen]
 ) -> PhonesParty:
-    """The phones' process, set up (``started``: it, once started)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.ota_phones"],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    """The phones' process, set up (``started``: it, once started). Its errors go to the
+    bench's own stderr, or to BENCH_LOG_DIR."""
+    command = _command(["-m", "bench.ota_phones", "--parent", str(os.getpid())], "phones")
+    logs = os.environ.get("BENCH_LOG_DIR")
+    with contextlib.ExitStack() as files:
+        errors = files.enter_context(open(f"{logs}/phones.log", "wb")) if logs else None
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+            text=True,
+        )  # fmt: skip
     started.append(process)
     party = PhonesParty(process)
     setup = {"phones": issued, "smsc": smsc, "bank": bank, "bank_card": BANK_CARD}

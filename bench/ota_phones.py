@@ -10,12 +10,14 @@ and a burst of answers (one submit of the worker's wakes tens of polls at once) 
 worse. As greenlets, the phones' CPU per top-up fell to 1.7–2.2 ms from 2.3–2.8
 (interleaved runs of ``bench.ota``).
 
-Driven by ``bench.ota`` over stdin and stdout, one JSON object a line:
+Driven by ``bench.ota`` over stdin and stdout, one JSON object a line, until the end of
+its input (``--parent PID``: it ends with that process, too):
   ← {"phones": [[number, image path], ...], "smsc": url, "bank": url, "bank_card": "..."}
   → {"ready": n}
   ← {"alone": [warm-up top-ups, top-ups]}    → {"first": [ms, ...], "alone": [ms, ...]}
   ← {"loaded": top-ups a phone}              → {"latencies": [ms, ...], "elapsed_s": s}
-A top-up that fails ends the process with its error on stderr.
+A top-up that fails, or a line that is not a command, ends the process with its error on
+stderr.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main() -> None:
     from gevent import monkey
 
     monkey.patch_all()
+    from wallet_service.http_server import end_with
+
+    if sys.argv[1:2] == ["--parent"]:  # (the bench killed outright: these end too)
+        end_with(int(sys.argv[2]))
     _serve(sys.stdin, sys.stdout)
 
 
@@ -56,6 +62,8 @@ def _serve(commands, answers) -> None:  # type: ignore[no-untyped-def]
             )
         elif "loaded" in command:
             _say(answers, _all_at_once(handsets, command["loaded"]))
+        else:
+            raise SystemExit(f"bench.ota_phones: not a command: {line.strip()}")
 
 
 def _say(answers, message: dict) -> None:  # type: ignore[no-untyped-def]

@@ -42,3 +42,22 @@ def ota_phones_wait_ms() -> float:
     from bench.ota_phones import confirmation_wait_s
 
     return confirmation_wait_s * 1000
+
+
+def test_the_phones_process_refuses_what_is_not_a_command() -> None:
+    """(Else the bench would wait for an answer forever.)"""
+    import json
+    import subprocess
+    import sys
+
+    setup = {"phones": [], "smsc": "http://127.0.0.1:9", "bank": "http://127.0.0.1:9"}
+    lines = [json.dumps({**setup, "bank_card": "6222020000000777"}), '{"dance": 1}']
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ota_phones"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(done.stdout.splitlines()[0]) == {"ready": 0}
+    assert done.returncode != 0 and 'not a command: {"dance": 1}' in done.stderr

@@ -151,7 +151,7 @@ def _load_app(_target: str) -> Callable:
     import importlib
 
     given = _taken_from_the_environment()
-    _end_with(given["parent_pid"])
+    end_with(given["parent_pid"])
     module, _, name = given["load"].partition(":")
     return getattr(importlib.import_module(module), name)(given["settings"])
 
@@ -166,10 +166,11 @@ def _taken_from_the_environment() -> dict[str, Any]:
     return given
 
 
-def _end_with(parent_pid: int) -> None:
-    """End this process when ``parent_pid`` ends (prctl PR_SET_PDEATHSIG; Linux). The
-    worker is forked with granian's parent handlers, which only note a signal for a loop
-    the worker does not run: until granian sets its own, the defaults end it."""
+def end_with(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends (prctl PR_SET_PDEATHSIG; Linux): a
+    granian worker, or bench.ota's phones. A granian worker is forked with granian's
+    parent handlers, which only note a signal for a loop the worker does not run: until
+    granian sets its own, the defaults end it."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     libc = ctypes.CDLL(None, use_errno=True)
