@@ -26,7 +26,9 @@ import statistics
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import requests
 from sqlalchemy import text
@@ -100,13 +102,25 @@ def _ticks_by_process() -> dict[int, tuple[int, int]]:
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:
     command = _command([str(ROOT / "app.py"), *args], args[0])
-    logs = os.environ.get("BENCH_LOG_DIR")  # each party's output into this directory
-    if not logs:
+    with _log_file(args[0]) as output:
         return subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command,
+            env=env,
+            stdout=output or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
         )
-    with open(f"{logs}/{args[0]}-{uuid.uuid4().hex[:4]}.log", "wb") as output:
-        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def _log_file(party: str) -> Iterator[IO[bytes] | None]:
+    """The party's output file in BENCH_LOG_DIR, if that is set (each party's output into
+    this directory)."""
+    logs = os.environ.get("BENCH_LOG_DIR")
+    if not logs:
+        yield None
+        return
+    with open(f"{logs}/{party}-{uuid.uuid4().hex[:4]}.log", "wb") as output:
+        yield output
 
 
 def _command(target: list[str], party: str) -> list[str]:
@@ -246,9 +260,8 @@ class PhonesParty:
 
     def ask(self, question: dict) -> dict:
         assert self.process.stdin is not None and self.process.stdout is not None
-        if question:
-            self.process.stdin.write(json.dumps(question) + "\n")
-            self.process.stdin.flush()
+        self.process.stdin.write(json.dumps(question) + "\n")
+        self.process.stdin.flush()
         answer = self.process.stdout.readline()
         if not answer:
             raise RuntimeError(f"the phones' process ended (exit status {self.process.wait()})")
@@ -261,9 +274,7 @@ def _start_phones(
     """The phones' process, set up (``started``: it, once started). Its errors go to the
     bench's own stderr, or to BENCH_LOG_DIR."""
     command = _command(["-m", "bench.ota_phones", "--parent", str(os.getpid())], "phones")
-    logs = os.environ.get("BENCH_LOG_DIR")
-    with contextlib.ExitStack() as files:
-        errors = files.enter_context(open(f"{logs}/phones.log", "wb")) if logs else None
+    with _log_file("phones") as errors:
         process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
             text=True,

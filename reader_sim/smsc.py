@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from wallet_service.http_server import BodyRefused, declared_length, too_large
+
 user_data_bytes_max = 140  # one SMS (3GPP TS 23.040 §9.2.3.24): UDH included
 mailbox_messages_max = 10_000
 submit_batch_max = 100  # messages in one POST /submit
@@ -42,6 +44,11 @@ long_poll_ms_max = 30_000
 lease_ms_max = 300_000
 wait_slice_s_max = 1.0  # re-read the clock at least this often (tests move fake clocks)
 _MSISDN = re.compile(r"^\+?[0-9]{3,20}$")
+
+
+def waited_s(wait_ms: int) -> float:
+    """How long a poll asking to wait ``wait_ms`` waits at most: 0 to ``long_poll_ms_max``."""
+    return min(max(wait_ms, 0), long_poll_ms_max) / 1000
 
 
 def is_msisdn(address: str) -> bool:
@@ -157,7 +164,7 @@ class SmsCentre:
         """Deliver what is due for ``recipient`` (removing it), waiting up to ``wait_ms``.
         With ``lease_ms``, each message delivered comes again after that long unless
         acknowledged (``acknowledge``) — at least once, for a receiver that may die."""
-        deadline = self.clock() + timedelta(milliseconds=min(max(wait_ms, 0), long_poll_ms_max))
+        deadline = self.clock() + timedelta(seconds=waited_s(wait_ms))
         with self._lock:
             while True:
                 now = self.clock()
@@ -269,11 +276,12 @@ class SmsCentreApp:
                 status, answer = 200, await self._poll(routed, protocol)
             else:
                 status, answer = routed
+        except (_HttpError, BodyRefused) as error:  # (before ValueError: a BodyRefused is one)
+            status, answer = error.status, _error(_STATUS_CODES[error.status], str(error))
+            allow = getattr(error, "allow", None)
+            headers += [("allow", allow)] if allow else []
         except (SmsRefused, ValueError, KeyError, TypeError) as error:
             status, answer = 422, _error("refused", str(error))
-        except _HttpError as error:
-            status, answer = error.status, _error(_STATUS_CODES[error.status], str(error))
-            headers += [("allow", error.allow)] if error.allow else []
         except _ClientGone:
             return  # (nothing taken for it: what came waits for its next poll)
         payload = b"" if scope.method == "HEAD" else json.dumps(answer).encode()
@@ -284,7 +292,7 @@ class SmsCentreApp:
         woke this recipient, or ``wait_ms`` is over. _ClientGone: the client left while it
         waited — what came meanwhile is left for its next poll, not taken and dropped."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(max(poll.wait_ms, 0), long_poll_ms_max) / 1000
+        deadline = loop.time() + waited_s(poll.wait_ms)
         gone: asyncio.Future[None] | None = None  # the client leaving, watched once it waits
         try:
             while True:
@@ -340,13 +348,10 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 async def _body(scope: Any, protocol: Any) -> bytes:
     """The request's body: at most ``request_bytes_max`` bytes, by its Content-Length (a
-    larger one refused unread) or else to its end (chunked; HTTP/2's frames)."""
-    declared = scope.headers.get("content-length") or ""
-    if declared and (not declared.isascii() or not declared.isdigit()):
-        raise _HttpError(400, "Content-Length is a whole number")
-    if declared and int(declared) > request_bytes_max:
-        raise _HttpError(413, f"a request body is at most {request_bytes_max} bytes here")
-    if declared:
+    larger one refused unread) or else to its end (chunked; HTTP/2's frames). BodyRefused
+    as ``http_server.request_body`` refuses one."""
+    declared = declared_length(scope.headers.get("content-length") or "", request_bytes_max)
+    if declared is not None:
         return await protocol()
     if scope.http_version.startswith("1") and "transfer-encoding" not in scope.headers:
         return b""  # (HTTP/1.x with neither: no body, RFC 9112 §6.3)
@@ -354,7 +359,7 @@ async def _body(scope: Any, protocol: Any) -> bytes:
     async for chunk in protocol:
         body += chunk
         if len(body) > request_bytes_max:
-            raise _HttpError(413, f"a request body is at most {request_bytes_max} bytes here")
+            raise too_large(request_bytes_max)
     return bytes(body)
 
 

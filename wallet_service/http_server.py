@@ -101,19 +101,32 @@ def request_body(environ: dict, bytes_max: int) -> bytes:
     bytes — by its Content-Length, or to its end when the server knows where that is (a
     chunked body: the server's ``wsgi.input_terminated``, which granian sets). BodyRefused:
     larger, or a Content-Length that is not a whole number."""
-    declared = environ.get("CONTENT_LENGTH") or ""
-    if declared and (not declared.isascii() or not declared.isdigit()):
-        raise BodyRefused(400, "Content-Length is a whole number")
-    if declared and int(declared) > bytes_max:  # (refused unread)
-        raise BodyRefused(413, f"a request body is at most {bytes_max} bytes here")
-    if declared:
-        return environ["wsgi.input"].read(int(declared))
+    declared = declared_length(environ.get("CONTENT_LENGTH") or "", bytes_max)
+    if declared is not None:
+        return environ["wsgi.input"].read(declared)
     if not environ.get("wsgi.input_terminated"):
         return b""
     body = environ["wsgi.input"].read(bytes_max + 1)
     if len(body) > bytes_max:
-        raise BodyRefused(413, f"a request body is at most {bytes_max} bytes here")
+        raise too_large(bytes_max)
     return body
+
+
+def declared_length(content_length: str, bytes_max: int) -> int | None:
+    """A request's Content-Length header as a number of bytes (None: there is none), for
+    a body to be read whole (WSGI's, or the SMS centre's RSGI one). BodyRefused: not a
+    whole number (400), or larger than ``bytes_max`` (413: the body is refused unread)."""
+    if not content_length:
+        return None
+    if not content_length.isascii() or not content_length.isdigit():
+        raise BodyRefused(400, "Content-Length is a whole number")
+    if int(content_length) > bytes_max:
+        raise too_large(bytes_max)
+    return int(content_length)
+
+
+def too_large(bytes_max: int) -> BodyRefused:
+    return BodyRefused(413, f"a request body is at most {bytes_max} bytes here")
 
 
 def json_answer(
